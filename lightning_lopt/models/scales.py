@@ -1,0 +1,145 @@
+"""Per-tensor μP update scales as plain data (DESIGN contract 2).
+
+A learned optimizer multiplies each tensor's update by a scale ``s_p``: ``1 / fan_in`` for hidden
+matrices (mup's ``infshape.ninf() == 2``) and ``1.0`` for everything else (input weights, biases,
+embeddings, LayerNorm, readout). This is μLO's rule (lo_spec.md §2.2): ``fan_in`` is the *absolute*
+input width of the weight, not a ratio to a base width, because μLO was meta-trained that way. mup's
+``infshape`` is used only to tell which dimensions are widths; the user's base widths do not matter.
+
+mup stores its shapes as a plain attribute on each ``nn.Parameter``, which ``copy.deepcopy``,
+``state_dict()``, ``functional_call``/``vmap`` and ``ddp_spawn`` drop. The helpers here therefore turn
+shapes into floats once and keep them either in a dict keyed like ``named_parameters()`` or as the
+float attribute ``p.lopt_update_scale``, which survives everything a flat parameter iterable goes
+through (LightningCLI's ``--optimizer`` hands the optimizer nothing but the tensors).
+
+Example with a user model built with mup::
+
+    import mup
+    model, base, delta = Net(width=256), Net(width=8), Net(width=16)
+    mup.set_base_shapes(model, base, delta=delta)
+    scales = mup_update_scales(model)        # {"fc2.weight": 1/256, "fc1.weight": 1.0, ...}
+    attach_update_scales(model)              # p.lopt_update_scale for every parameter
+    param_update_scale(model.fc2.weight)     # 0.00390625
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+SCALE_ATTR = "lopt_update_scale"
+
+_SHAPES_FIX = (
+    "call mup.set_base_shapes(model, base, delta=delta) first, where base and delta are copies of the "
+    "model that differ in every width dimension (they can be built on device='meta')"
+)
+
+
+def _scale_from_infshape(p: torch.Tensor, label: str) -> float:
+    """μLO's scale of one parameter that carries mup's ``infshape``; ``label`` names it in errors."""
+    infshape = p.infshape  # type: ignore[attr-defined]
+    ninf = infshape.ninf()
+    if ninf > 2:
+        raise ValueError(
+            f"parameter {label} has {ninf} width dimensions; μP (and mup) define update scales for at "
+            "most 2. Fix its base/delta shapes so that only fan-in and fan-out scale."
+        )
+    if ninf < 2:
+        return 1.0
+    # mup's `main` is the last width dimension, i.e. fan_in for nn.Linear's [out, in] layout (and
+    # in_channels for a conv kernel; the finite kernel area does not count, as in mup's MuAdam).
+    # The tensor's own size is used rather than `InfDim.dim`, which is None in shapes loaded from a
+    # .bsh file and applied with mup.apply_infshapes.
+    return 1.0 / p.shape[infshape.main_idx]
+
+
+def mup_update_scales(model: nn.Module) -> dict[str, float]:
+    """Derive μLO update scales from mup's ``infshape`` on every parameter of ``model``.
+
+    Hidden matrices get ``1 / fan_in`` (absolute), everything else ``1.0``. Raises ``ValueError``
+    naming the first parameter without ``infshape`` and how to fix it.
+
+    Example::
+
+        mup.set_base_shapes(model, base, delta=delta)
+        mup_update_scales(model)["blocks.0.fc1.weight"]   # 1 / fan_in
+    """
+    scales: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if not hasattr(p, "infshape"):
+            raise ValueError(f"parameter {name!r} has no mup shape information (p.infshape): {_SHAPES_FIX}.")
+        scales[name] = _scale_from_infshape(p, repr(name))
+    return scales
+
+
+def update_scales_of(model: nn.Module) -> dict[str, float]:
+    """The update scales of any model, keyed by ``named_parameters()`` names.
+
+    Uses ``model.update_scales()`` when the model defines it (all ``lightning_lopt.models`` do).
+    Otherwise each parameter's scale comes from :func:`param_update_scale`: an attached
+    ``p.lopt_update_scale``, else mup's ``infshape``. This also covers a LightningModule wrapping one
+    of our models, whose own names carry a prefix. Raises ``ValueError`` naming a parameter that has
+    neither.
+
+    Example::
+
+        update_scales_of(MuMLP(64, 128, 3, 10))        # {"hidden_layers.0.weight": 1/128, ...}
+        update_scales_of(user_model_after_set_base_shapes)
+    """
+    own = getattr(model, "update_scales", None)
+    if callable(own):
+        return {name: float(s) for name, s in own().items()}
+    scales: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        attached = getattr(p, SCALE_ATTR, None)
+        if attached is not None:
+            scales[name] = float(attached)
+        elif hasattr(p, "infshape"):
+            scales[name] = _scale_from_infshape(p, repr(name))
+        else:
+            raise ValueError(
+                f"parameter {name!r} has no μP update scale (no p.{SCALE_ATTR}, no p.infshape): "
+                f"{_SHAPES_FIX}, or call lightning_lopt.models.attach_update_scales(model, scales)."
+            )
+    return scales
+
+
+def attach_update_scales(model: nn.Module, scales: Mapping[str, float] | None = None) -> nn.Module:
+    """Store each parameter's scale as the plain float attribute ``p.lopt_update_scale``.
+
+    ``scales`` defaults to :func:`update_scales_of` ``(model)``. It must name every parameter of the
+    model and nothing else; otherwise ``ValueError``. Returns ``model`` for chaining.
+
+    Example::
+
+        attach_update_scales(mup.set_base_shapes(model, base, delta=delta))
+        opt = lightning_lopt.MuAdam(model.parameters(), lr=1e-2)   # finds the scales on the tensors
+    """
+    table = update_scales_of(model) if scales is None else dict(scales)
+    params = dict(model.named_parameters())
+    missing = [name for name in params if name not in table]
+    if missing:
+        raise ValueError(f"scales: no update scale for parameter {missing[0]!r} ({len(missing)} missing)")
+    unknown = [name for name in table if name not in params]
+    if unknown:
+        raise ValueError(f"scales: {unknown[0]!r} is not a parameter name of {type(model).__name__}")
+    for name, p in params.items():
+        setattr(p, SCALE_ATTR, float(table[name]))
+    return model
+
+
+def param_update_scale(p: torch.Tensor) -> float | None:
+    """The update scale of one tensor: ``p.lopt_update_scale``, else derived from ``p.infshape``, else None.
+
+    Example::
+
+        [param_update_scale(p) for p in MuMLP(64, 128, 3, 10).parameters()]
+    """
+    attached = getattr(p, SCALE_ATTR, None)
+    if attached is not None:
+        return float(attached)
+    if hasattr(p, "infshape"):
+        return _scale_from_infshape(p, f"of shape {list(p.shape)}")
+    return None

@@ -1,0 +1,13 @@
+"""Optimizers: hand-designed baselines, learned optimizers and the registry.
+
+Example::
+
+    from lightning_lopt.optim import build, available
+    opt = build("muadam", model.named_parameters(), lr=1e-2)
+"""
+
+from lightning_lopt.optim.baselines import MuAdam
+from lightning_lopt.optim.registry import available, build, register, resolve
+from lightning_lopt.optim.scaling import scaled_param_groups
+
+__all__ = ["MuAdam", "available", "build", "register", "resolve", "scaled_param_groups"]

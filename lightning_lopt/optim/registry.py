@@ -1,0 +1,92 @@
+"""Optimizer registry: ``build("mulo", params, **kw)``.
+
+Entries are import paths resolved on first use, so optional or heavy optimizers cost nothing until
+they are asked for. Names are case-insensitive.
+
+Example::
+
+    from lightning_lopt import optim
+    opt = optim.build("muadam", model.named_parameters(), lr=1e-2)
+    optim.available()   # ['adamw', 'celo', 'lo', 'muadam', 'mulo', 'muvelo', 'sgd', 'velo']
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+_REGISTRY: dict[str, str | OptimizerFactory] = {
+    "adamw": "torch.optim:AdamW",
+    "sgd": "torch.optim:SGD",
+    "muadam": "lightning_lopt.optim.baselines:MuAdam",
+    "lo": "lightning_lopt.optim.learned:LO",
+    "mulo": "lightning_lopt.optim.learned:MuLO",
+    "celo": "lightning_lopt.optim.learned:Celo",
+    "velo": "lightning_lopt.optim.learned:VeLO",
+    "muvelo": "lightning_lopt.optim.learned:MuVeLO",
+}
+
+# torch's SGD has no usable default learning rate for our tasks; give the registry one.
+_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {"sgd": {"lr": 0.1}}
+
+
+def available() -> list[str]:
+    """The registered optimizer names."""
+    return sorted(_REGISTRY)
+
+
+def register(name: str, factory: str | OptimizerFactory) -> None:
+    """Register ``factory`` (a class, a callable or a ``"module:attr"`` path) under ``name``."""
+    _REGISTRY[name.lower()] = factory
+
+
+def resolve(name: str | OptimizerFactory) -> OptimizerFactory:
+    """Return the optimizer class or factory for a registered name (or pass a callable through)."""
+    if callable(name):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer must be a name or a callable, got {type(name).__name__}")
+    entry = _REGISTRY.get(name.lower())
+    if entry is None:
+        raise ValueError(f"optimizer: unknown name {name!r}; known optimizers: {', '.join(available())}")
+    if isinstance(entry, str):
+        module, attr = entry.split(":")
+        try:
+            entry = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"optimizer {name!r} is registered as {_REGISTRY[name.lower()]} but could not be imported: {err}") from err
+    return entry
+
+
+def _accepts(factory: OptimizerFactory, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and C callables have no inspectable signature
+        return False
+
+
+def build(
+    name: str | OptimizerFactory,
+    params: Iterable[Any],
+    *,
+    scales: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build an optimizer by name (see :func:`available`) or from a class/callable.
+
+    ``scales`` (parameter name -> μP update scale, e.g. ``model.update_scales``) is handed only to
+    optimizers whose signature takes it, so one call site serves AdamW and MuLO alike. A callable is
+    called only then, so models without μP information still train with AdamW.
+    """
+    factory = resolve(name)
+    key = name.lower() if isinstance(name, str) else None
+    merged = {**_DEFAULT_KWARGS.get(key, {}), **kwargs} if key else dict(kwargs)
+    if scales is not None and "scales" not in merged and _accepts(factory, "scales"):
+        merged["scales"] = scales() if callable(scales) else scales
+    return factory(params, **merged)

@@ -1,0 +1,91 @@
+"""Per-tensor μP update scales for optimizers built from parameter iterables.
+
+Optimizers receive parameters in every form torch accepts: a flat iterable (what LightningCLI's
+``--optimizer`` passes), ``named_parameters()`` pairs, or param-group dicts. :func:`scaled_param_groups`
+turns any of them into param groups that each carry one ``update_scale`` (DESIGN contract 2: μP
+information is plain data). A scale is looked up, in order, from
+
+1. the group's own ``"update_scale"`` key,
+2. the ``scales`` mapping (parameter name -> float), for named parameters,
+3. the parameter itself: ``p.lopt_update_scale`` (set by our models) or mup's ``p.infshape``.
+
+Example::
+
+    groups = scaled_param_groups(model.named_parameters(), owner="MuAdam")
+    [g["update_scale"] for g in groups]   # e.g. [1.0, 0.0078125] for an MLP of width 128
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from lightning_lopt.models.scales import param_update_scale
+
+_FIX = (
+    "Build the model with lightning_lopt.models, call mup.set_base_shapes(model, base, delta=...) on it, "
+    "pass scales={name: float} (e.g. model.update_scales()), or pass allow_sp=True to treat every "
+    "tensor with scale 1 (standard parametrization)."
+)
+
+
+def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    items = list(params)
+    if not items:
+        raise ValueError("params: the optimizer got an empty parameter list")
+    if isinstance(items[0], dict):
+        return [dict(g) for g in items]
+    return [{"params": items}]
+
+
+def _unpack(group: dict[str, Any]) -> tuple[list[torch.Tensor], list[str | None]]:
+    raw = group["params"]
+    raw = [raw] if isinstance(raw, torch.Tensor) else list(raw)
+    names = list(group.get("param_names", [None] * len(raw)))
+    params: list[torch.Tensor] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, tuple):  # (name, parameter) pairs from named_parameters()
+            names[i], item = item
+        params.append(item)
+    return params, names
+
+
+def scaled_param_groups(
+    params: Iterable[Any],
+    scales: Mapping[str, float] | None = None,
+    *,
+    allow_sp: bool = False,
+    owner: str = "optimizer",
+) -> list[dict[str, Any]]:
+    """Split param groups so that every group has a single ``update_scale`` float.
+
+    Group options other than ``params`` are kept. Raises ``ValueError`` naming the first parameter
+    without μP information unless ``allow_sp`` is set.
+    """
+    out: list[dict[str, Any]] = []
+    index = 0
+    for group in _as_groups(params):
+        tensors, names = _unpack(group)
+        options = {k: v for k, v in group.items() if k not in ("params", "param_names", "update_scale")}
+        by_scale: dict[float, list[torch.Tensor]] = {}
+        for p, name in zip(tensors, names):
+            scale = group.get("update_scale")
+            if scale is None and scales is not None and name is not None:
+                scale = scales.get(name)
+            if scale is None:
+                scale = param_update_scale(p)
+            if scale is None:
+                if not allow_sp:
+                    label = f"'{name}'" if name else f"#{index}"
+                    raise ValueError(
+                        f"{owner}: parameter {label} (shape {list(p.shape)}) has no μP update scale. {_FIX}"
+                    )
+                scale = 1.0
+            by_scale.setdefault(float(scale), []).append(p)
+            index += 1
+        # Names are used for error messages only; dropping them keeps optimizer state_dicts identical
+        # whether the parameters came named (our Trainer helper) or flat (LightningCLI).
+        out.extend({**options, "params": ps, "update_scale": scale} for scale, ps in by_scale.items())
+    return out

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from lightning_lopt import optim
+from lightning_lopt.optim import MuAdam
+
+
+def _params():
+    return [torch.nn.Parameter(torch.randn(3, 3))]
+
+
+def test_build_known_names_give_the_right_classes():
+    assert isinstance(optim.build("adamw", _params()), torch.optim.AdamW)
+    assert isinstance(optim.build("SGD", _params()), torch.optim.SGD)
+    assert isinstance(optim.build("muadam", _params(), allow_sp=True), MuAdam)
+    assert isinstance(optim.build(torch.optim.Adam, _params(), lr=0.1), torch.optim.Adam)
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown name 'adamx'.*adamw.*muadam.*sgd"):
+        optim.build("adamx", _params())
+
+
+def test_scales_reach_only_optimizers_that_take_them():
+    calls = []
+
+    def scales():
+        calls.append(1)
+        return {"w": 0.5}
+
+    opt = optim.build("adamw", [("w", _params()[0])], scales=scales, lr=0.1)
+    assert calls == [] and opt.param_groups[0]["lr"] == 0.1
+    opt = optim.build("muadam", [("w", _params()[0])], scales=scales, lr=0.1)
+    assert calls == [1] and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_register_custom_factory():
+    optim.register("my_sgd", lambda params, **kw: torch.optim.SGD(params, lr=0.5, **kw))
+    assert optim.build("my_sgd", _params()).param_groups[0]["lr"] == 0.5
+    assert "my_sgd" in optim.available()

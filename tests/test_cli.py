@@ -1,0 +1,70 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_lopt import cli
+from lightning_lopt.quickstart import run_default_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_job_learns_and_writes_a_plot(tmp_path):
+    summary = run_default_job(out_dir=tmp_path, max_steps=60)
+    assert summary["steps"] == 60
+    assert summary["val_acc"] > 0.7  # chance is 0.1
+    assert summary["val_loss"] < 1.5
+    png = tmp_path / "loss_curve.png"
+    assert png.stat().st_size > 5_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lightning_cli_fit_with_optimizer_class(tmp_path):
+    lcli = cli.lightning_cli(
+        [
+            "fit",
+            "--optimizer", "lightning_lopt.MuAdam",
+            "--optimizer.lr", "0.02",
+            "--trainer.max_steps", "5",
+            "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+        ]
+    )
+    (opt,) = lcli.trainer.optimizers
+    assert type(opt).__name__ == "MuAdam"
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.02 / 128, 0.02])
+    assert lcli.trainer.global_step == 5
+
+
+def test_lightning_cli_trainer_optimizer_option(tmp_path):
+    lcli = cli.lightning_cli(
+        [
+            "fit",
+            "--trainer.optimizer", "sgd",
+            "--trainer.optimizer_kwargs", "{lr: 0.3}",
+            "--trainer.max_steps", "3",
+            "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+        ]
+    )
+    assert type(lcli.trainer.optimizers[0]).__name__ == "SGD"
+    assert lcli.trainer.optimizers[0].param_groups[0]["lr"] == 0.3
+
+
+def test_unknown_command_and_help(capsys):
+    with pytest.raises(SystemExit, match="unknown command 'fitt'"):
+        cli.main(["fitt"])
+    cli.main(["--help"])
+    assert "coord-check" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_py_without_arguments_runs_the_main_job(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val acc" in result.stdout
+    assert (tmp_path / "outputs" / "default" / "loss_curve.png").exists()

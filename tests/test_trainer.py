@@ -1,0 +1,51 @@
+import lightning as L
+import pytest
+import torch
+
+import lightning_lopt as llo
+from lightning_lopt import OptimizeeModule, configure_optimizer
+from lightning_lopt.datamodules import DigitsDataModule
+from lightning_lopt.models import MuMLP
+
+
+def _fit_kwargs(tmp_path, steps):
+    return dict(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+
+
+def _module():
+    return OptimizeeModule(MuMLP((1, 8, 8), width=64, depth=3, num_classes=10))
+
+
+def test_trainer_optimizer_choice_overrides_the_module(tmp_path):
+    module = _module()
+    trainer = llo.Trainer(optimizer="muadam", optimizer_kwargs={"lr": 0.05}, **_fit_kwargs(tmp_path, 30))
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    (opt,) = trainer.optimizers
+    assert isinstance(opt, llo.MuAdam)
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == pytest.approx([0.05 / 64, 0.05])  # hidden matrices get lr/fan_in
+    assert float(trainer.callback_metrics["train/loss_epoch"]) < 2.0  # ln(10) = 2.30 at init
+
+
+def test_helper_on_plain_lightning_trainer(tmp_path):
+    module = configure_optimizer(_module(), torch.optim.SGD, lr=0.5)
+    trainer = L.Trainer(**_fit_kwargs(tmp_path, 5))
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    assert type(trainer.optimizers[0]) is torch.optim.SGD
+
+
+def test_unknown_optimizer_fails_before_training():
+    with pytest.raises(ValueError, match="unknown name 'adamx'"):
+        llo.Trainer(optimizer="adamx", logger=False)
+    with pytest.raises(ValueError, match="unknown name"):
+        configure_optimizer(_module(), "nope")
