@@ -23,7 +23,7 @@ from abc import abstractmethod
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 Split = tuple[Tensor, Tensor]
 SPLITS = ("train", "val", "test")
@@ -98,6 +98,27 @@ def sample_indices(population: int, batch_size: int, n: int, generator: torch.Ge
     return noise.topk(batch_size, dim=1, sorted=False).indices
 
 
+class BatchTensorDataset(TensorDataset):
+    """A ``TensorDataset`` that builds a whole batch with one gather per tensor.
+
+    ``DataLoader`` calls ``__getitems__`` with the batch's indices when a dataset defines it; the
+    default path indexes one item at a time and stacks them, about 5x slower for 28x28 images.
+    Pair it with ``collate_fn=batch_as_is``.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.tensors[0].device)
+        return tuple(t.index_select(0, idx) for t in self.tensors)
+
+
+def batch_as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``collate_fn`` for :class:`BatchTensorDataset`: the batch is already stacked.
+
+    A module-level function rather than a lambda so that worker processes can pickle it.
+    """
+    return batch
+
+
 class CachedDataModule(L.LightningDataModule):
     """Base class: subclasses build the split tensors in :meth:`_build_splits`; this does the rest.
 
@@ -144,15 +165,16 @@ class CachedDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        dataset = TensorDataset(*self.split(name))
-        # A BatchSampler with batch_size=None makes the DataLoader index the tensors with a whole
-        # list of indices per batch (one gather) instead of one item at a time plus a collate.
-        if shuffle:
-            base = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
-        else:
-            base = SequentialSampler(dataset)
-        sampler = BatchSampler(base, self.batch_size, drop_last=False)
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+        # A plain batch_size/shuffle DataLoader, so Lightning can swap in a DistributedSampler
+        # under DDP; BatchTensorDataset still gathers each batch with one index per tensor.
+        return DataLoader(
+            BatchTensorDataset(*self.split(name)),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=batch_as_is,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of the training split (seeded by ``seed``)."""
@@ -176,8 +198,12 @@ class CachedDataModule(L.LightningDataModule):
         :attr:`device`; the generator may live on the CPU or on the same device.
         """
         x, y = self.split("train")
-        idx = sample_indices(x.shape[0], batch_size, n, generator).to(x.device)
-        return x[idx], y[idx]
+        idx = sample_indices(x.shape[0], batch_size, n, generator).to(x.device).flatten()
+        # index_select is several times faster than advanced indexing x[idx] on the CPU.
+        return (
+            x.index_select(0, idx).view(n, batch_size, *x.shape[1:]),
+            y.index_select(0, idx).view(n, batch_size),
+        )
 
     @property
     def num_train(self) -> int:

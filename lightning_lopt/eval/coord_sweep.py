@@ -169,10 +169,15 @@ def _check_positive_ints(flag: str, values: Sequence[int], allow_zero: bool = Fa
     return values
 
 
-def _data_source(model: str, data: str | None, seq_len: int) -> Any:
-    """The data module (or synthetic source) named by ``--data``; it must have ``sample``."""
+def _data_source(model: str, data: Any, seq_len: int) -> Any:
+    """The data module (or synthetic source) named by ``--data``, or ``data`` itself when it is an
+    object with ``sample`` (a data module of the user's)."""
     from lightning_lopt.datamodules import DATAMODULES, get_datamodule
 
+    if data is not None and not isinstance(data, str):
+        if not callable(getattr(data, "sample", None)):
+            raise ValueError(f"--data: {type(data).__name__} has no sample(batch_size, n, generator) method")
+        return data
     name = data or DEFAULT_DATA[model]
     if name == "synthetic":
         if model != "lm":
@@ -186,14 +191,20 @@ def _data_source(model: str, data: str | None, seq_len: int) -> Any:
 
 
 def _model_factory(model: str, source: Any, depth: int, heads: int) -> Callable[[int, str], nn.Module]:
+    """``build(width, param)`` for ``model``, sized by the data's ``input_shape`` and ``num_classes``
+    (``vocab_size`` and ``seq_len`` for the LM)."""
     from lightning_lopt.models import MuMLP, MuTransformerLM, MuViT
 
+    needs = ("vocab_size", "seq_len") if model == "lm" else ("input_shape", "num_classes")
+    missing = [a for a in needs if not hasattr(source, a)]
+    if missing:
+        raise ValueError(f"--data: {type(source).__name__} lacks {missing}, which the {model} model is sized by")
     if model == "mlp":
         return lambda w, p: MuMLP(source.input_shape, w, depth, source.num_classes, param=p)
     if model == "vit":
-        channels, size = source.input_shape[0], source.input_shape[-1]
         if len(source.input_shape) != 3:
-            raise ValueError(f"--data: the ViT needs [C, H, W] images, the data gives {source.input_shape}")
+            raise ValueError(f"--data: the ViT needs [C, H, W] images, the data gives {tuple(source.input_shape)}")
+        channels, size = source.input_shape[0], source.input_shape[-1]
         # 16 patches whatever the image size: 8x8 digits get 2x2 patches.
         patch = max(1, size // 4)
         return lambda w, p: MuViT(size, patch, w, depth, heads, 4.0, source.num_classes, param=p, in_channels=channels)
@@ -226,7 +237,7 @@ def run_coord_sweep(
     seeds: Sequence[int] = (0, 1),
     lr: float | None = None,
     batch_size: int = 64,
-    data: str | None = None,
+    data: Any = None,
     out: str | Path | None = "outputs/coord_check",
     depth: int | None = None,
     heads: int = HEADS,
@@ -251,7 +262,9 @@ def run_coord_sweep(
             optimizers get none and use their own defaults).
         batch_size: training and probe batch size.
         data: data set name: ``digits`` (default for mlp/vit), ``mnist``, ``fashion_mnist``,
-            ``text`` or ``synthetic`` (default for lm, a random bigram chain: no set-up).
+            ``text`` or ``synthetic`` (default for lm, a random bigram chain: no set-up); or a
+            data module object with ``sample(batch_size, n, generator)``, ``input_shape`` and
+            ``num_classes`` (``vocab_size`` and ``seq_len`` for lm).
         out: output folder; ``None`` writes nothing (no logs, CSV, JSON or PNGs).
         depth: model depth; default 3 for mlp, 2 for vit and lm.
         heads: attention heads for vit and lm.
@@ -306,7 +319,9 @@ def run_coord_sweep(
                     meta = {"model": model, "optimizer": opt_name, "param": p, "width": width, "seed": seed}
                     records.extend({**meta, **r, "layer": r["layer"].removeprefix("model.")} for r in cc.records)
 
-    summary = summarize(records, model=model, widths=widths, steps=steps, seeds=seeds, lr=lr, data=data or DEFAULT_DATA[model])
+    data_name = data if isinstance(data, str) else DEFAULT_DATA[model] if data is None else type(data).__name__
+    lrs = {name: lr if lr is not None else DEFAULT_LR.get(name) for name, _ in runs}
+    summary = summarize(records, model=model, widths=widths, steps=steps, seeds=seeds, lr=lrs, data=data_name)
     result = CoordSweepResult(records, summary, out_dir)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,8 +333,12 @@ def run_coord_sweep(
 
 
 def _prefixed_filter(modules: ModuleFilter) -> ModuleFilter:
-    if modules is None or callable(modules):
-        return modules if modules is None else (lambda name, m: name.startswith("model.") and modules(name[6:], m))
+    """Translate a filter over model names into one over OptimizeeModule names (``model.<name>``)."""
+    if modules is None:
+        return None
+    if callable(modules):
+        predicate = modules
+        return lambda name, m: name.startswith("model.") and predicate(name.removeprefix("model."), m)
     patterns = [modules] if isinstance(modules, str) else list(modules)
     return [f"model.{p}" for p in patterns]
 
@@ -465,7 +484,14 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                 ("vs_step", steps, widths, "viridis"),
             ):
                 n = len(layers)
-                fig = Figure(figsize=(3.2 * min(4, n), 2.6 * math.ceil(n / 4) + 0.5), layout="constrained")
+                ncols, nrows = min(4, n), math.ceil(n / 4)
+                # A fixed layout: constrained layout redraws every tick label several times and
+                # dominated the run time with a dozen log-log panels.
+                fig = Figure(figsize=(2.9 * ncols + 0.9, 2.3 * nrows + 0.6))
+                fig.subplots_adjust(
+                    left=0.9 / (2.9 * ncols + 0.9) + 0.03, right=1 - 0.9 / (2.9 * ncols + 0.9),
+                    bottom=0.45 / (2.3 * nrows + 0.6), top=1 - 0.55 / (2.3 * nrows + 0.6), wspace=0.35, hspace=0.5,
+                )
                 FigureCanvasAgg(fig)
                 colors = colormaps[cmap](np.linspace(0.0, 0.85, len(lines)))
                 for ax, layer in zip(_grid(fig, n), layers):
@@ -487,11 +513,11 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                     ax.tick_params(labelsize="x-small")
                     ax.grid(True, which="major", alpha=0.3)
                 handles, labels = fig.axes[0].get_legend_handles_labels()
-                fig.legend(handles, labels, loc="outside right upper", fontsize="x-small")
+                fig.legend(handles, labels, loc="upper right", fontsize="x-small")
                 title = f"{model}: {stat}, {opt_name} ({'μP' if p == 'mup' else 'SP'})"
                 fig.suptitle(title + (", one line per step" if style == "vs_width" else ", one line per width"))
                 path = out_dir / f"{model}_{opt_name}_{p}_{stat}_{style}.png"
-                fig.savefig(path, dpi=90)
+                fig.savefig(path, dpi=80)
                 paths.append(path)
     return paths
 

@@ -61,6 +61,8 @@ class MuLOReadout(mup.MuReadout):
         nn.init.normal_(self.bias, mean=0.0, std=1.0)
 
     def width_mult(self) -> float:
+        # A plain float, read from infshape once: deepcopy, state_dict, functional_call and vmap all
+        # lose the tensor attribute, but keep (or never touch) this module attribute.
         if self._width_mult is None:
             self._width_mult = float(super().width_mult())
         return self._width_mult

@@ -88,7 +88,7 @@ class MuViT(MuModel):
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, width))
         d_head = width // heads
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_dim, attn_scale=None, causal=False, eps=_LN_EPS)
+            Block(width, heads, mlp_dim, attn_scale=1.0 / d_head if mup_ else None, causal=False, eps=_LN_EPS)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width, eps=_LN_EPS)

@@ -178,11 +178,13 @@ def _check_safetensors(path: Path) -> None:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(9)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        raise ValueError(refusal.format(" (it is a pickle / torch.save archive)"))
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
     header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
-    if not (0 < header_len <= size - 8 and head[8:9] == b"{"):
-        raise ValueError(refusal.format(""))
+    if 0 < header_len <= size - 8 and head[8:9] == b"{":
+        return
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":  # pickle protocol ≥ 2 / torch.save zip
+        raise ValueError(refusal.format(" (it is a pickle / torch.save archive)"))
+    raise ValueError(refusal.format(""))
 
 
 def _download(repo_id: str) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_lopt.datamodules import FashionMNISTDataModule, MNISTDataModule, paths, read_idx
+from lightning_lopt.datamodules.images import resize_images
 from lightning_lopt.datamodules.mnist import IDXDataModule, load_idx
 
 # -- read_idx ----------------------------------------------------------------------------------------
@@ -79,6 +80,14 @@ def test_image_sizes(tmp_path: Path, no_data: Path, make_idx_set, size: int, fla
     assert x.shape == (10, *expected) and x.dtype == torch.float32 and y.shape == (10,)
     xs, ys = dm.sample(batch_size=6, n=3, generator=torch.Generator().manual_seed(0))
     assert xs.shape == (3, 6, *expected) and ys.shape == (3, 6)
+
+
+def test_downsampling_is_antialiased() -> None:
+    checkerboard = (torch.arange(28).view(28, 1) + torch.arange(28)).remainder(2).float()
+    small = resize_images(checkerboard.expand(2, 1, 28, 28), 8)
+    assert small.shape == (2, 1, 8, 8)
+    # Averaging over each output pixel's footprint gives flat grey; point sampling would alias.
+    torch.testing.assert_close(small, torch.full_like(small, 0.5), atol=0.05, rtol=0)
 
 
 def test_size_32_pads_with_a_zero_border(tmp_path: Path, no_data: Path, make_idx_set) -> None:

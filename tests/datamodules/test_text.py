@@ -118,6 +118,24 @@ def test_bpe(text_file: Path) -> None:
     assert xs.shape == (2, 4, 16) and int(xs.max()) < 300
 
 
+def test_bpe_is_trained_on_training_documents_only(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    markers = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(8)) for _ in range(10)]
+    files = []
+    for i, marker in enumerate(markers):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(f"doc{i:03d} " + " ".join([marker] * 50), encoding="utf-8")
+    dm = TextDataModule(files=files, tokenizer="bpe", vocab_size=400, seq_len=8, val_fraction=0.1, test_fraction=0.1)
+    dm.setup()
+    held_out = _doc_ids(_split_text(dm, "val")) | _doc_ids(_split_text(dm, "test"))
+    for i, marker in enumerate(markers):
+        n_tokens = len(dm.encode(" " + marker))
+        if f"doc{i:03d}" in held_out:
+            assert n_tokens > 2, marker  # never seen: no merges for it
+        else:
+            assert n_tokens == 1, marker
+
+
 def test_bpe_needs_setup_before_encoding(text_file: Path) -> None:
     with pytest.raises(RuntimeError, match="setup"):
         TextDataModule(files=text_file, tokenizer="bpe").encode("hi")

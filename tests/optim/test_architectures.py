@@ -39,7 +39,10 @@ def test_meta_parameter_counts():
     h, k = 512, 256
     velo = (30 * h + h) * 2 + (2 * h * 4 * h + 4 * h) + 2 * h + (h + 1) + (h * k + k) + k * 159
     assert VeLOLOpt().num_meta_params() == velo
-    assert VeLOLOpt.mu().num_meta_params() == (30 * 16 + 16) * 2 + (32 * 64 + 64) + 32 + 17 + (16 * 8 + 8) + 8 * 159
+    assert (
+        VeLOLOpt.mu().num_meta_params()
+        == (30 * 16 + 16) * 2 + (32 * 64 + 64) + 32 + 17 + (16 * 8 + 8) + 8 * 159
+    )
 
 
 def test_meta_init_is_haiku_truncated_normal():
@@ -72,9 +75,23 @@ def test_meta_init_is_reproducible_from_a_generator():
 
 def test_configs():
     mu = VeLOLOpt.mu()
-    assert mu.config == {"lstm_hidden_size": 16, "param_inits": 8, "interp_mult": 1.0, "param_scale_mult": False, "layout": "torch"}
-    assert VeLOLOpt(lstm_hidden_size=4, param_inits=2).step_config == {"interp_mult": 100.0, "param_scale_mult": True, "layout": "torch"}
-    assert SmallFCLOpt(step_mult=0.001).step_config == {"step_mult": 0.001, "exp_mult": 1e-3, "layout": "torch"}
+    assert mu.config == {
+        "lstm_hidden_size": 16,
+        "param_inits": 8,
+        "interp_mult": 1.0,
+        "param_scale_mult": False,
+        "layout": "torch",
+    }
+    assert VeLOLOpt(lstm_hidden_size=4, param_inits=2).step_config == {
+        "interp_mult": 100.0,
+        "param_scale_mult": True,
+        "layout": "torch",
+    }
+    assert SmallFCLOpt(step_mult=0.001).step_config == {
+        "step_mult": 0.001,
+        "exp_mult": 1e-3,
+        "layout": "torch",
+    }
     assert CeloLOpt(train_phase=1).step_config == {"train_phase": 1, "layout": "torch"}
     with pytest.raises(ValueError, match="layout"):
         SmallFCLOpt(layout="tf")
@@ -95,7 +112,12 @@ def _to_haiku(module: CeloLOpt) -> dict[str, np.ndarray]:
         if k:
             out[f"ff_mod_stack/~/w{k}"] = sd[f"mlp.{k}.weight"].T[None]
         out[f"ff_mod_stack/~/b{k}"] = sd[f"mlp.{k}.bias"][None]
-    for haiku, ours in [("linear_1", "mix"), ("linear_2", "direct"), ("rnn/linear", "lstm"), ("step_size", "step_size")]:
+    for haiku, ours in [
+        ("linear_1", "mix"),
+        ("linear_2", "direct"),
+        ("rnn/linear", "lstm"),
+        ("step_size", "step_size"),
+    ]:
         out[f"rnn_params/{haiku}/w"] = sd[f"scheduler.{ours}.weight"].T
         out[f"rnn_params/{haiku}/b"] = sd[f"scheduler.{ours}.bias"]
     h = sd["scheduler.init_hidden"].shape[0]

@@ -78,7 +78,9 @@ def _released_weights():
 def test_released_celo_reproduces_golden_numbers():
     released = _released_weights()
     assert isinstance(released, CeloLOpt)
-    module = CeloLOpt(**{**released.config, "layout": "jax"}).requires_grad_(False)  # golden tensors are JAX layout
+    module = CeloLOpt(**{**released.config, "layout": "jax"}).requires_grad_(
+        False
+    )  # golden tensors are JAX layout
     module.load_state_dict(released.state_dict())
     theta = module.theta()
     params0, grads = golden_problem()
@@ -89,7 +91,9 @@ def test_released_celo_reproduces_golden_numbers():
             ctx = StepContext([1.0] * len(params), torch.tensor(loss), T)
             eta, _ = celo.scheduler_step(theta, state, ctx)
             np.testing.assert_allclose(float(eta), ETAS[t - 1], rtol=2e-5)
-            params, state = module.step(params, [torch.tensor(g, dtype=torch.float32) for g in gs], state, ctx)
+            params, state = module.step(
+                params, [torch.tensor(g, dtype=torch.float32) for g in gs], state, ctx
+            )
             if t in SUM_ABS_DELTA:
                 sums = [float(np.abs(p.numpy() - p0).sum()) for p, p0 in zip(params, params0)]
                 np.testing.assert_allclose(sums, SUM_ABS_DELTA[t], rtol=2e-4)

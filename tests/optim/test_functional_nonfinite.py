@@ -28,13 +28,17 @@ def run(module, losses, seed=0):
     with torch.no_grad():
         for loss in losses:
             grads = [torch.randn(s, generator=g) * 0.1 for s in SHAPES]
-            params, state = module.step(params, grads, state, StepContext([1.0] * len(SHAPES), torch.tensor(loss), 100))
+            params, state = module.step(
+                params, grads, state, StepContext([1.0] * len(SHAPES), torch.tensor(loss), 100)
+            )
             history.append(state)
     return params, history
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: CeloLOpt(lstm_hidden_size=8), lambda: VeLOLOpt(lstm_hidden_size=8, param_inits=4)], ids=["celo", "velo"]
+    "make",
+    [lambda: CeloLOpt(lstm_hidden_size=8), lambda: VeLOLOpt(lstm_hidden_size=8, param_inits=4)],
+    ids=["celo", "velo"],
 )
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nonfinite_loss_keeps_loss_buffer_and_lstm_state(make, bad):

@@ -305,7 +305,9 @@ def ref_velo(theta, params, grads_seq, losses, scales, num_steps, interp_mult, p
         lf = buf.features()
         gws = [np.clip(g.reshape(g.shape or (1,)), -1000, 1000) for g in grads]
         pws = [p.reshape(p.shape or (1,)) for p in params]
-        x = np.stack([ref_velo_lstm_features(pw, st["m"], st["rms"], t / num_steps, lf) for pw, st in zip(pws, states)])
+        x = np.stack(
+            [ref_velo_lstm_features(pw, st["m"], st["rms"], t / num_steps, lf) for pw, st in zip(pws, states)]
+        )
         assert x.shape == (n, 30)
         h, c = ref_lstm(sched, x, h, c)
         controls = h @ sched["ctl_w"] + sched["ctl_b"]
@@ -316,8 +318,10 @@ def ref_velo(theta, params, grads_seq, losses, scales, num_steps, interp_mult, p
             layers = []
             for w, b in bank:
                 layers.append(
-                    (interp_mult * sum(controls[i, k] * w[k] for k in range(K)) / K,
-                     interp_mult * sum(controls[i, k] * b[k] for k in range(K)) / K)
+                    (
+                        interp_mult * sum(controls[i, k] * w[k] for k in range(K)) / K,
+                        interp_mult * sum(controls[i, k] * b[k] for k in range(K)) / K,
+                    )
                 )
             out = ref_mlp(ref_hyper_channels(pws[i], gws[i], states[i], per_decay), layers)
             mag = np.exp(out[..., 1] * 1e-3)
@@ -405,7 +409,9 @@ def test_small_fc_matches_reference(layout, step_mult):
 @pytest.mark.parametrize("layout", ["torch", "jax"])
 @pytest.mark.parametrize("train_phase", [1, 2])
 def test_celo_matches_reference(layout, train_phase):
-    module = randomize_(CeloLOpt(lstm_hidden_size=16, train_phase=train_phase, layout=layout).double(), seed=2)
+    module = randomize_(
+        CeloLOpt(lstm_hidden_size=16, train_phase=train_phase, layout=layout).double(), seed=2
+    )
     params, grads_seq, losses, scales = problem(seed=3)
     got = run_impl(module, params, grads_seq, losses, scales)
     rp, rg = reference_inputs(params, grads_seq, layout)
@@ -428,7 +434,9 @@ def test_velo_matches_reference(layout, variant):
         scales = [1.0] * len(scales)
     got = run_impl(module, params, grads_seq, losses, scales)
     rp, rg = reference_inputs(params, grads_seq, layout)
-    ref = ref_velo(theta_np(module), rp, rg, losses, scales, NUM_STEPS, module.interp_mult, module.param_scale_mult)
+    ref = ref_velo(
+        theta_np(module), rp, rg, losses, scales, NUM_STEPS, module.interp_mult, module.param_scale_mult
+    )
     if layout == "torch":
         ref = [from_jax(r) for r in ref]
     assert_updates_close(got, ref, params)
@@ -440,7 +448,11 @@ def test_square_tie_break_follows_jax_layout():
     params, grads_seq, losses, scales = problem(shapes=[(6, 6)], seed=7)
     got = run_impl(module, params, grads_seq, losses, scales)
     theta = theta_np(module)
-    as_jax = from_jax(ref_small_fc(theta, [p.T for p in params], [[g.T for g in gs] for gs in grads_seq], scales, 0.01, 1e-3)[0])
+    as_jax = from_jax(
+        ref_small_fc(
+            theta, [p.T for p in params], [[g.T for g in gs] for gs in grads_seq], scales, 0.01, 1e-3
+        )[0]
+    )
     naive = ref_small_fc(theta, params, grads_seq, scales, 0.01, 1e-3)[0]  # no transpose: wrong axes
     assert_updates_close(got, [as_jax], params)
     # The tie-break is not cosmetic: treating the PyTorch layout as JAX's changes the update.
@@ -451,9 +463,18 @@ def test_fp32_tracks_float64_reference():
     """The fp32 path the wrappers use stays within fp32 rounding of the float64 reference."""
     module = randomize_(SmallFCLOpt(), seed=8, scale=0.05)
     params, grads_seq, losses, scales = problem(seed=9)
-    got = run_impl(module, [p.astype(np.float32) for p in params], [[g.astype(np.float32) for g in gs] for gs in grads_seq], losses, scales)
+    got = run_impl(
+        module,
+        [p.astype(np.float32) for p in params],
+        [[g.astype(np.float32) for g in gs] for gs in grads_seq],
+        losses,
+        scales,
+    )
     theta = {k: v.astype(np.float64) for k, v in theta_np(module).items()}
-    ref = [from_jax(r) for r in ref_small_fc(theta, *reference_inputs(params, grads_seq, "torch"), scales, 0.01, 1e-3)]
+    ref = [
+        from_jax(r)
+        for r in ref_small_fc(theta, *reference_inputs(params, grads_seq, "torch"), scales, 0.01, 1e-3)
+    ]
     for a, b, p0 in zip(got, ref, params):
         # 12 steps of O(1e-2) updates on O(1) values: fp32 rounding of p itself is ~1e-7 relative.
         np.testing.assert_allclose(a - p0, b - p0, rtol=1e-3, atol=1e-4 * np.abs(b - p0).max() + 1e-6)

@@ -34,11 +34,13 @@ def test_time_features_values():
     taus = [1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000]
     for t in (0, 1, 10, 12345):
         got = time_embedding(torch.tensor(t), torch.float64)
-        torch.testing.assert_close(got, torch.tensor([math.tanh(t / tau - 1) for tau in taus], dtype=torch.float64))
+        torch.testing.assert_close(
+            got, torch.tensor([math.tanh(t / tau - 1) for tau in taus], dtype=torch.float64)
+        )
 
 
 def test_step_uses_iteration_before_increment():
-    """With the 28 normalised features switched off, the output is the MLP of tanh(t/τ − 1), t = 0, 1, ..."""
+    """With the 28 normalised features switched off the output is the MLP of tanh(t/τ − 1), t = 0, 1, ..."""
     module = SmallFCLOpt(step_mult=0.5).double()
     with torch.no_grad():
         module.mlp[0].weight[:, :28] = 0.0
@@ -54,7 +56,9 @@ def test_step_uses_iteration_before_increment():
             x = x @ weight.T + theta[f"mlp.{k}.bias"]
             x = np.maximum(x, 0) if k < 2 else x
         expected = -0.5 * x[0] * math.exp(1e-3 * x[1])
-        new, state = module.step(params, [torch.ones(3, dtype=torch.float64)], state, StepContext([1.0], None, 100))
+        new, state = module.step(
+            params, [torch.ones(3, dtype=torch.float64)], state, StepContext([1.0], None, 100)
+        )
         np.testing.assert_allclose((new[0] - params[0]).detach().numpy(), np.full(3, expected), rtol=1e-12)
         params = [new[0].detach()]
         assert int(state["iteration"]) == t + 1
@@ -98,7 +102,11 @@ def test_step_is_pure_and_keeps_shapes():
     params = [torch.randn(s) for s in shapes]
     grads = [torch.randn(s) for s in shapes]
     state = module.init_state(params)
-    saved = ([p.clone() for p in params], [g.clone() for g in grads], [{k: v.clone() for k, v in t.items()} for t in state["tensors"]])
+    saved = (
+        [p.clone() for p in params],
+        [g.clone() for g in grads],
+        [{k: v.clone() for k, v in t.items()} for t in state["tensors"]],
+    )
     with torch.no_grad():
         new, new_state = module.step(params, grads, state, StepContext([1.0] * 5, None, 10))
     assert [tuple(p.shape) for p in new] == shapes
@@ -113,4 +121,6 @@ def test_mismatched_lists_are_an_error():
     module = SmallFCLOpt()
     params = [torch.zeros(2), torch.zeros(3)]
     with pytest.raises(ValueError, match="one entry per tensor"):
-        module.step(params, [torch.zeros(2), torch.zeros(3)], module.init_state(params), StepContext([1.0], None, 1))
+        module.step(
+            params, [torch.zeros(2), torch.zeros(3)], module.init_state(params), StepContext([1.0], None, 1)
+        )

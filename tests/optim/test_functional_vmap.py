@@ -58,7 +58,10 @@ def test_vmap_over_particles_equals_separate_calls(make):
     module = make().double()
     g = torch.Generator().manual_seed(0)
     base = {k: v.detach() for k, v in module.state_dict().items()}
-    thetas = [{k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in base.items()} for _ in range(N_PARTICLES)]
+    thetas = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in base.items()}
+        for _ in range(N_PARTICLES)
+    ]
     params = [[torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(N_PARTICLES)]
     states = [module.functional.init_state(th, ps, layout=module.layout) for th, ps in zip(thetas, params)]
     horizons = torch.tensor([20, 50, 100, 200, 400, 800, 1600, 2000])  # one per particle
@@ -70,7 +73,9 @@ def test_vmap_over_particles_equals_separate_calls(make):
     batched = vmap(one)
     b_params, b_states = stack(params), stack(states)
     for t in range(4):
-        grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(N_PARTICLES)]
+        grads = [
+            [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(N_PARTICLES)
+        ]
         losses = 2.0 - 0.1 * t + torch.rand(N_PARTICLES, generator=g, dtype=torch.float64)
         b_params, b_states = batched(stack(thetas), b_params, stack(grads), b_states, losses, horizons)
         for i in range(N_PARTICLES):

@@ -19,8 +19,8 @@ the reference's own numbers).
 
 Example::
 
-    acc = init_accumulators(w, n_momentum=3, n_rms=1, n_adafactor=3)
-    acc, fac_g = update_accumulators(acc, g, mom_decays, rms_decays, fac_decays)
+    acc = init_accumulators(w)
+    acc, fac_g = update_accumulators(acc, g, *initial_decays(w.dtype, w.device))
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ import torch
 from torch import Tensor
 
 LAYOUTS = ("torch", "jax")
+
+# The decays every architecture starts from (lo_spec §1.1, celo_spec §1.1). small_fc_lopt
+# meta-learns offsets from them; Celo and VeLO use them as constants.
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAYS = (0.999,)
+ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
 
 
 def work_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -61,20 +67,33 @@ def factored_dims(shape: Sequence[int], layout: str = "torch") -> tuple[int, int
     return perm[order[-2]], perm[order[-1]]
 
 
-def init_accumulators(
-    p: Tensor, *, n_momentum: int, n_rms: int, n_adafactor: int, layout: str = "torch"
-) -> dict[str, Tensor]:
-    """Zero accumulators for one tensor: ``m``, ``rms`` and ``v_row``/``v_col`` or ``v``."""
+def initial_decays(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The momentum, rms and Adafactor decays as tensors."""
+    kw = {"dtype": dtype, "device": device}
+    return (
+        torch.tensor(MOMENTUM_DECAYS, **kw),
+        torch.tensor(RMS_DECAYS, **kw),
+        torch.tensor(ADAFACTOR_DECAYS, **kw),
+    )
+
+
+def init_accumulators(p: Tensor, layout: str = "torch") -> dict[str, Tensor]:
+    """Zero accumulators for one tensor: ``m [*, 3]``, ``rms [*, 1]`` and ``v_row``/``v_col``
+    (the shape without d0 / d1, then 3) or, below rank 2, ``v [*, 3]``; ``*`` is the work shape."""
     shape = work_shape(p.shape)
     kw = {"dtype": p.dtype, "device": p.device}
-    acc = {"m": torch.zeros(*shape, n_momentum, **kw), "rms": torch.zeros(*shape, n_rms, **kw)}
+    n_fac = len(ADAFACTOR_DECAYS)
+    acc = {
+        "m": torch.zeros(*shape, len(MOMENTUM_DECAYS), **kw),
+        "rms": torch.zeros(*shape, len(RMS_DECAYS), **kw),
+    }
     dims = factored_dims(shape, layout)
     if dims is None:
-        acc["v"] = torch.zeros(*shape, n_adafactor, **kw)
+        acc["v"] = torch.zeros(*shape, n_fac, **kw)
     else:
         d1, d0 = dims
-        acc["v_row"] = torch.zeros(*_drop(shape, d0), n_adafactor, **kw)
-        acc["v_col"] = torch.zeros(*_drop(shape, d1), n_adafactor, **kw)
+        acc["v_row"] = torch.zeros(*_drop(shape, d0), n_fac, **kw)
+        acc["v_col"] = torch.zeros(*_drop(shape, d1), n_fac, **kw)
     return acc
 
 

@@ -44,6 +44,7 @@ from torch import Tensor
 from lightning_lopt.optim.functional import loss_buffer
 from lightning_lopt.optim.functional.accumulators import (
     init_accumulators,
+    initial_decays,
     update_accumulators,
     work_shape,
 )
@@ -52,9 +53,6 @@ from lightning_lopt.optim.functional.features import hyper_inputs, progress_embe
 from lightning_lopt.optim.functional.mlp import layers_of, mlp_forward
 from lightning_lopt.optim.functional.scheduler import head, lstm_forward
 
-MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
-RMS_DECAYS = (0.999,)
-ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
 NUM_INPUTS = 30
 NUM_SCHEDULER_INPUTS = 18
 STEP_MULT = 1e-3
@@ -73,20 +71,8 @@ def init_state(theta: dict[str, Tensor], params: Sequence[Tensor], *, layout: st
         **loss_buffer.init(hidden.dtype, hidden.device),
         "lstm_hidden": hidden.detach().clone(),
         "lstm_cell": theta["scheduler.init_cell"].detach().clone(),
-        "tensors": [
-            init_accumulators(p, n_momentum=3, n_rms=1, n_adafactor=3, layout=layout) for p in params
-        ],
+        "tensors": [init_accumulators(p, layout) for p in params],
     }
-
-
-def fixed_decays(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Celo and VeLO use the initial decays as constants (not meta-learned, lo_spec §3.3)."""
-    kw = {"dtype": dtype, "device": device}
-    return (
-        torch.tensor(MOMENTUM_DECAYS, **kw),
-        torch.tensor(RMS_DECAYS, **kw),
-        torch.tensor(ADAFACTOR_DECAYS, **kw),
-    )
 
 
 def scheduler_step(
@@ -129,7 +115,7 @@ def step(
     eta, scheduler_state = scheduler_step(theta, state, ctx)
     lr = eta if train_phase == 2 else 1.0  # stage 1: the LSTM runs but does not scale the step
 
-    momentum, rms, adafactor = fixed_decays(eta.dtype, eta.device)
+    momentum, rms, adafactor = initial_decays(eta.dtype, eta.device)  # fixed (lo_spec §3.3)
     layers = layers_of(theta, "mlp", 3)
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []

@@ -60,9 +60,7 @@ def adafactor_features(
     ]
 
 
-def hyper_inputs(
-    p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str
-) -> Tensor:
+def hyper_inputs(p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str) -> Tensor:
     """The 30 normalised input channels of the Celo / VeLO per-parameter MLP (celo_spec §1.3).
 
     Order: g, clip(g, ±0.1), p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1), fac_g(3),

@@ -30,6 +30,9 @@ import torch
 from torch import Tensor
 
 from lightning_lopt.optim.functional.accumulators import (
+    ADAFACTOR_DECAYS,
+    MOMENTUM_DECAYS,
+    RMS_DECAYS,
     init_accumulators,
     update_accumulators,
     work_shape,
@@ -42,9 +45,6 @@ from lightning_lopt.optim.functional.features import (
 )
 from lightning_lopt.optim.functional.mlp import layers_of, mlp_forward
 
-MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
-RMS_DECAYS = (0.999,)
-ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
 NUM_FEATURES = 28 + 11
 NUM_LAYERS = 3
 
@@ -67,9 +67,7 @@ def init_state(theta: dict[str, Tensor], params: Sequence[Tensor], *, layout: st
     device = params[0].device if params else None
     return {
         "iteration": torch.zeros((), dtype=torch.int64, device=device),
-        "tensors": [
-            init_accumulators(p, n_momentum=3, n_rms=1, n_adafactor=3, layout=layout) for p in params
-        ],
+        "tensors": [init_accumulators(p, layout) for p in params],
     }
 
 

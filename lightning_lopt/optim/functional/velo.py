@@ -42,10 +42,10 @@ from torch import Tensor
 from lightning_lopt.optim.functional import loss_buffer
 from lightning_lopt.optim.functional.accumulators import (
     init_accumulators,
+    initial_decays,
     update_accumulators,
     work_shape,
 )
-from lightning_lopt.optim.functional.celo import EXP_MULT, GRAD_CLIP, STEP_MULT, fixed_decays
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import hyper_inputs, progress_embedding
 from lightning_lopt.optim.functional.mlp import mlp_forward
@@ -54,6 +54,9 @@ from lightning_lopt.optim.functional.scheduler import head, lstm_forward
 NUM_INPUTS = 30
 NUM_LSTM_INPUTS = 30
 MAX_RANK = 5
+STEP_MULT = 1e-3
+EXP_MULT = 1e-3
+GRAD_CLIP = 1000.0
 
 State = dict[str, Any]
 
@@ -63,7 +66,7 @@ def init_state(theta: dict[str, Tensor], params: Sequence[Tensor], *, layout: st
     hidden, cell = theta["scheduler.init_hidden"], theta["scheduler.init_cell"]
     tensors = []
     for p in params:
-        acc = init_accumulators(p, n_momentum=3, n_rms=1, n_adafactor=3, layout=layout)
+        acc = init_accumulators(p, layout)
         tensors.append({**acc, "lstm_hidden": hidden.detach().clone(), "lstm_cell": cell.detach().clone()})
     return {
         "iteration": torch.zeros((), dtype=torch.int64, device=hidden.device),
@@ -124,7 +127,7 @@ def step(
     controls = head(theta, "scheduler.controls", hidden)
     lr_mult = head(theta, "scheduler.step_size", hidden)[:, 0]
 
-    momentum, rms, adafactor = fixed_decays(dtype, iteration.device)
+    momentum, rms, adafactor = initial_decays(dtype, iteration.device)  # fixed (lo_spec §3.3)
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []
     for i, (p, g, acc, scale) in enumerate(zip(p_w, g_w, old, ctx.scales)):
@@ -132,8 +135,10 @@ def step(
             {k: acc[k] for k in acc if not k.startswith("lstm_")}, g, momentum, rms, adafactor, layout
         )
         layers = [
-            (_interpolate(theta[f"bank.{k}.weight"], controls[i], interp_mult),
-             _interpolate(theta[f"bank.{k}.bias"], controls[i], interp_mult))
+            tuple(
+                _interpolate(theta[f"bank.{k}.{part}"], controls[i], interp_mult)
+                for part in ("weight", "bias")
+            )
             for k in range(3)
         ]
         out = mlp_forward(hyper_inputs(p, g, new_acc, fac_g, layout=layout), layers)

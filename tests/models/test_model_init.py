@@ -50,7 +50,7 @@ def test_mup_readout_bias_is_standard_normal():
 
 @pytest.mark.parametrize("width", [64, 192])
 def test_mup_vit_init(width):
-    model = MuViT(image_size=16, patch_size=4, width=width, depth=2, heads=4, mlp_ratio=4, num_classes=10, in_channels=3)
+    model = MuViT(16, 4, width, depth=2, heads=4, mlp_ratio=4, num_classes=10, in_channels=3)
     sigma = 1 / math.sqrt(width)
     # μLO: patch kernel and position embedding use 1/sqrt(width), not 1/sqrt(C·p²) = 1/sqrt(48).
     assert_trunc_normal(model.patch_embed.weight, sigma, rel=0.06)

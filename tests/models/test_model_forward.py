@@ -106,7 +106,10 @@ def reference_attention(attn: torch.nn.Module, x: torch.Tensor, heads: int, scal
 def test_attention_scale(kind, param):
     width, heads = 64, 4
     d_head = width // heads
-    model = MuViT(8, 2, width, 1, heads, 4, 10, param=param) if kind == "vit" else MuTransformerLM(30, 8, width, 1, heads, param=param)
+    if kind == "vit":
+        model = MuViT(8, 2, width, 1, heads, 4, 10, param=param)
+    else:
+        model = MuTransformerLM(30, 8, width, 1, heads, param=param)
     x = torch.randn(3, 8, width) * 3  # large inputs make the 1/d vs 1/sqrt(d) difference visible
     scale = 1 / d_head if param == "mup" else 1 / math.sqrt(d_head)
     attn = model.blocks[0].attn

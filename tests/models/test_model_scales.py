@@ -40,7 +40,8 @@ def expected_mlp(width: int, depth: int, mup_: bool) -> dict[str, float]:
 
 
 def expected_transformer(head: list[str], width: int, mlp_dim: int, depth: int, mup_: bool) -> dict[str, float]:
-    table = dict.fromkeys(head + block_names(depth) + ["norm.weight", "norm.bias", "readout.weight", "readout.bias"], 1.0)
+    tail = ["norm.weight", "norm.bias", "readout.weight", "readout.bias"]
+    table = dict.fromkeys(head + block_names(depth) + tail, 1.0)
     if mup_:
         for i in range(depth):
             for mod in ("attn.query", "attn.key", "attn.value", "attn.out", "mlp.fc1"):

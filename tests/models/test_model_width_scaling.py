@@ -68,6 +68,8 @@ def test_transformer_activations_are_width_independent(kind):
             x = torch.randint(0, 64, (16, 16))
         modules = {}
         for i, block in enumerate(model.blocks):
-            modules.update({f"{i}.q": block.attn.query, f"{i}.attn": block.attn, f"{i}.fc1": block.mlp.fc1, f"{i}.mlp": block.mlp})
+            modules.update(
+                {f"{i}.q": block.attn.query, f"{i}.attn": block.attn, f"{i}.fc1": block.mlp.fc1, f"{i}.mlp": block.mlp}
+            )
         per_width[width] = output_rms(model, modules, x)
     assert_flat_in_width(per_width, max_ratio=1.4)

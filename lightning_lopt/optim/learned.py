@@ -1,0 +1,492 @@
+"""The learned optimizers as ``torch.optim.Optimizer`` classes: ``LO``, ``MuLO``, ``Celo``, ``VeLO``, ``MuVeLO``.
+
+Each class is a thin wrapper around the pure functional core (:mod:`lightning_lopt.optim.functional`):
+it gathers the parameters that have gradients, calls the architecture's step once on all of them and
+writes the results back. Because they are real optimizer classes, every PyTorch and Lightning surface
+works: plain loops, ``configure_optimizers``, LightningCLI's ``--optimizer lightning_lopt.MuLO``,
+LR schedulers (``lr`` multiplies the step), checkpoints and DDP.
+
+============  ===========================  ================  ====================  ==============
+class         rule                          μP update scales  needs the loss         needs num_steps
+============  ===========================  ================  ====================  ==============
+``LO``        small_fc_lopt, λ1 = 0.001     no (all 1)        no                    no
+``MuLO``      small_fc_lopt, λ1 = 0.01      yes               no                    no
+``Celo``      Celo (MLP + LSTM scheduler)   no (all 1)        yes                   yes
+``VeLO``      VeLO                          no (all 1)        yes                   yes
+``MuVeLO``    μVeLO                         yes               yes                   yes
+============  ===========================  ================  ====================  ==============
+
+**Meta-weights.** ``meta_weights`` is an architecture module (:mod:`lightning_lopt.optim.architectures`),
+a directory / packaged name / hub id for :func:`~lightning_lopt.optim.pretrained.from_pretrained`, or
+``None``: the first of the class's :attr:`~LearnedOptimizer.pretrained_names` that is packaged, else a
+random meta-initialisation (with a ``UserWarning``; seeded with 0 so that DDP replicas agree). The
+optimizer keeps a frozen copy, moved on the first step to the parameters' device in float32. It is
+not part of ``param_groups`` nor of ``state_dict()``: rebuild the optimizer with the same weights
+before ``load_state_dict``.
+
+**The loss.** Celo and VeLO feed loss statistics to their learned scheduler. ``step`` takes the loss
+from, in this order: ``step(loss=...)``; a hint set with :meth:`~LearnedOptimizer.set_loss_hint` (the
+:class:`lightning_lopt.trainer.LossToOptimizer` callback does this in every Lightning fit, with the
+*mean* loss over accumulated micro-batches); the closure's return value. Under DDP the loss is
+averaged over the ranks before use, so the replicas take identical steps. A non-finite loss leaves
+the scheduler's loss statistics and LSTM state unchanged for that step (warned once).
+
+**State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,
+loss buffer, Celo's LSTM state) lives under ``self.state["learned_optimizer"]``. Both hold only
+tensors, so ``state_dict()`` loads with ``torch.load(..., weights_only=True)``, and a run resumed from
+it continues bit-exactly. State is kept in float32 for bf16/fp16 parameters (the update is computed
+in float32 and cast back); float64 parameters are computed in float64 when all of them are.
+
+Example::
+
+    import lightning_lopt as llo
+    opt = llo.MuLO(model.named_parameters(), scales=model.update_scales())  # or model.parameters()
+    opt = llo.Celo(model.parameters(), num_steps=1000, meta_weights="runs/my-celo")
+    for x, y in loader:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)            # or opt.step(closure) with a closure returning the loss
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from os import PathLike
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_lopt.optim import pretrained
+from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt, VeLOLOpt
+from lightning_lopt.optim.functional import StepContext
+from lightning_lopt.optim.scaling import scaled_param_groups
+
+#: Key of the global (not per-tensor) state in ``optimizer.state``.
+GLOBAL_STATE_KEY = "learned_optimizer"
+#: The seed of the random meta-initialisation used when no weights are packaged.
+RANDOM_META_SEED = 0
+
+MetaWeights = LearnedOptimizerModule | str | PathLike | None
+LossLike = Tensor | float
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """Shared implementation of the learned optimizers; use one of the subclasses.
+
+    Subclasses set the class attributes below and define ``__init__`` with their own signature
+    (LightningCLI and :func:`lightning_lopt.optim.build` read it), forwarding to this one.
+
+    Args:
+        params: parameters, ``named_parameters()`` pairs or param-group dicts. Groups may set their
+            own ``lr``, ``weight_decay`` and (μ variants) ``update_scale``.
+        lr: multiplies every tensor's step (1.0 = the step the optimizer was meta-trained with).
+            Per group; LR schedulers work as usual.
+        meta_weights: see the module docstring.
+        weight_decay: decoupled weight decay ``p ← p − lr · weight_decay · p`` (the pre-update
+            ``p``), not multiplied by the μP update scale.
+        num_steps: the training horizon T, for the architectures that use one.
+        scales: μ variants: ``{parameter name: update scale}`` for named parameters.
+        allow_sp: μ variants: give parameters without μP information scale 1 instead of failing.
+    """
+
+    #: The architecture module this optimizer runs.
+    module_class: ClassVar[type[LearnedOptimizerModule]]
+    #: Builds the random meta-initialisation (called with ``generator=``).
+    module_factory: ClassVar[Callable[..., LearnedOptimizerModule]]
+    #: Packaged weight names tried, in order, when ``meta_weights`` is None.
+    pretrained_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether per-tensor μP update scales are required (otherwise every scale is 1).
+    mu: ClassVar[bool] = False
+    #: Whether the step needs the loss and a horizon (Celo, VeLO).
+    needs_loss: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+        num_steps: int | None = None,
+        scales: Mapping[str, float] | None = None,
+        allow_sp: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"{name}: lr must be a non-negative number, got {lr!r}")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise ValueError(f"{name}: weight_decay must be a non-negative number, got {weight_decay!r}")
+        if self.needs_loss:
+            if num_steps is None:
+                raise ValueError(
+                    f"{name} needs num_steps, the length of training in optimizer steps: its learned "
+                    "scheduler reads the fraction of training done and loss averages whose half-lives "
+                    "scale with it. lightning_lopt.Trainer(optimizer=...) fills it from "
+                    "trainer.estimated_stepping_batches."
+                )
+            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
+                raise ValueError(f"{name}: num_steps must be a positive integer, got {num_steps!r}")
+        self.num_steps = num_steps
+        self._scales = dict(scales) if scales is not None else None
+        self._allow_sp = allow_sp
+        groups = self._scaled_groups(params)
+        super().__init__(groups, {"lr": float(lr), "weight_decay": float(weight_decay)})
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        # float64 models keep float64 arithmetic; everything else computes in float32.
+        float64 = all(p.dtype == torch.float64 for p in all_params)
+        self.compute_dtype = torch.float64 if float64 else torch.float32
+        #: The meta-weights in use: a frozen private copy of the architecture module.
+        self.meta_weights = self._load_meta_weights(meta_weights).requires_grad_(False)
+        #: The loss the last step used (after the DDP average where the architecture uses it).
+        self.last_loss: Tensor | None = None
+        self._loss_hint: Tensor | None = None
+        self._warned_nonfinite = False
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _scaled_groups(self, params: Iterable[Any]) -> list[dict[str, Any]]:
+        """Param groups that each carry one ``update_scale`` (names dropped, see ``scaled_param_groups``)."""
+        owner = type(self).__name__
+        if self.mu:
+            return scaled_param_groups(params, self._scales, allow_sp=self._allow_sp, owner=owner)
+        items = list(params)
+        groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+        # SP: scale 1 everywhere, even where the model carries μP information.
+        return scaled_param_groups([{**g, "update_scale": 1.0} for g in groups], owner=owner)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (e.g. layers unfrozen while fine-tuning); its update scales are resolved here."""
+        for group in self._scaled_groups([param_group]):
+            super().add_param_group(group)
+
+    def _load_meta_weights(self, meta_weights: MetaWeights) -> LearnedOptimizerModule:
+        name = type(self).__name__
+        if meta_weights is None:
+            packaged = [n for n in self.pretrained_names if n in pretrained.available()]
+            if not packaged:
+                warnings.warn(
+                    f"{name}: no pretrained meta-weights are packaged (looked for "
+                    f"{list(self.pretrained_names)}), so it uses a RANDOM meta-initialisation (seed "
+                    f"{RANDOM_META_SEED}), which does not train well. Pass meta_weights=<directory, "
+                    "packaged name or hub id> or an architecture module.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                generator = torch.Generator().manual_seed(RANDOM_META_SEED)
+                return self.module_factory(generator=generator)
+            meta_weights = packaged[0]
+        if isinstance(meta_weights, (str, PathLike)):
+            module = pretrained.from_pretrained(meta_weights)
+        else:
+            # A private copy: later changes to the caller's module (e.g. meta-training) do not leak in.
+            module = copy.deepcopy(meta_weights)
+        if not isinstance(module, self.module_class):
+            raise TypeError(
+                f"{name} runs {self.module_class.__name__} meta-weights, got {type(module).__name__}"
+            )
+        return module
+
+    # -- the loss -----------------------------------------------------------------------------
+
+    def set_loss_hint(self, loss: LossLike | None) -> None:
+        """Offer the loss for the next :meth:`step` (used unless ``step(loss=...)`` is given).
+
+        :class:`lightning_lopt.trainer.LossToOptimizer` calls this with the mean micro-batch loss,
+        which covers gradient accumulation, ``16-mixed`` (no closure) and manual optimization.
+        The hint is consumed by the next step.
+        """
+        # Called through Lightning's LightningOptimizer wrapper, ``self`` is the wrapper, whose
+        # attribute writes would not reach the optimizer that steps.
+        target = getattr(self, "_optimizer", self)
+        target._loss_hint = None if loss is None else torch.as_tensor(loss).detach()
+
+    def _resolve_loss(self, candidate: Any, device: torch.device) -> Tensor | None:
+        name = type(self).__name__
+        if candidate is None:
+            if self.needs_loss:
+                raise ValueError(
+                    f"{name} needs the training loss at every step (its learned scheduler reads loss "
+                    "statistics): pass step(loss=loss), call step(closure) with a closure that returns "
+                    "the loss, or, under Lightning without a closure (precision='16-mixed'), add the "
+                    "lightning_lopt.trainer.LossToOptimizer callback (lightning_lopt.Trainer adds it)."
+                )
+            return None
+        loss = torch.as_tensor(candidate).detach()
+        if loss.numel() != 1:
+            raise ValueError(f"{name}: the loss must be a scalar, got shape {list(loss.shape)}")
+        loss = loss.reshape(()).to(device=device, dtype=self.compute_dtype).clone()
+        if self.needs_loss:
+            # Each DDP rank sees its own shard's loss; the update depends on it, so average it to
+            # keep the replicas identical (DDP only synchronises gradients).
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+                loss = loss / dist.get_world_size()
+            if not self._warned_nonfinite and not bool(torch.isfinite(loss)):
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"{name}: the loss is {loss.item()}; this step keeps the scheduler's loss statistics "
+                    "and LSTM state unchanged (parameters are still updated). Further non-finite losses "
+                    "are not reported.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return loss
+
+    # -- the step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: LossLike | None = None) -> Any:
+        """One learned-optimizer update of every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (Lightning passes one); called
+                with gradients enabled before anything else.
+            loss: the loss at the current parameters; takes precedence over a hint and the closure.
+
+        Returns:
+            The closure's value when a closure was given (as torch optimizers do), else the loss
+            this step used (``None`` if none).
+        """
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        hint, self._loss_hint = self._loss_hint, None
+        candidate = next((x for x in (loss, hint, closure_loss) if x is not None), None)
+
+        params, groups = self._params_with_grads()
+        if not params:
+            return closure_loss if closure is not None else candidate
+        device = params[0].device
+        used_loss = self._resolve_loss(candidate, device)
+        self.last_loss = used_loss
+
+        module = self._meta_weights_on(device)
+        work = [p if p.dtype == self.compute_dtype else p.to(self.compute_dtype) for p in params]
+        grads = [p.grad.to(self.compute_dtype) for p in params]
+        self._init_missing_state(module, params, work)
+        state = {
+            **{k: v.to(device) for k, v in self.state[GLOBAL_STATE_KEY].items()},
+            "tensors": [self.state[p] for p in params],
+        }
+        # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
+        # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
+        scales = [g["update_scale"] * g["lr"] for g in groups]
+        ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
+        new_params, new_state = module.step(work, grads, state, ctx)
+
+        for p, old, new, group in zip(params, work, new_params, groups):
+            decay = group["lr"] * group["weight_decay"]
+            p.copy_(new - decay * old if decay else new)
+        self.state[GLOBAL_STATE_KEY] = {k: v for k, v in new_state.items() if k != "tensors"}
+        for p, accumulators in zip(params, new_state["tensors"]):
+            self.state[p] = accumulators
+        return closure_loss if closure is not None else used_loss
+
+    def _params_with_grads(self) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        """The parameters to update and their groups; parameters without a gradient are skipped."""
+        params: list[Tensor] = []
+        groups: list[dict[str, Any]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                        f"{list(p.shape)}); use a dense embedding (sparse=False)"
+                    )
+                params.append(p)
+                groups.append(group)
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: all parameters must be on one device, found {sorted(map(str, devices))}"
+            )
+        return params, groups
+
+    def _meta_weights_on(self, device: torch.device) -> LearnedOptimizerModule:
+        """The meta-weights on ``device`` in the compute dtype (moved once, on first use)."""
+        first = next(self.meta_weights.parameters())
+        if first.device != device or first.dtype != self.compute_dtype:
+            self.meta_weights.to(device=device, dtype=self.compute_dtype)
+        return self.meta_weights
+
+    def _init_missing_state(self, module: LearnedOptimizerModule, params: list[Tensor], work: list[Tensor]) -> None:
+        """Fresh state for parameters stepped for the first time, and the global state on the first step."""
+        fresh = [i for i, p in enumerate(params) if not self.state.get(p)]
+        if not fresh and GLOBAL_STATE_KEY in self.state:
+            return
+        init = module.init_state([work[i] for i in fresh])
+        if GLOBAL_STATE_KEY not in self.state:
+            self.state[GLOBAL_STATE_KEY] = {k: v for k, v in init.items() if k != "tensors"}
+        for i, accumulators in zip(fresh, init["tensors"]):
+            self.state[params[i]] = accumulators
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; per-tensor state keeps its saved dtype (float32 for bf16 params).
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to each parameter's dtype,
+        which would round float32 state to bf16, so the per-tensor entries are restored as saved.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for index, p in zip(ids, params):
+            if index in saved:
+                self.state[p] = {k: v.to(p.device) for k, v in saved[index].items()}
+
+
+class LO(LearnedOptimizer):
+    """small_fc_lopt in standard parametrization (λ1 = 0.001): every tensor has scale 1.
+
+    Example::
+
+        opt = LO(model.parameters(), meta_weights="runs/my-lo")
+    """
+
+    module_class = SmallFCLOpt
+    module_factory = functools.partial(SmallFCLOpt, step_mult=0.001)
+    pretrained_names = ("lo-m", "lo-s")
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 1.0, *, meta_weights: MetaWeights = None, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay)
+
+
+class MuLO(LearnedOptimizer):
+    """μLO: small_fc_lopt (λ1 = 0.01) with per-tensor μP update scales (1/fan_in on hidden matrices).
+
+    Scales come from each group's ``update_scale``, ``scales`` (named parameters), or the parameters
+    (``p.lopt_update_scale``, set by ``lightning_lopt.models``; or mup's ``p.infshape``). Without any,
+    the error names the first parameter and the fix, unless ``allow_sp=True``.
+
+    Example::
+
+        opt = MuLO(model.parameters())                                  # lightning_lopt.models
+        opt = MuLO(model.named_parameters(), scales=model.update_scales())
+    """
+
+    module_class = SmallFCLOpt
+    module_factory = functools.partial(SmallFCLOpt, step_mult=0.01)
+    pretrained_names = ("mulo-m", "mulo-s")
+    mu = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+        scales: Mapping[str, float] | None = None,
+        allow_sp: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr, meta_weights=meta_weights, weight_decay=weight_decay, scales=scales, allow_sp=allow_sp
+        )
+
+
+class Celo(LearnedOptimizer):
+    """Celo: a per-parameter MLP rule scaled by a learned LSTM scheduler; needs the loss.
+
+    ``num_steps`` (required) is the number of optimizer steps of the run: the scheduler reads the
+    fraction of training done and loss averages whose half-lives scale with it.
+
+    Example::
+
+        opt = Celo(model.parameters(), num_steps=1000)
+        ...
+        opt.step(loss=loss)
+    """
+
+    module_class = module_factory = CeloLOpt
+    pretrained_names = ("celo",)
+    needs_loss = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        num_steps: int | None = None,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay, num_steps=num_steps)
+
+
+class VeLO(LearnedOptimizer):
+    """VeLO: a per-tensor LSTM that writes a per-parameter MLP; needs the loss and ``num_steps``.
+
+    Example::
+
+        opt = VeLO(model.parameters(), num_steps=1000, meta_weights="velo-m")
+    """
+
+    module_class = module_factory = VeLOLOpt
+    pretrained_names = ("velo-m", "velo")
+    needs_loss = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        num_steps: int | None = None,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay, num_steps=num_steps)
+
+
+class MuVeLO(LearnedOptimizer):
+    """μVeLO: VeLO's μP variant (LSTM 16, 8 MLPs, no parameter-scale multiplier) with μP scales.
+
+    Scales are resolved as for :class:`MuLO`; needs the loss and ``num_steps`` as :class:`VeLO`.
+
+    Example::
+
+        opt = MuVeLO(model.parameters(), num_steps=1000)
+    """
+
+    module_class = VeLOLOpt
+    module_factory = VeLOLOpt.mu
+    pretrained_names = ("muvelo-m", "muvelo-s")
+    mu = True
+    needs_loss = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        num_steps: int | None = None,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+        scales: Mapping[str, float] | None = None,
+        allow_sp: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            meta_weights=meta_weights,
+            weight_decay=weight_decay,
+            num_steps=num_steps,
+            scales=scales,
+            allow_sp=allow_sp,
+        )
+
+
+__all__ = ["GLOBAL_STATE_KEY", "LO", "Celo", "LearnedOptimizer", "MuLO", "MuVeLO", "VeLO"]

@@ -1,0 +1,182 @@
+"""Tests of the coord-check width sweep (lightning_lopt.eval.coord_sweep) on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lopt.eval import coord_sweep
+from lightning_lopt.eval.coord_sweep import SyntheticTokens, main, run_coord_sweep, summarize
+
+
+@pytest.mark.slow
+def test_mlp_sweep_discriminates_mup_from_sp() -> None:
+    """μAdam on the μP MLP keeps every hidden layer's delta_std flat in width; AdamW on the SP MLP
+    blows up (slope about 0.6 and 0.9 on the hidden layers, 1.4 on the readout, at the default lrs)."""
+    widths = (64, 256, 1024)
+    kw: dict[str, Any] = dict(widths=widths, steps=(0, 1, 2, 5, 10), seeds=(0, 1), batch_size=64, out=None)
+    mu = run_coord_sweep("mlp", optimizers=("muadam:mup",), **kw).summary["slopes"]["muadam"]["mup"]
+    sp = run_coord_sweep("mlp", optimizers=("adamw:sp",), **kw).summary["slopes"]["adamw"]["sp"]
+
+    hidden = [layer for layer in mu if layer.startswith("hidden_layers.")]
+    assert hidden == ["hidden_layers.0", "hidden_layers.1"]
+    for layer in hidden:
+        assert abs(mu[layer]["delta_std"]["mean"]) < 0.25, (layer, mu[layer]["delta_std"])
+    assert max(sp[layer]["delta_std"]["mean"] for layer in sp) > 0.5, {k: v["delta_std"] for k, v in sp.items()}
+    assert len(mu["hidden_layers.0"]["delta_std"]["per_seed"]) == 2
+
+
+def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cc"
+    main(
+        ["--model", "mlp", "--widths", "16,32", "--optimizers", "adamw:sp,muadam:mup", "--steps", "0,1,3",
+         "--seeds", "0,1", "--stats", "delta_std", "--batch-size", "16", "--out", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "log-log slope vs width at step 3" in printed and "hidden_layers.0" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["widths"] == [16, 32] and summary["last_step"] == 3 and summary["data"] == "digits"
+    assert summary["lr"] == {"adamw": coord_sweep.DEFAULT_LR["adamw"], "muadam": coord_sweep.DEFAULT_LR["muadam"]}
+    assert set(summary["slopes"]) == {"adamw", "muadam"}
+    assert set(summary["slopes"]["adamw"]) == {"sp"} and set(summary["slopes"]["muadam"]) == {"mup"}
+    entry = summary["slopes"]["muadam"]["mup"]["hidden_layers.0"]["delta_std"]
+    assert set(entry) == {"mean", "std", "per_seed", "values"}
+    assert set(entry["per_seed"]) == {"0", "1"} and set(entry["values"]) == {"16", "32"}
+    assert entry["mean"] == pytest.approx(sum(entry["per_seed"].values()) / 2)
+
+    with open(out / "records.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 2 runs x 2 seeds x 2 widths x 3 steps x 4 layers x 1 stat
+    assert len(rows) == 2 * 2 * 2 * 3 * 4
+    assert set(rows[0]) == {"model", "optimizer", "param", "width", "seed", "step", "layer", "stat", "value"}
+    assert {r["layer"] for r in rows} == {"input_layer", "hidden_layers.0", "hidden_layers.1", "readout"}
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(f"mlp_{o}_{p}_delta_std_{s}.png" for o, p in (("adamw", "sp"), ("muadam", "mup")) for s in ("vs_width", "vs_step"))
+    assert all((out / p).stat().st_size < 300_000 for p in pngs)
+    # One Lightning CSV log per fit, with the coord metrics at the recorded steps.
+    logs = sorted((out / "logs").iterdir())
+    assert len(logs) == 2 * 2 * 2
+    with open(out / "logs" / "mlp_adamw_sp_w16_s0" / "metrics.csv") as f:
+        steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("coord/delta_std/model.input_layer"))
+    assert steps == [0, 1, 3]
+
+
+def test_same_seed_same_data_and_init_across_runs() -> None:
+    kw: dict[str, Any] = dict(widths=(16,), optimizers=("adamw:sp",), steps=(0, 2), seeds=(3,), batch_size=8, out=None)
+    first, second = run_coord_sweep("mlp", **kw).records, run_coord_sweep("mlp", **kw).records
+    assert [r["value"] for r in first] == [r["value"] for r in second]
+
+
+@pytest.mark.parametrize(
+    ("model", "layers"),
+    [
+        ("vit", {"patch_embed", "blocks.0.attn.query", "blocks.0.attn.out", "blocks.0.mlp.fc2", "readout"}),
+        ("lm", {"tok_embed", "blocks.0.attn.key", "blocks.0.mlp.fc1", "readout"}),
+    ],
+)
+def test_vit_and_lm_sweeps(model: str, layers: set[str]) -> None:
+    result = run_coord_sweep(
+        model, widths=(8, 16), optimizers=("muadam:mup",), steps=(0, 1), seeds=(0,), batch_size=4, depth=1, out=None
+    )
+    seen = {r["layer"] for r in result.records}
+    assert layers <= seen
+    assert all(math.isfinite(r["value"]) for r in result.records)
+    assert set(result.summary["slopes"]["muadam"]["mup"]) == seen
+
+
+def test_module_filter_uses_model_names() -> None:
+    result = run_coord_sweep(
+        "mlp", widths=(8, 16), optimizers=("sgd:sp",), steps=(0, 1), seeds=(0,), batch_size=4, modules="hidden_layers.*", out=None
+    )
+    assert {r["layer"] for r in result.records} == {"hidden_layers.0", "hidden_layers.1"}
+
+
+class _WrongShapeData:
+    """Claims 64 input features but hands out batches with 65."""
+
+    input_shape = (64,)
+    num_classes = 10
+
+    def sample(self, batch_size: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, batch_size, 65, generator=generator), torch.zeros(n, batch_size, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag", "also"),
+    [
+        ({"widths": ()}, "--widths", "empty"),
+        ({"model": "vit", "widths": (32, 30)}, "--widths", "divisible"),
+        ({"model": "lm", "widths": (10,)}, "--widths", "[10]"),
+        ({"optimizers": ("adam",)}, "--optimizers", "muadam"),
+        ({"optimizers": ("adamw:xp",)}, "--optimizers", "name:mup"),
+        ({"model": "cnn"}, "--model", "mlp, vit, lm"),
+        ({"param": "mu"}, "--param", "both"),
+        ({"steps": (0,)}, "--steps", "after 0"),
+        ({"seeds": ()}, "--seeds", "empty"),
+        ({"lr": -1.0}, "--lr", "positive"),
+        ({"data": "nope"}, "--data", "digits"),
+        ({"model": "lm", "data": "digits"}, "--data", "lm takes text"),
+        ({"data": _WrongShapeData()}, "--data", "probe batch"),
+    ],
+)
+def test_bad_input_fails_before_any_training(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kwargs: dict[str, Any], flag: str, also: str
+) -> None:
+    def no_fit(*args: Any, **kw: Any) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(L.Trainer, "fit", no_fit)
+    args: dict[str, Any] = dict(widths=(8, 16), steps=(0, 1), seeds=(0,), out=tmp_path / "out")
+    with pytest.raises(ValueError, match=flag) as err:
+        run_coord_sweep(**{**args, **kwargs})
+    assert also in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "vit", "--widths", "32,30", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--widths" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--widths", "a,b"])
+    assert "--widths" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_slopes_against_power_laws() -> None:
+    records = [
+        {"optimizer": "o", "param": "mup", "layer": "l", "stat": "s", "seed": seed, "width": w, "step": 5, "value": c * w**a}
+        for seed, (c, a) in enumerate([(2.0, 0.5), (3.0, 0.7)])
+        for w in (8, 16, 64)
+    ]
+    records.append({**records[0], "step": 0, "value": 0.0})  # only the last step counts
+    bad = [{**r, "layer": "zero", "value": 0.0 if r["width"] == 8 else 1.0} for r in records if r["step"] == 5]
+    summary = summarize(records + bad, model="mlp")
+    entry = summary["slopes"]["o"]["mup"]["l"]["s"]
+    assert summary["last_step"] == 5 and summary["model"] == "mlp"
+    assert entry["per_seed"] == pytest.approx({"0": 0.5, "1": 0.7})
+    assert entry["mean"] == pytest.approx(0.6) and entry["std"] == pytest.approx(math.sqrt(0.02))
+    assert entry["values"]["16"] == pytest.approx((2.0 * 4 + 3.0 * 16**0.7) / 2)
+    # A zero value has no logarithm: the slope is reported as null, not as a number.
+    assert summary["slopes"]["o"]["mup"]["zero"]["s"]["mean"] is None
+    json.dumps(summary, allow_nan=False)
+
+
+def test_synthetic_tokens() -> None:
+    data = SyntheticTokens(vocab_size=16, seq_len=12)
+    x, y = data.sample(batch_size=5, n=3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (3, 5, 12) and x.dtype == torch.int64
+    assert torch.equal(x[..., 1:], y[..., :-1])
+    assert 0 <= int(x.min()) and int(x.max()) < 16
+    again = data.sample(batch_size=5, n=3, generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(x, again)
