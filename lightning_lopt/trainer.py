@@ -6,6 +6,13 @@ on any module, and :class:`Trainer` is a thin ``lightning.Trainer`` subclass tha
 A Callback cannot do this: Lightning checks for ``configure_optimizers`` before the first callback
 hook runs (mup_lightning.md §2.5).
 
+Learned optimizers with a loss-driven scheduler (Celo, VeLO) need the training loss at every step.
+Lightning's closure returns only the last micro-batch's loss divided by ``accumulate_grad_batches``,
+and ``16-mixed`` steps without any closure, so :class:`LossToOptimizer` hands every such optimizer
+the mean loss over the micro-batches of the step. :class:`Trainer` adds it to every fit. For these
+optimizers, :func:`configure_optimizer` also fills in the horizon ``num_steps`` from
+``trainer.estimated_stepping_batches`` when it is not given.
+
 Example::
 
     import lightning_lopt as llo
@@ -13,18 +20,22 @@ Example::
     trainer.fit(module, datamodule)
 
     # or keep lightning.Trainer:
-    llo.configure_optimizer(module, "muadam", lr=1e-2)
-    lightning.Trainer(max_steps=300).fit(module, datamodule)
+    llo.configure_optimizer(module, "celo")
+    lightning.Trainer(max_steps=300, callbacks=[llo.LossToOptimizer()]).fit(module, datamodule)
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from lightning_lopt.optim.registry import build, resolve
 
@@ -41,7 +52,19 @@ def configure_optimizers(module: L.LightningModule) -> torch.optim.Optimizer:
     """
     optimizer, kwargs = module._lopt_optimizer
     scales = getattr(module, "update_scales", None)
+    if "num_steps" not in kwargs and _accepts_num_steps(resolve(optimizer)):
+        # The horizon of a learned scheduler (Celo, VeLO) is the number of optimizer steps of the fit.
+        horizon = module.trainer.estimated_stepping_batches
+        if math.isfinite(horizon):
+            kwargs = {**kwargs, "num_steps": int(horizon)}
     return build(optimizer, module.named_parameters(), scales=scales, **kwargs)
+
+
+def _accepts_num_steps(factory: Callable[..., Any]) -> bool:
+    try:
+        return "num_steps" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and C callables have no inspectable signature
+        return False
 
 
 def configure_optimizer(module: L.LightningModule, optimizer: OptimizerChoice, **kwargs: Any) -> L.LightningModule:
@@ -56,13 +79,54 @@ def configure_optimizer(module: L.LightningModule, optimizer: OptimizerChoice, *
     return module
 
 
+class LossToOptimizer(Callback):
+    """Hand each optimizer step the mean training loss of its micro-batches.
+
+    The loss is summed in ``on_before_backward``, where Lightning passes ``loss /
+    accumulate_grad_batches`` (so the sum is the mean over the micro-batches; in manual
+    optimization it is the sum of what ``manual_backward`` received), and handed over in
+    ``on_before_optimizer_step`` to every optimizer with a ``set_loss_hint`` method (the learned
+    optimizers of :mod:`lightning_lopt.optim.learned`); then the sum restarts. Under ``16-mixed``
+    with a ``GradScaler`` the loss Lightning passes is scaled; it is unscaled here. Other optimizers
+    are left alone. :class:`Trainer` adds this callback to every fit.
+
+    Example::
+
+        lightning.Trainer(callbacks=[LossToOptimizer()], accumulate_grad_batches=4).fit(module)
+    """
+
+    def __init__(self) -> None:
+        self._loss_sum: Tensor | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_sum = None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        loss = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            loss = loss / scaler.get_scale()  # a power of two: exact
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        set_hint = getattr(optimizer, "set_loss_hint", None)
+        if set_hint is not None and self._loss_sum is not None:
+            set_hint(self._loss_sum)
+        self._loss_sum = None
+
+
 class Trainer(L.Trainer):
     """``lightning.Trainer`` with an ``optimizer`` choice that overrides the module's own.
 
+    A :class:`LossToOptimizer` callback is added unless ``callbacks`` already holds one.
+
     Args:
-        optimizer: a registry name (``"adamw"``, ``"muadam"``, ``"mulo"``, ...) or an optimizer
-            class / callable. ``None`` keeps the module's ``configure_optimizers``.
-        optimizer_kwargs: keyword arguments for the optimizer.
+        optimizer: a registry name (``"adamw"``, ``"muadam"``, ``"mulo"``, ``"celo"``, ...) or an
+            optimizer class / callable. ``None`` keeps the module's ``configure_optimizers``.
+        optimizer_kwargs: keyword arguments for the optimizer. Optimizers that take ``num_steps``
+            (Celo, VeLO) get ``trainer.estimated_stepping_batches`` unless it is given here.
         **kwargs: everything ``lightning.Trainer`` takes.
     """
 
@@ -75,6 +139,13 @@ class Trainer(L.Trainer):
     ) -> None:
         if optimizer is not None:
             resolve(optimizer)
+        callbacks = kwargs.get("callbacks")
+        callbacks = [] if callbacks is None else [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
+        if not any(isinstance(c, LossToOptimizer) for c in callbacks):
+            callbacks.append(LossToOptimizer())
+        # Through kwargs, not a named argument: LightningCLI reads the parameters of this __init__
+        # by following **kwargs into lightning.Trainer, and must keep seeing `callbacks` there.
+        kwargs["callbacks"] = callbacks
         super().__init__(**kwargs)
         self.optimizer_choice = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})

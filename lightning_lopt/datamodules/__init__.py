@@ -8,6 +8,9 @@ with ``sample(batch_size, n, generator) -> (x, y)`` of shape ``[n, batch_size, .
 - ``mnist``, ``fashion_mnist``: IDX files installed by ``python -m lightning_lopt.datamodules.fetch``.
 - ``text``: local text files, a Hugging Face dataset, or the Brown corpus (also fetched).
 
+Names are imported lazily, so that ``python -m lightning_lopt.datamodules.fetch`` (numpy and the
+standard library only) does not pay for importing torch and Lightning.
+
 Usage::
 
     from lightning_lopt.datamodules import get_datamodule
@@ -17,20 +20,36 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from lightning_lopt.datamodules.base import CachedDataModule
-from lightning_lopt.datamodules.images import DigitsDataModule, ImageDataModule
-from lightning_lopt.datamodules.mnist import FashionMNISTDataModule, IDXDataModule, MNISTDataModule, read_idx
-from lightning_lopt.datamodules.paths import default_data_dir
-from lightning_lopt.datamodules.text import TextDataModule
+if TYPE_CHECKING:
+    from lightning_lopt.datamodules.base import CachedDataModule
+    from lightning_lopt.datamodules.formats import read_idx
+    from lightning_lopt.datamodules.images import DigitsDataModule, ImageDataModule
+    from lightning_lopt.datamodules.mnist import FashionMNISTDataModule, IDXDataModule, MNISTDataModule
+    from lightning_lopt.datamodules.paths import default_data_dir
+    from lightning_lopt.datamodules.text import TextDataModule
 
-DATAMODULES: dict[str, type[CachedDataModule]] = {
-    "digits": DigitsDataModule,
-    "mnist": MNISTDataModule,
-    "fashion_mnist": FashionMNISTDataModule,
-    "text": TextDataModule,
+_EXPORTS = {
+    "CachedDataModule": "base",
+    "DigitsDataModule": "images",
+    "ImageDataModule": "images",
+    "MNISTDataModule": "mnist",
+    "FashionMNISTDataModule": "mnist",
+    "IDXDataModule": "mnist",
+    "TextDataModule": "text",
+    "read_idx": "formats",
+    "default_data_dir": "paths",
 }
+
+DATAMODULES: dict[str, str] = {
+    "digits": "DigitsDataModule",
+    "mnist": "MNISTDataModule",
+    "fashion_mnist": "FashionMNISTDataModule",
+    "text": "TextDataModule",
+}
+"""Registry of :func:`get_datamodule`: name → class name in this package."""
 
 
 def get_datamodule(name: str, **kwargs: Any) -> CachedDataModule:
@@ -43,7 +62,14 @@ def get_datamodule(name: str, **kwargs: Any) -> CachedDataModule:
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key not in DATAMODULES:
         raise ValueError(f"unknown dataset name {name!r}; known names: {', '.join(DATAMODULES)}")
-    return DATAMODULES[key](**kwargs)
+    return __getattr__(DATAMODULES[key])(**kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"lightning_lopt.datamodules.{_EXPORTS[name]}"), name)
+    # Submodules (``from lightning_lopt.datamodules import fetch``) are found by the import system.
+    raise AttributeError(f"module 'lightning_lopt.datamodules' has no attribute {name!r}")
 
 
 __all__ = [

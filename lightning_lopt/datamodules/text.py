@@ -50,28 +50,11 @@ from lightning_lopt.datamodules.base import (
     sample_indices,
     seeded_split,
 )
+from lightning_lopt.datamodules.formats import brown_files, read_brown_document
 
 TOKENIZERS = ("byte", "bpe")
 DEFAULT_BPE_VOCAB = 4096
 DOC_SEPARATOR = "\n\n"
-_BROWN_FILE = re.compile(r"c[a-r]\d\d")
-
-
-def brown_files(directory: Path) -> list[Path]:
-    """The Brown corpus document files (``ca01`` ... ``cr09``) in ``directory``, sorted."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if _BROWN_FILE.fullmatch(p.name) and p.is_file())
-
-
-def read_brown_document(path: Path) -> str:
-    """One Brown document as plain text: ``word/tag`` tokens lose their tag, one paragraph per line.
-
-    Words stay separated by spaces as in the corpus (so punctuation is space-separated, and quotes
-    are ```` `` ```` and ``''``). The tag is what follows the *last* slash, since words can contain one.
-    """
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return "\n".join(" ".join(tok.rsplit("/", 1)[0] for tok in line.split()) for line in lines if line.strip())
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -259,9 +242,7 @@ class TextDataModule(CachedDataModule):
         self._train_tokens = streams["train"]
         # Too short for two blocks of starts leaves sample() nothing to draw from; catch it here.
         if streams["train"].numel() < 2 * self.seq_len:
-            raise ValueError(
-                f"seq_len={self.seq_len} is too long for the {streams['train'].numel()} training tokens"
-            )
+            raise ValueError(f"seq_len={self.seq_len} is too long for the {streams['train'].numel()} training tokens")
         return {k: self._windows(s, k) for k, s in streams.items()}
 
     def _windows(self, stream: Tensor, name: str) -> Split:

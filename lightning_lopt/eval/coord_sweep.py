@@ -222,6 +222,7 @@ def _quiet_lightning() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*validation_step.*but have no.*val_dataloader.*")
             yield
     finally:
         for lg, level in zip(loggers, levels):

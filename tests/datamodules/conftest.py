@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 
 from lightning_lopt.datamodules import paths
-from lightning_lopt.datamodules.mnist import IDX_FILES
+from lightning_lopt.datamodules.formats import IDX_FILES
 
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
-              np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+_IDX_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(">i2"): 0x0B,
+    np.dtype(">i4"): 0x0C,
+    np.dtype(">f4"): 0x0D,
+    np.dtype(">f8"): 0x0E,
+}
 
 
 def _write_idx(path: Path, array: np.ndarray) -> Path:

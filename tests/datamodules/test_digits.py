@@ -99,11 +99,30 @@ def test_dataloaders_cover_each_split_once() -> None:
     assert torch.equal(first, again)  # shuffling is seeded
 
 
+def test_loaders_survive_lightnings_distributed_sampler_injection() -> None:
+    # Under DDP, Lightning rebuilds each DataLoader around a DistributedSampler; the batches must
+    # stay whole batches. _update_dataloader is the function Lightning uses for that.
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    dm = DigitsDataModule(batch_size=50)
+    dm.setup()
+    loader = dm.train_dataloader()
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        batches = list(_update_dataloader(loader, sampler))
+        assert batches[0][0].shape == (50, 1, 8, 8) and batches[0][1].shape == (50,)
+        shards.append(torch.cat([y for _, y in batches]))
+    assert len(shards[0]) + len(shards[1]) == len(dm.split("train")[1]) + 1  # one item padded
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
         ({"image_size": 10}, "image_size"),
         ({"image_size": 64}, "image_size"),
+        ({"image_size": 8.0}, "image_size"),
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": -5}, "batch_size"),
         ({"val_fraction": 0.0}, "val_fraction"),
@@ -142,8 +161,13 @@ class _Tiny(L.LightningModule):
 def test_works_with_lightning_trainer() -> None:
     dm = DigitsDataModule(flatten=True, batch_size=64)
     trainer = L.Trainer(
-        max_steps=3, limit_val_batches=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     model = _Tiny(dm.input_shape[0])
     trainer.fit(model, datamodule=dm)

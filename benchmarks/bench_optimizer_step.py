@@ -1,0 +1,570 @@
+"""Time one optimizer step, and measure optimizer state, for every optimizer on model-shaped parameters.
+
+What is timed: ``optimizer.step()`` alone. Gradients are set once (random, fixed) before timing, so the
+forward/backward pass is excluded. Each optimizer first takes ``--warmup`` untimed steps (which also
+creates its state), then ``--repeats`` timed steps. On CUDA every timed step has a
+``torch.cuda.synchronize()`` on either side (the protocol of DESIGN.md's anchor numbers).
+
+Noise control: by default on CPU the optimizers of one case are *interleaved*: each round times one
+step of every optimizer, in an order rotated every round, so a burst of load from other processes
+hits all of them alike. Reported: median, p10 and p90 of the per-step times, and the ratio of each
+median to the reference AdamW's median measured in the same run (``adamw-fused`` on CUDA,
+``adamw-foreach`` on CPU). All optimizers of a case update the *same* parameter tensors (each keeps
+its own state), which keeps memory at one copy of parameters and gradients.
+
+State: the bytes of every tensor in ``optimizer.state`` (per-parameter and global entries, shared
+storage counted once) divided by the number of parameters; AdamW keeps 8 B/param (+4 B per tensor
+for its step counter).
+
+Parameter sets ("cases"):
+
+- ``mlp-w{256,1024,2048}``: :class:`lightning_lopt.models.MuMLP` on 784 inputs, depth 3, 10 classes,
+  with its real μP update scales.
+- ``gpt2-*``: the tensor list of a GPT-2-style decoder (token and position embeddings, per block
+  LayerNorms, fused QKV, attention projection, 4x MLP, final LayerNorm; ``nn.Linear`` layout, readout
+  tied to the token embedding). μP scales: 1/fan_in on hidden matrices, 1 on embeddings, biases and
+  norms. ``gpt2-124m`` and ``gpt2-355m`` are shape-faithful to GPT-2 small and medium;
+  ``gpt2-1.3b`` is the d_model 2048, 24-layer shape of the 1.3B anchor; ``gpt2-cpu`` is scaled down.
+
+The learned optimizers run with random meta-weights when none are packaged (their warning is
+filtered and recorded as ``random_meta_weights``); the step cost does not depend on the weights.
+
+Usage::
+
+    python -m benchmarks.bench_optimizer_step                 # CPU default suite (< 5 min)
+    python -m benchmarks.bench_optimizer_step --quick         # tiny smoke configuration
+    python -m benchmarks.bench_optimizer_step --device cuda   # adds GPT-2 124M/355M, fused AdamW
+
+Each run writes ``benchmarks/results/<name>-<device>-<date>.json`` (see ``--out`` and ``--name``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+import lightning_lopt
+from lightning_lopt.models import MuMLP
+from lightning_lopt.optim import build
+from lightning_lopt.optim.learned import LearnedOptimizer
+
+BENCHMARK = "optimizer_step"
+SCHEMA_VERSION = 1
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The horizon handed to the optimizers that need one (Celo, VeLO, μVeLO); it does not change the cost.
+NUM_STEPS = 1000
+#: The loss handed to every learned optimizer's step (Celo and VeLO need one).
+LOSS = 2.3
+
+
+class TensorSpec(NamedTuple):
+    """One parameter tensor of a case: its name, shape and μP update scale."""
+
+    name: str
+    shape: tuple[int, ...]
+    scale: float
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named parameter set shaped like a real model."""
+
+    name: str
+    description: str
+    specs: Callable[[], list[TensorSpec]]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build one benchmarked optimizer through :func:`lightning_lopt.optim.build`."""
+
+    registry_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    cuda_only: bool = False
+    #: Skip cases with more parameters than this (VeLO's per-element work and memory are large).
+    max_params_key: str | None = None
+
+
+def mlp_specs(width: int, depth: int = 3, in_features: int = 784, num_classes: int = 10) -> list[TensorSpec]:
+    """The tensors and μP scales of ``MuMLP(in_features, width, depth, num_classes)``."""
+    model = MuMLP(in_features, width, depth, num_classes)
+    scales = model.update_scales()
+    return [TensorSpec(n, tuple(p.shape), float(scales[n])) for n, p in model.named_parameters()]
+
+
+def gpt2_specs(d_model: int, n_layer: int, vocab: int, n_ctx: int) -> list[TensorSpec]:
+    """The tensors of a GPT-2-style decoder (``nn.Linear`` layout ``[out, in]``, tied readout).
+
+    Hidden matrices get μP scale ``1 / fan_in``; embeddings, biases and LayerNorms get 1.
+    """
+    d = d_model
+    specs = [TensorSpec("wte.weight", (vocab, d), 1.0), TensorSpec("wpe.weight", (n_ctx, d), 1.0)]
+    for i in range(n_layer):
+        h = f"h.{i}"
+        specs += [
+            TensorSpec(f"{h}.ln_1.weight", (d,), 1.0),
+            TensorSpec(f"{h}.ln_1.bias", (d,), 1.0),
+            TensorSpec(f"{h}.attn.c_attn.weight", (3 * d, d), 1.0 / d),
+            TensorSpec(f"{h}.attn.c_attn.bias", (3 * d,), 1.0),
+            TensorSpec(f"{h}.attn.c_proj.weight", (d, d), 1.0 / d),
+            TensorSpec(f"{h}.attn.c_proj.bias", (d,), 1.0),
+            TensorSpec(f"{h}.ln_2.weight", (d,), 1.0),
+            TensorSpec(f"{h}.ln_2.bias", (d,), 1.0),
+            TensorSpec(f"{h}.mlp.c_fc.weight", (4 * d, d), 1.0 / d),
+            TensorSpec(f"{h}.mlp.c_fc.bias", (4 * d,), 1.0),
+            TensorSpec(f"{h}.mlp.c_proj.weight", (d, 4 * d), 1.0 / (4 * d)),
+            TensorSpec(f"{h}.mlp.c_proj.bias", (d,), 1.0),
+        ]
+    return specs + [TensorSpec("ln_f.weight", (d,), 1.0), TensorSpec("ln_f.bias", (d,), 1.0)]
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in [
+        Case("mlp-w32", "MuMLP 784-32x3-10 (smoke test)", lambda: mlp_specs(32)),
+        Case("mlp-w256", "MuMLP 784-256x3-10", lambda: mlp_specs(256)),
+        Case("mlp-w1024", "MuMLP 784-1024x3-10", lambda: mlp_specs(1024)),
+        Case("mlp-w2048", "MuMLP 784-2048x3-10", lambda: mlp_specs(2048)),
+        Case(
+            "gpt2-tiny",
+            "GPT-2-shaped, d_model 32, 1 layer, vocab 256, context 32 (smoke test)",
+            lambda: gpt2_specs(32, 1, 256, 32),
+        ),
+        Case(
+            "gpt2-cpu",
+            "GPT-2-shaped, d_model 256, 2 layers, vocab 2048, context 256 (scaled down for CPU)",
+            lambda: gpt2_specs(256, 2, 2048, 256),
+        ),
+        Case("gpt2-124m", "GPT-2 small: d_model 768, 12 layers, vocab 50257, context 1024", lambda: gpt2_specs(768, 12, 50257, 1024)),
+        Case("gpt2-355m", "GPT-2 medium: d_model 1024, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(1024, 24, 50257, 1024)),
+        Case("gpt2-1.3b", "1.3B decoder: d_model 2048, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(2048, 24, 50257, 1024)),
+    ]
+}
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw-foreach": OptimizerSpec("adamw", {"lr": 1e-3, "foreach": True}),
+    "adamw-fused": OptimizerSpec("adamw", {"lr": 1e-3, "fused": True}, cuda_only=True),
+    "muadam": OptimizerSpec("muadam", {"lr": 1e-3}),
+    "lo": OptimizerSpec("lo"),
+    "mulo": OptimizerSpec("mulo"),
+    "celo": OptimizerSpec("celo", {"num_steps": NUM_STEPS}),
+    "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, max_params_key="velo_max_params"),
+    "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
+}
+
+#: (cases, optimizers, warmup, repeats) per preset.
+PRESETS: dict[str, tuple[list[str], list[str], int, int]] = {
+    "quick": (["mlp-w32", "gpt2-tiny"], ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"], 1, 3),
+    "cpu": (
+        ["mlp-w256", "mlp-w1024", "gpt2-cpu"],
+        ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"],
+        1,
+        5,
+    ),
+    "cuda": (
+        ["mlp-w256", "mlp-w1024", "mlp-w2048", "gpt2-124m", "gpt2-355m"],
+        ["adamw-fused", "adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"],
+        3,
+        10,
+    ),
+}
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) with linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of an empty sequence")
+    rank = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of all tensors in ``optimizer.state``; tensors sharing storage are counted once."""
+    seen: set[tuple[str, int, int]] = set()
+    total = 0
+    for t in _tensors(list(optimizer.state.values())):
+        key = (str(t.device), t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    """Output of a read-only git command in the repository, or None (no git, not a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Platform, CPU, GPU and the load average at the time of the call."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "gpu": gpu,
+        "torch_num_threads": torch.get_num_threads(),
+        "loadavg_start": _loadavg(),
+    }
+
+
+def version_info() -> dict[str, Any]:
+    """Python, torch, CUDA, lightning_lopt and the git commit (with a dirty flag)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lightning_lopt": lightning_lopt.__version__,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+# -- the measurement ------------------------------------------------------------------------------
+
+
+def make_params(specs: Sequence[TensorSpec], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
+    """Parameters with fixed random gradients; each carries its μP scale as ``lopt_update_scale``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for spec in specs:
+        p = torch.nn.Parameter(0.02 * torch.randn(spec.shape, device=device, generator=generator))
+        p.grad = 1e-3 * torch.randn(spec.shape, device=device, generator=generator)
+        p.lopt_update_scale = spec.scale  # what lightning_lopt.models.scales.attach_update_scales sets
+        params.append(p)
+    return params
+
+
+@dataclass
+class Runner:
+    """One optimizer under test: how to step it and the per-step times collected so far."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    random_meta_weights: bool
+    samples_ms: list[float] = field(default_factory=list)
+    peak_extra_bytes: int | None = None
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step; learned optimizers get the loss (Celo and VeLO need it)."""
+        if isinstance(self.optimizer, LearnedOptimizer):
+            self.optimizer.step(loss=loss)
+        else:
+            self.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_runner(name: str, params: list[torch.nn.Parameter]) -> Runner:
+    """Build a benchmarked optimizer, recording whether it fell back to random meta-weights."""
+    spec = OPTIMIZERS[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = build(spec.registry_name, params, **spec.kwargs)
+    random_meta = any("RANDOM meta-initialisation" in str(w.message) for w in caught)
+    return Runner(name, optimizer, random_meta)
+
+
+def time_step(runner: Runner, loss: torch.Tensor, device: torch.device) -> float:
+    """Milliseconds of one step, with a device sync on either side."""
+    _sync(device)
+    start = time.perf_counter()
+    runner.step(loss)
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_peak(runner: Runner, loss: torch.Tensor, device: torch.device) -> None:
+    """CUDA only: the peak memory one step allocates beyond what was allocated before it."""
+    if device.type != "cuda":
+        return
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    runner.step(loss)
+    _sync(device)
+    runner.peak_extra_bytes = torch.cuda.max_memory_allocated(device) - before
+
+
+def _error_result(name: str, err: BaseException) -> dict[str, Any]:
+    return {"optimizer": name, "status": "error", "error": f"{type(err).__name__}: {err}"[:500]}
+
+
+def run_case(
+    case: Case,
+    optimizer_names: Sequence[str],
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    interleave: bool,
+    limits: dict[str, int],
+    seed: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Benchmark every optimizer on one parameter set; returns the case's JSON record."""
+    specs = case.specs()
+    num_params = sum(math.prod(s.shape) for s in specs)
+    params = make_params(specs, device, seed)
+    loss = torch.tensor(LOSS, device=device)
+    log(f"== {case.name}: {num_params:,} parameters in {len(specs)} tensors")
+
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for name in optimizer_names:
+        limit_key = OPTIMIZERS[name].max_params_key
+        if limit_key is not None and num_params > limits[limit_key]:
+            results[name] = {
+                "optimizer": name,
+                "status": "skipped",
+                "reason": f"{num_params:,} parameters > --{limit_key.replace('_', '-')} {limits[limit_key]:,}",
+            }
+        else:
+            todo.append(name)
+
+    # Interleaved: all optimizers live at once and take turns. Sequential: one at a time (less memory).
+    batches = [todo] if interleave else [[name] for name in todo]
+    for batch in batches:
+        runners: list[Runner] = []
+        for name in batch:
+            try:
+                runner = build_runner(name, params)
+                for _ in range(warmup):
+                    runner.step(loss)
+                _sync(device)
+                runners.append(runner)
+            except (RuntimeError, ValueError, MemoryError) as err:  # e.g. CUDA OOM: record, go on
+                results[name] = _error_result(name, err)
+                log(f"   {name}: {results[name]['error']}")
+        gc.collect()
+        gc.disable()
+        try:
+            for r in range(repeats):
+                order = runners[r % len(runners):] + runners[: r % len(runners)] if runners else []
+                for runner in order:
+                    runner.samples_ms.append(time_step(runner, loss, device))
+            for runner in runners:
+                measure_peak(runner, loss, device)
+        finally:
+            gc.enable()
+        for runner in runners:
+            nbytes = state_nbytes(runner.optimizer)
+            results[runner.name] = {
+                "optimizer": runner.name,
+                "status": "ok",
+                "registry_name": OPTIMIZERS[runner.name].registry_name,
+                "kwargs": OPTIMIZERS[runner.name].kwargs,
+                "random_meta_weights": runner.random_meta_weights,
+                "median_ms": statistics.median(runner.samples_ms),
+                "p10_ms": percentile(runner.samples_ms, 10),
+                "p90_ms": percentile(runner.samples_ms, 90),
+                "min_ms": min(runner.samples_ms),
+                "samples_ms": runner.samples_ms,
+                "state_bytes": nbytes,
+                "state_bytes_per_param": nbytes / num_params,
+                "peak_step_extra_bytes": runner.peak_extra_bytes,
+            }
+        del runners
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ordered = [results[name] for name in optimizer_names]
+    reference = next((r for r in ordered if r["optimizer"].startswith("adamw") and r["status"] == "ok"), None)
+    for r in ordered:
+        if r["status"] == "ok":
+            r["ratio_vs_adamw"] = r["median_ms"] / reference["median_ms"] if reference else None
+            log(
+                f"   {r['optimizer']:<14} median {r['median_ms']:10.2f} ms  "
+                f"[p10 {r['p10_ms']:.2f}, p90 {r['p90_ms']:.2f}]  "
+                f"x{r['ratio_vs_adamw'] or float('nan'):8.1f} vs {reference['optimizer'] if reference else '-'}  "
+                f"state {r['state_bytes_per_param']:.2f} B/param"
+            )
+    return {
+        "name": case.name,
+        "description": case.description,
+        "num_params": num_params,
+        "num_tensors": len(specs),
+        "reference": reference["optimizer"] if reference else None,
+        "results": ordered,
+    }
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; presets fill whatever was not given."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_optimizer_step", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="parameter sets (default: by preset)")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), help="optimizers (default: by preset)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per optimizer before timing")
+    parser.add_argument("--repeats", type=int, help="timed steps per optimizer")
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        help="time the optimizers of a case in turns (default on CPU) or one after another (default on CUDA)",
+    )
+    parser.add_argument("--velo-max-params", type=int, help="skip VeLO above this many parameters")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads; 0 keeps torch's default (default: 1 on CPU, because intra-op threads "
+        "on a shared machine wait on descheduled siblings; 0 on CUDA)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the JSON result")
+    parser.add_argument("--name", help=f"result file prefix (default {BENCHMARK!r}, or '{BENCHMARK}-quick')")
+    args = parser.parse_args(argv)
+
+    preset = "quick" if args.quick else args.device
+    cases, optimizers, warmup, repeats = PRESETS[preset]
+    args.preset = preset
+    args.cases = args.cases or cases
+    args.optimizers = args.optimizers or [o for o in optimizers if args.device == "cuda" or not OPTIMIZERS[o].cuda_only]
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.repeats = repeats if args.repeats is None else args.repeats
+    args.interleave = args.device == "cpu" if args.interleave is None else args.interleave
+    if args.velo_max_params is None:
+        args.velo_max_params = 400_000_000 if args.device == "cuda" else 1_000_000
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
+    args.name = args.name or (f"{BENCHMARK}-quick" if args.quick else BENCHMARK)
+    if args.warmup < 0 or args.repeats < 1 or args.threads < 0:
+        parser.error("--warmup and --threads must be >= 0 and --repeats >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write its JSON; returns the process exit code."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine = machine_info(device)
+    config = {
+        "preset": args.preset,
+        "device": args.device,
+        "cases": args.cases,
+        "optimizers": args.optimizers,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "interleave": args.interleave,
+        "velo_max_params": args.velo_max_params,
+        "num_steps": NUM_STEPS,
+        "loss": LOSS,
+        "seed": args.seed,
+        "threads": args.threads,
+        "dtype": "float32",
+        "argv": list(sys.argv[1:] if argv is None else argv),
+    }
+    print(f"optimizer step benchmark on {args.device} ({machine['cpu_model']}, {machine['gpu']}), "
+          f"load {machine['loadavg_start']}", flush=True)
+    cases = [
+        run_case(
+            CASES[name],
+            args.optimizers,
+            device=device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            interleave=args.interleave,
+            limits={"velo_max_params": args.velo_max_params},
+            seed=args.seed,
+            log=lambda line: print(line, flush=True),
+        )
+        for name in args.cases
+    ]
+    machine["loadavg_end"] = _loadavg()
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": BENCHMARK,
+        "schema_version": SCHEMA_VERSION,
+        "started": started.isoformat(timespec="seconds"),
+        "wall_s": round((finished - started).total_seconds(), 1),
+        "machine": machine,
+        "versions": version_info(),
+        "config": config,
+        "cases": cases,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.name}-{args.device}-{started.date().isoformat()}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path} ({record['wall_s']} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
