@@ -7,10 +7,13 @@ creates its state), then ``--repeats`` timed steps. On CUDA every timed step has
 
 Noise control: by default on CPU the optimizers of one case are *interleaved*: each round times one
 step of every optimizer, in an order rotated every round, so a burst of load from other processes
-hits all of them alike. Reported: median, p10 and p90 of the per-step times, and the ratio of each
-median to the reference AdamW's median measured in the same run (``adamw-fused`` on CUDA,
-``adamw-foreach`` on CPU). All optimizers of a case update the *same* parameter tensors (each keeps
-its own state), which keeps memory at one copy of parameters and gradients.
+hits all of them alike; on CUDA they run one after another (less memory). CPU runs use one intra-op
+thread by default (``--threads``): on a shared machine, multi-threaded kernels stall on descheduled
+sibling threads. Reported: median, p10 and p90 of the per-step times, and the ratio of each median to
+the median of the reference, the first AdamW in the optimizer list, measured in the same run
+(``adamw-fused`` on CUDA, ``adamw-foreach`` on CPU). All optimizers of a case update the *same*
+parameter tensors (each keeps its own state), so memory holds one copy of parameters and gradients;
+``params_finite_after`` records that the shared parameters stayed finite.
 
 State: the bytes of every tensor in ``optimizer.state`` (per-parameter and global entries, shared
 storage counted once) divided by the number of parameters; AdamW keeps 8 B/param (+4 B per tensor
@@ -25,6 +28,8 @@ Parameter sets ("cases"):
   tied to the token embedding). μP scales: 1/fan_in on hidden matrices, 1 on embeddings, biases and
   norms. ``gpt2-124m`` and ``gpt2-355m`` are shape-faithful to GPT-2 small and medium;
   ``gpt2-1.3b`` is the d_model 2048, 24-layer shape of the 1.3B anchor; ``gpt2-cpu`` is scaled down.
+- ``many-small``: 256 tensors of 64 elements; its time divided by 256 is the fixed cost per tensor
+  (Python and kernel-launch overhead), which dominates models with many small tensors.
 
 The learned optimizers run with random meta-weights when none are packaged (their warning is
 filtered and recorded as ``random_meta_weights``); the step cost does not depend on the weights.
@@ -97,9 +102,9 @@ class OptimizerSpec:
 
     registry_name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    cuda_only: bool = False
-    #: Skip cases with more parameters than this (VeLO's per-element work and memory are large).
-    max_params_key: str | None = None
+    #: Skipped on cases with more than ``--velo-max-params`` parameters (VeLO's LSTM state and
+    #: per-element work are the largest).
+    capped: bool = False
 
 
 def mlp_specs(width: int, depth: int = 3, in_features: int = 784, num_classes: int = 10) -> list[TensorSpec]:
@@ -152,6 +157,11 @@ CASES: dict[str, Case] = {
             "GPT-2-shaped, d_model 256, 2 layers, vocab 2048, context 256 (scaled down for CPU)",
             lambda: gpt2_specs(256, 2, 2048, 256),
         ),
+        Case(
+            "many-small",
+            "256 vectors of 64 elements: isolates the fixed cost per tensor",
+            lambda: [TensorSpec(f"bias.{i}", (64,), 1.0) for i in range(256)],
+        ),
         Case("gpt2-124m", "GPT-2 small: d_model 768, 12 layers, vocab 50257, context 1024", lambda: gpt2_specs(768, 12, 50257, 1024)),
         Case("gpt2-355m", "GPT-2 medium: d_model 1024, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(1024, 24, 50257, 1024)),
         Case("gpt2-1.3b", "1.3B decoder: d_model 2048, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(2048, 24, 50257, 1024)),
@@ -160,12 +170,12 @@ CASES: dict[str, Case] = {
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw-foreach": OptimizerSpec("adamw", {"lr": 1e-3, "foreach": True}),
-    "adamw-fused": OptimizerSpec("adamw", {"lr": 1e-3, "fused": True}, cuda_only=True),
+    "adamw-fused": OptimizerSpec("adamw", {"lr": 1e-3, "fused": True}),
     "muadam": OptimizerSpec("muadam", {"lr": 1e-3}),
     "lo": OptimizerSpec("lo"),
     "mulo": OptimizerSpec("mulo"),
     "celo": OptimizerSpec("celo", {"num_steps": NUM_STEPS}),
-    "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, max_params_key="velo_max_params"),
+    "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, capped=True),
     "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
 }
 
@@ -173,13 +183,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 PRESETS: dict[str, tuple[list[str], list[str], int, int]] = {
     "quick": (["mlp-w32", "gpt2-tiny"], ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"], 1, 3),
     "cpu": (
-        ["mlp-w256", "mlp-w1024", "gpt2-cpu"],
+        ["mlp-w256", "mlp-w1024", "gpt2-cpu", "many-small"],
         ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"],
         1,
         5,
     ),
     "cuda": (
-        ["mlp-w256", "mlp-w1024", "mlp-w2048", "gpt2-124m", "gpt2-355m"],
+        ["mlp-w256", "mlp-w1024", "mlp-w2048", "gpt2-124m", "gpt2-355m", "many-small"],
         ["adamw-fused", "adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"],
         3,
         10,
@@ -352,8 +362,89 @@ def measure_peak(runner: Runner, loss: torch.Tensor, device: torch.device) -> No
     runner.peak_extra_bytes = torch.cuda.max_memory_allocated(device) - before
 
 
+#: Failures recorded per optimizer instead of ending the run (CUDA out-of-memory is a RuntimeError).
+RECOVERABLE = (RuntimeError, ValueError, MemoryError)
+
+
 def _error_result(name: str, err: BaseException) -> dict[str, Any]:
     return {"optimizer": name, "status": "error", "error": f"{type(err).__name__}: {err}"[:500]}
+
+
+def _ok_result(runner: Runner, num_params: int) -> dict[str, Any]:
+    nbytes = state_nbytes(runner.optimizer)
+    spec = OPTIMIZERS[runner.name]
+    return {
+        "optimizer": runner.name,
+        "status": "ok",
+        "registry_name": spec.registry_name,
+        "kwargs": spec.kwargs,
+        "random_meta_weights": runner.random_meta_weights,
+        "median_ms": statistics.median(runner.samples_ms),
+        "p10_ms": percentile(runner.samples_ms, 10),
+        "p90_ms": percentile(runner.samples_ms, 90),
+        "min_ms": min(runner.samples_ms),
+        "samples_ms": runner.samples_ms,
+        "state_bytes": nbytes,
+        "state_bytes_per_param": nbytes / num_params,
+        "peak_step_extra_bytes": runner.peak_extra_bytes,
+    }
+
+
+def run_batch(
+    names: Sequence[str],
+    params: list[torch.nn.Parameter],
+    loss: torch.Tensor,
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Build, warm up and time the optimizers ``names`` together, in rounds of one step each.
+
+    Round ``r`` steps the optimizers in an order rotated by ``r``. An optimizer that fails (e.g. runs
+    out of memory) is recorded as an error and dropped; the others go on.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    runners: list[Runner] = []
+
+    def fail(name: str, err: BaseException) -> None:
+        results[name] = _error_result(name, err)
+        log(f"   {name}: {results[name]['error']}")
+
+    for name in names:
+        try:
+            runner = build_runner(name, params)
+            for _ in range(warmup):
+                runner.step(loss)
+            _sync(device)
+            runners.append(runner)
+        except RECOVERABLE as err:
+            fail(name, err)
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            shift = r % len(runners) if runners else 0
+            for runner in runners[shift:] + runners[:shift]:
+                if runner.name in results:
+                    continue
+                try:
+                    runner.samples_ms.append(time_step(runner, loss, device))
+                except RECOVERABLE as err:
+                    fail(runner.name, err)
+        for runner in runners:
+            if runner.name not in results:
+                try:
+                    measure_peak(runner, loss, device)
+                except RECOVERABLE as err:
+                    fail(runner.name, err)
+    finally:
+        gc.enable()
+    for runner in runners:
+        if runner.name not in results:
+            results[runner.name] = _ok_result(runner, sum(p.numel() for p in params))
+    return results
 
 
 def run_case(
@@ -364,7 +455,7 @@ def run_case(
     warmup: int,
     repeats: int,
     interleave: bool,
-    limits: dict[str, int],
+    velo_max_params: int,
     seed: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -378,59 +469,18 @@ def run_case(
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for name in optimizer_names:
-        limit_key = OPTIMIZERS[name].max_params_key
-        if limit_key is not None and num_params > limits[limit_key]:
+        if OPTIMIZERS[name].capped and num_params > velo_max_params:
             results[name] = {
                 "optimizer": name,
                 "status": "skipped",
-                "reason": f"{num_params:,} parameters > --{limit_key.replace('_', '-')} {limits[limit_key]:,}",
+                "reason": f"{num_params:,} parameters > --velo-max-params {velo_max_params:,}",
             }
         else:
             todo.append(name)
 
     # Interleaved: all optimizers live at once and take turns. Sequential: one at a time (less memory).
-    batches = [todo] if interleave else [[name] for name in todo]
-    for batch in batches:
-        runners: list[Runner] = []
-        for name in batch:
-            try:
-                runner = build_runner(name, params)
-                for _ in range(warmup):
-                    runner.step(loss)
-                _sync(device)
-                runners.append(runner)
-            except (RuntimeError, ValueError, MemoryError) as err:  # e.g. CUDA OOM: record, go on
-                results[name] = _error_result(name, err)
-                log(f"   {name}: {results[name]['error']}")
-        gc.collect()
-        gc.disable()
-        try:
-            for r in range(repeats):
-                order = runners[r % len(runners):] + runners[: r % len(runners)] if runners else []
-                for runner in order:
-                    runner.samples_ms.append(time_step(runner, loss, device))
-            for runner in runners:
-                measure_peak(runner, loss, device)
-        finally:
-            gc.enable()
-        for runner in runners:
-            nbytes = state_nbytes(runner.optimizer)
-            results[runner.name] = {
-                "optimizer": runner.name,
-                "status": "ok",
-                "registry_name": OPTIMIZERS[runner.name].registry_name,
-                "kwargs": OPTIMIZERS[runner.name].kwargs,
-                "random_meta_weights": runner.random_meta_weights,
-                "median_ms": statistics.median(runner.samples_ms),
-                "p10_ms": percentile(runner.samples_ms, 10),
-                "p90_ms": percentile(runner.samples_ms, 90),
-                "min_ms": min(runner.samples_ms),
-                "samples_ms": runner.samples_ms,
-                "state_bytes": nbytes,
-                "state_bytes_per_param": nbytes / num_params,
-                "peak_step_extra_bytes": runner.peak_extra_bytes,
-            }
-        del runners
+    for batch in [todo] if interleave else [[name] for name in todo]:
+        results.update(run_batch(batch, params, loss, device=device, warmup=warmup, repeats=repeats, log=log))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -452,6 +502,7 @@ def run_case(
         "num_params": num_params,
         "num_tensors": len(specs),
         "reference": reference["optimizer"] if reference else None,
+        "params_finite_after": all(bool(torch.isfinite(p).all()) for p in params),
         "results": ordered,
     }
 
@@ -466,8 +517,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="parameter sets (default: by preset)")
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), help="optimizers (default: by preset)")
+    parser.add_argument(
+        "--cases", nargs="+", choices=list(CASES), metavar="CASE", help=f"parameter sets: {', '.join(CASES)}"
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        metavar="OPT",
+        help=f"optimizers: {', '.join(OPTIMIZERS)}; the first AdamW is the reference of the ratios",
+    )
     parser.add_argument("--warmup", type=int, help="untimed steps per optimizer before timing")
     parser.add_argument("--repeats", type=int, help="timed steps per optimizer")
     parser.add_argument(
@@ -491,7 +550,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cases, optimizers, warmup, repeats = PRESETS[preset]
     args.preset = preset
     args.cases = args.cases or cases
-    args.optimizers = args.optimizers or [o for o in optimizers if args.device == "cuda" or not OPTIMIZERS[o].cuda_only]
+    args.optimizers = args.optimizers or optimizers
     args.warmup = warmup if args.warmup is None else args.warmup
     args.repeats = repeats if args.repeats is None else args.repeats
     args.interleave = args.device == "cpu" if args.interleave is None else args.interleave
@@ -529,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed,
         "threads": args.threads,
         "dtype": "float32",
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "argv": list(sys.argv[1:] if argv is None else argv),
     }
     print(f"optimizer step benchmark on {args.device} ({machine['cpu_model']}, {machine['gpu']}), "
@@ -541,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             interleave=args.interleave,
-            limits={"velo_max_params": args.velo_max_params},
+            velo_max_params=args.velo_max_params,
             seed=args.seed,
             log=lambda line: print(line, flush=True),
         )

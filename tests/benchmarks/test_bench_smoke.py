@@ -14,11 +14,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
+
+from lightning_lopt.optim import registry
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_optimizer_step.py"
 
 
-def _load_script() -> ModuleType:
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """The benchmark script, imported from its path."""
     spec = importlib.util.spec_from_file_location("bench_optimizer_step_under_test", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -31,8 +36,7 @@ def _positive_finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def test_quick_run_writes_schema(tmp_path: Path) -> None:
-    bench = _load_script()
+def test_quick_run_writes_schema(bench: ModuleType, tmp_path: Path) -> None:
     assert bench.main(["--quick", "--repeats", "2", "--out", str(tmp_path)]) == 0
 
     (path,) = tmp_path.glob("optimizer_step-quick-cpu-*.json")
@@ -68,8 +72,28 @@ def test_quick_run_writes_schema(tmp_path: Path) -> None:
         assert by_name["adamw-foreach"]["state_bytes_per_param"] == pytest.approx(expected)
 
 
-def test_percentile_matches_linear_interpolation() -> None:
-    bench = _load_script()
+def test_percentile_matches_linear_interpolation(bench: ModuleType) -> None:
     assert bench.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
     assert bench.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 10) == pytest.approx(1.4)
     assert bench.percentile([7.0], 90) == 7.0
+
+
+def test_failing_optimizer_is_recorded_and_others_go_on(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    class FailsOnSecondStep(torch.optim.SGD):
+        def __init__(self, params: object) -> None:
+            super().__init__(params, lr=0.1)
+            self.calls = 0
+
+        def step(self, closure: object = None) -> None:  # type: ignore[override]
+            self.calls += 1
+            if self.calls == 2:  # the warm-up step passes, the first timed step fails
+                raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setitem(registry._REGISTRY, "bench-test-fails", FailsOnSecondStep)
+    monkeypatch.setitem(bench.OPTIMIZERS, "fails", bench.OptimizerSpec("bench-test-fails"))
+    params = bench.make_params(bench.CASES["mlp-w32"].specs(), torch.device("cpu"), seed=0)
+    results = bench.run_batch(
+        ["adamw-foreach", "fails"], params, torch.tensor(2.3), device=torch.device("cpu"), warmup=1, repeats=3, log=print
+    )
+    assert results["fails"] == {"optimizer": "fails", "status": "error", "error": "RuntimeError: out of memory (simulated)"}
+    assert results["adamw-foreach"]["status"] == "ok" and len(results["adamw-foreach"]["samples_ms"]) == 3
