@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Trainer": "lightning_lopt.trainer",
     "configure_optimizer": "lightning_lopt.trainer",
+    "LossToOptimizer": "lightning_lopt.trainer",
+    "with_horizon": "lightning_lopt.trainer",
     "OptimizeeModule": "lightning_lopt.optimizee",
     "MuAdam": "lightning_lopt.optim.baselines",
     "LO": "lightning_lopt.optim.learned",

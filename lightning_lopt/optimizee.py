@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lightning_lopt.models.scales import update_scales_of
 from lightning_lopt.optim.registry import build
+from lightning_lopt.trainer import with_horizon
 
 Objective = Literal["classification", "lm", "autoencoder"]
 _OBJECTIVES = ("classification", "lm", "autoencoder")
@@ -130,5 +131,9 @@ class OptimizeeModule(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Build ``self.optimizer`` over the named parameters with the model's μP scales."""
-        return build(self.optimizer, self.named_parameters(), scales=self.update_scales, **self.optimizer_kwargs)
+        """Build ``self.optimizer`` over the named parameters with the model's μP scales.
+
+        Learned optimizers with a schedule (Celo, VeLO) get the fit's length as their horizon.
+        """
+        kwargs = with_horizon(self, self.optimizer, self.optimizer_kwargs)
+        return build(self.optimizer, self.named_parameters(), scales=self.update_scales, **kwargs)

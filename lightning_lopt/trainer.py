@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from types import MethodType
@@ -37,7 +36,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_lopt.optim.registry import build, resolve
+from lightning_lopt.optim.registry import accepts, build, resolve
 
 OptimizerChoice = str | Callable[..., torch.optim.Optimizer]
 
@@ -52,19 +51,27 @@ def configure_optimizers(module: L.LightningModule) -> torch.optim.Optimizer:
     """
     optimizer, kwargs = module._lopt_optimizer
     scales = getattr(module, "update_scales", None)
-    if "num_steps" not in kwargs and _accepts_num_steps(resolve(optimizer)):
-        # The horizon of a learned scheduler (Celo, VeLO) is the number of optimizer steps of the fit.
-        horizon = module.trainer.estimated_stepping_batches
-        if math.isfinite(horizon):
-            kwargs = {**kwargs, "num_steps": int(horizon)}
-    return build(optimizer, module.named_parameters(), scales=scales, **kwargs)
+    return build(optimizer, module.named_parameters(), scales=scales, **with_horizon(module, optimizer, kwargs))
 
 
-def _accepts_num_steps(factory: Callable[..., Any]) -> bool:
-    try:
-        return "num_steps" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # builtins and C callables have no inspectable signature
-        return False
+def with_horizon(module: L.LightningModule, optimizer: OptimizerChoice, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus ``num_steps`` for optimizers that take a horizon (Celo, VeLO) and lack one.
+
+    The horizon of a learned scheduler is the number of optimizer steps of the fit:
+    ``trainer.estimated_stepping_batches`` (it accounts for ``max_steps``, ``max_epochs``,
+    accumulation and devices). Call it from ``configure_optimizers``, where that is known.
+
+    Example::
+
+        def configure_optimizers(self):
+            return lightning_lopt.optim.build("celo", self.parameters(), **with_horizon(self, "celo", {}))
+    """
+    if "num_steps" in kwargs:
+        return kwargs
+    if not accepts(resolve(optimizer), "num_steps"):
+        return kwargs
+    horizon = module.trainer.estimated_stepping_batches
+    return {**kwargs, "num_steps": int(horizon)} if math.isfinite(horizon) else kwargs
 
 
 def configure_optimizer(module: L.LightningModule, optimizer: OptimizerChoice, **kwargs: Any) -> L.LightningModule:
@@ -105,7 +112,7 @@ class LossToOptimizer(Callback):
         loss = loss.detach().float()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
-            loss = loss / scaler.get_scale()  # a power of two: exact
+            loss = loss / scaler.get_scale()  # exact for the default power-of-two scales
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def on_before_optimizer_step(

@@ -49,3 +49,11 @@ def test_unknown_optimizer_fails_before_training():
         llo.Trainer(optimizer="adamx", logger=False)
     with pytest.raises(ValueError, match="unknown name"):
         configure_optimizer(_module(), "nope")
+
+
+def test_optimizee_module_gives_learned_schedules_the_fit_length(tmp_path):
+    module = OptimizeeModule(MuMLP((1, 8, 8), width=32, depth=2, num_classes=10), optimizer="celo")
+    with pytest.warns(UserWarning, match="RANDOM meta-initialisation"):
+        L.Trainer(**_fit_kwargs(tmp_path, 4)).fit(module, DigitsDataModule(batch_size=64))
+    (opt,) = module.trainer.optimizers
+    assert type(opt).__name__ == "Celo" and opt.num_steps == 4

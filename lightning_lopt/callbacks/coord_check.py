@@ -61,7 +61,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-__all__ = ["CoordCheck", "STATS", "default_module_filter", "probe_input", "plot_records", "write_records_csv"]
+__all__ = [
+    "STATS",
+    "CoordCheck",
+    "default_module_filter",
+    "plot_records",
+    "probe_input",
+    "resolve_module_filter",
+    "write_records_csv",
+]
 
 StatFn = Callable[[Tensor, "Tensor | None"], Tensor]
 ModuleFilter = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -86,7 +94,8 @@ def default_module_filter(name: str, module: nn.Module) -> bool:
     return isinstance(module, _LINEAR_LIKE)
 
 
-def _resolve_filter(modules: ModuleFilter) -> Callable[[str, nn.Module], bool]:
+def resolve_module_filter(modules: ModuleFilter) -> Callable[[str, nn.Module], bool]:
+    """The predicate ``(name, module) -> bool`` for a ``modules`` argument of :class:`CoordCheck`."""
     if modules is None:
         return default_module_filter
     if isinstance(modules, str):
@@ -170,7 +179,7 @@ class CoordCheck(L.Callback):
         if unknown or not stats:
             raise ValueError(f"stats: unknown {unknown or 'empty list'}; known: {sorted(STATS)}")
         self.stats = tuple(stats)
-        self._filter = _resolve_filter(modules)
+        self._filter = resolve_module_filter(modules)
         self._modules_arg = modules
         self.probe_batch = probe_batch
         self.forward_fn: ForwardFn = forward_fn or _default_forward
@@ -204,7 +213,7 @@ class CoordCheck(L.Callback):
                 ) from err
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._device_probe is None:
+        if self.probe_batch is None:
             # The first training batch is already on the device and converted by the precision plugin.
             self.probe_batch = _detached_copy(batch)
             self._device_probe = self.probe_batch

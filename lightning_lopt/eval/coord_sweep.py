@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_lopt import optim
 from lightning_lopt.callbacks import CoordCheck
-from lightning_lopt.callbacks.coord_check import STATS, ModuleFilter
+from lightning_lopt.callbacks.coord_check import STATS, ModuleFilter, resolve_module_filter, write_records_csv
 
 __all__ = ["CoordSweepResult", "SyntheticTokens", "main", "run_coord_sweep"]
 
@@ -276,7 +276,7 @@ def run_coord_sweep(
     """
     if model not in MODELS:
         raise ValueError(f"--model: unknown model {model!r}; known models: {', '.join(MODELS)}")
-    widths = _check_positive_ints("--widths", widths)
+    widths = sorted(set(_check_positive_ints("--widths", widths)))
     runs = _parse_runs(optimizers, param)
     steps = sorted(set(_check_positive_ints("--steps", steps, allow_zero=True)))
     if steps[-1] == 0:
@@ -301,9 +301,9 @@ def run_coord_sweep(
     module_filter = _prefixed_filter(modules)
     try:
         streams = {seed: source.sample(batch_size, steps[-1], torch.Generator().manual_seed(seed)) for seed in seeds}
-    except (OSError, RuntimeError) as err:  # data not installed: the data module says how to get it
+    except (OSError, RuntimeError, ValueError) as err:  # e.g. data not installed: the message says how to get it
         raise ValueError(f"--data: {err}") from err
-    _preflight(build, widths, sorted({p for _, p in runs}), streams[seeds[0]])
+    _preflight(build, widths, sorted({p for _, p in runs}), streams[seeds[0]], modules)
 
     out_dir = Path(out) if out is not None else None
     records: list[dict[str, Any]] = []
@@ -326,7 +326,7 @@ def run_coord_sweep(
     result = CoordSweepResult(records, summary, out_dir)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_csv(records, out_dir / "records.csv")
+        write_records_csv(records, out_dir / "records.csv")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         if plot:
             result.figures = plot_sweep(records, out_dir, stats)
@@ -344,16 +344,26 @@ def _prefixed_filter(modules: ModuleFilter) -> ModuleFilter:
     return [f"model.{p}" for p in patterns]
 
 
-def _preflight(build: Callable[[int, str], nn.Module], widths: list[int], params: list[str], stream: tuple[Tensor, Tensor]) -> None:
+def _preflight(
+    build: Callable[[int, str], nn.Module],
+    widths: list[int],
+    params: list[str],
+    stream: tuple[Tensor, Tensor],
+    modules: ModuleFilter,
+) -> None:
     """Build every (width, param) model once and run it on the probe batch, so that a width the
-    model cannot take or data it cannot read fails before the first fit rather than midway."""
+    model cannot take, data it cannot read or a layer filter that selects nothing fails before the
+    first fit rather than midway."""
     probe = stream[0][0]
+    selects = resolve_module_filter(_prefixed_filter(modules))
     for width in widths:
         for p in params:
             try:
                 net = build(width, p)
             except ValueError as err:
                 raise ValueError(f"--widths: the model cannot take width {width}: {err}") from err
+            if not any(selects(f"model.{name}", m) for name, m in net.named_modules() if name):
+                raise ValueError(f"--modules: {modules!r} selects no layer of the model")
             try:
                 with torch.no_grad():
                     net(probe)
@@ -411,40 +421,46 @@ def _json_float(v: float) -> float | None:
 
 
 def summarize(records: Sequence[dict[str, Any]], **meta: Any) -> dict[str, Any]:
-    """``summary.json``: per optimizer → param → layer → stat, the log-log slope against width at the
-    last step: ``{"mean", "std", "per_seed", "values"}`` where ``values`` maps width to the
-    seed-mean statistic. ``std`` is the sample std over seeds (0 for one seed); slopes that cannot
-    be taken (a value ≤ 0) are ``null``."""
+    """``summary.json``: ``meta``, ``last_step`` and ``slopes``, which maps optimizer → param → layer
+    → stat to the log-log slope of the statistic against width at the last step::
+
+        {"mean": ..., "std": ..., "per_seed": {"0": ..., "1": ...},
+         "values": {"64": ..., ...},          # width -> statistic at the last step, seed mean
+         "by_step": {"1": ..., "2": ...}}     # step -> mean slope: early blow-ups that later saturate
+
+    ``std`` is the sample std over seeds (0 for one seed). A slope that cannot be taken (a value
+    ≤ 0, e.g. ``delta_std`` at step 0) is ``null``, and so is a mean over seeds that includes one.
+    """
     last = max(r["step"] for r in records)
-    table: dict[tuple, dict[int, dict[int, float]]] = {}
+    # (optimizer, param, layer, stat) -> step -> seed -> width -> value
+    table: dict[tuple[str, str, str, str], dict[int, dict[int, dict[int, float]]]] = {}
     for r in records:
-        if r["step"] == last:
-            key = (r["optimizer"], r["param"], r["layer"], r["stat"])
-            table.setdefault(key, {}).setdefault(r["seed"], {})[r["width"]] = r["value"]
+        key = (r["optimizer"], r["param"], r["layer"], r["stat"])
+        table.setdefault(key, {}).setdefault(r["step"], {}).setdefault(r["seed"], {})[r["width"]] = r["value"]
+
+    def seed_slopes(by_seed: dict[int, dict[int, float]]) -> dict[int, float]:
+        return {seed: _slope(sorted(bw), [bw[w] for w in sorted(bw)]) for seed, bw in sorted(by_seed.items())}
+
     slopes: dict[str, Any] = {}
-    for (opt_name, p, layer, stat), by_seed in table.items():
-        per_seed = {}
-        for seed, by_width in sorted(by_seed.items()):
-            ws = sorted(by_width)
-            per_seed[seed] = _slope(ws, [by_width[w] for w in ws])
+    for (opt_name, p, layer, stat), by_step in table.items():
+        at_last = by_step.get(last)
+        if at_last is None:
+            continue
+        per_seed = seed_slopes(at_last)
         vals = np.array(list(per_seed.values()))
-        widths = sorted({w for bw in by_seed.values() for w in bw})
+        widths = sorted({w for bw in at_last.values() for w in bw})
         entry = {
             "mean": _json_float(float(vals.mean())),
             "std": _json_float(float(vals.std(ddof=1)) if len(vals) > 1 else 0.0),
             "per_seed": {str(s): _json_float(v) for s, v in per_seed.items()},
-            "values": {
-                str(w): float(np.mean([bw[w] for bw in by_seed.values() if w in bw])) for w in widths
+            "values": {str(w): float(np.mean([bw[w] for bw in at_last.values() if w in bw])) for w in widths},
+            "by_step": {
+                str(step): _json_float(float(np.mean(list(seed_slopes(by_step[step]).values()))))
+                for step in sorted(by_step)
             },
         }
         slopes.setdefault(opt_name, {}).setdefault(p, {}).setdefault(layer, {})[stat] = entry
     return {**meta, "last_step": last, "slopes": slopes}
-
-
-def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    from lightning_lopt.callbacks.coord_check import write_records_csv
-
-    write_records_csv(records, path)
 
 
 def _grid(fig: Any, n: int, ncols: int = 4) -> list[Any]:
@@ -465,6 +481,7 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     model = records[0]["model"]
     paths: list[Path] = []
@@ -488,10 +505,12 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                 ncols, nrows = min(4, n), math.ceil(n / 4)
                 # A fixed layout: constrained layout redraws every tick label several times and
                 # dominated the run time with a dozen log-log panels.
-                fig = Figure(figsize=(2.9 * ncols + 0.9, 2.3 * nrows + 0.6))
+                width_in, height_in = 2.9 * ncols + 0.9, 2.3 * nrows + 0.8
+                fig = Figure(figsize=(width_in, height_in))
+                # Margins in inches: the legend sits in the right one, the title in the top one.
                 fig.subplots_adjust(
-                    left=0.9 / (2.9 * ncols + 0.9) + 0.03, right=1 - 0.9 / (2.9 * ncols + 0.9),
-                    bottom=0.45 / (2.3 * nrows + 0.6), top=1 - 0.55 / (2.3 * nrows + 0.6), wspace=0.35, hspace=0.5,
+                    left=0.6 / width_in, right=1 - 0.9 / width_in, bottom=0.45 / height_in,
+                    top=1 - 0.75 / height_in, wspace=0.35, hspace=0.5,
                 )
                 FigureCanvasAgg(fig)
                 colors = colormaps[cmap](np.linspace(0.0, 0.85, len(lines)))
@@ -507,6 +526,10 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                         ax.plot(xv, [float(np.mean(q[1])) for q in pts], marker="o", ms=3, color=color, label=label)
                         ax.fill_between(xv, [min(q[1]) for q in pts], [max(q[1]) for q in pts], color=color, alpha=0.2, lw=0)
                     ax.set_yscale("log")
+                    low, high = ax.dataLim.intervaly
+                    if low > 0 and high / low > 10:
+                        # Past a decade matplotlib still labels some minor ticks, which then overlap.
+                        ax.yaxis.set_minor_formatter(NullFormatter())
                     if style == "vs_width":
                         ax.set_xscale("log", base=2)
                     ax.set_title(layer, fontsize="small")

@@ -2,12 +2,27 @@
 
 Example::
 
-    from lightning_lopt.optim import build, available
+    from lightning_lopt.optim import build, available, MuLO
     opt = build("muadam", model.named_parameters(), lr=1e-2)
+    opt = MuLO(model.parameters())
 """
 
 from lightning_lopt.optim.baselines import MuAdam
+from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
 from lightning_lopt.optim.registry import available, build, register, resolve
 from lightning_lopt.optim.scaling import scaled_param_groups
 
-__all__ = ["MuAdam", "available", "build", "register", "resolve", "scaled_param_groups"]
+__all__ = [
+    "LO",
+    "Celo",
+    "LearnedOptimizer",
+    "MuAdam",
+    "MuLO",
+    "MuVeLO",
+    "VeLO",
+    "available",
+    "build",
+    "register",
+    "resolve",
+    "scaled_param_groups",
+]

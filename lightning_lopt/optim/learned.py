@@ -228,6 +228,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.SUM)
                 loss = loss / dist.get_world_size()
+            # Checked (one scalar device sync per step) only until the first warning.
             if not self._warned_nonfinite and not bool(torch.isfinite(loss)):
                 self._warned_nonfinite = True
                 warnings.warn(

@@ -64,7 +64,8 @@ def resolve(name: str | OptimizerFactory) -> OptimizerFactory:
     return entry
 
 
-def _accepts(factory: OptimizerFactory, argument: str) -> bool:
+def accepts(factory: OptimizerFactory, argument: str) -> bool:
+    """Whether ``factory``'s signature has a parameter called ``argument``."""
     try:
         return argument in inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins and C callables have no inspectable signature
@@ -87,6 +88,6 @@ def build(
     factory = resolve(name)
     key = name.lower() if isinstance(name, str) else None
     merged = {**_DEFAULT_KWARGS.get(key, {}), **kwargs} if key else dict(kwargs)
-    if scales is not None and "scales" not in merged and _accepts(factory, "scales"):
+    if scales is not None and "scales" not in merged and accepts(factory, "scales"):
         merged["scales"] = scales() if callable(scales) else scales
     return factory(params, **merged)

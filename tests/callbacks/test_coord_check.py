@@ -301,6 +301,12 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path: Path) -> None:
     # Steps 0 and 1 come back from the checkpoint; the delta reference too, so step 3 and 4 match.
     assert _table(resumed.records) == pytest.approx(_table(whole.records), rel=1e-6, abs=1e-8)
 
+    # A resumed fit keeps probing the original batch, whatever its own first batch is.
+    other = CoordCheck(steps=(0, 1, 3, 4))
+    other_data = DataLoader(TensorDataset(*_data(n=8, seed=5)), batch_size=8)
+    _trainer(tmp_path / "c", 4, [other]).fit(TinyNet(), other_data, ckpt_path=ckpt)
+    assert torch.equal(other.probe_batch[0], first.probe_batch[0])
+
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="stats"):

@@ -47,7 +47,9 @@ def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.Cap
     assert set(summary["slopes"]) == {"adamw", "muadam"}
     assert set(summary["slopes"]["adamw"]) == {"sp"} and set(summary["slopes"]["muadam"]) == {"mup"}
     entry = summary["slopes"]["muadam"]["mup"]["hidden_layers.0"]["delta_std"]
-    assert set(entry) == {"mean", "std", "per_seed", "values"}
+    assert set(entry) == {"mean", "std", "per_seed", "values", "by_step"}
+    assert set(entry["by_step"]) == {"0", "1", "3"} and entry["by_step"]["0"] is None  # delta_std is 0 at init
+    assert entry["by_step"]["3"] == pytest.approx(entry["mean"])
     assert set(entry["per_seed"]) == {"0", "1"} and set(entry["values"]) == {"16", "32"}
     assert entry["mean"] == pytest.approx(sum(entry["per_seed"].values()) / 2)
 
@@ -125,6 +127,9 @@ class _WrongShapeData:
         ({"data": "nope"}, "--data", "digits"),
         ({"model": "lm", "data": "digits"}, "--data", "lm takes text"),
         ({"data": _WrongShapeData()}, "--data", "probe batch"),
+        ({"data": object()}, "--data", "sample"),
+        ({"modules": "nothing.*"}, "--modules", "selects no layer"),
+        ({"stats": ("l1",)}, "--stats", "delta_std"),
     ],
 )
 def test_bad_input_fails_before_any_training(
@@ -166,6 +171,7 @@ def test_summary_slopes_against_power_laws() -> None:
     assert entry["per_seed"] == pytest.approx({"0": 0.5, "1": 0.7})
     assert entry["mean"] == pytest.approx(0.6) and entry["std"] == pytest.approx(math.sqrt(0.02))
     assert entry["values"]["16"] == pytest.approx((2.0 * 4 + 3.0 * 16**0.7) / 2)
+    assert entry["by_step"] == {"0": None, "5": pytest.approx(0.6)}
     # A zero value has no logarithm: the slope is reported as null, not as a number.
     assert summary["slopes"]["o"]["mup"]["zero"]["s"]["mean"] is None
     json.dumps(summary, allow_nan=False)

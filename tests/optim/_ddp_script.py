@@ -2,8 +2,8 @@
 
 Run as ``python _ddp_script.py OUT_DIR``. Lightning's ``ddp`` strategy relaunches this script for
 rank 1, so everything happens under ``__main__``. Each rank writes ``OUT_DIR/rank<r>.safetensors``
-with its parameters, the loss Celo used at the last step (``last_loss``, averaged over the ranks)
-and the rank's own last training loss (``local_loss``).
+with its parameters, the loss Celo used at the last step (``last_loss``, averaged over the ranks),
+the rank's own last training loss (``local_loss``) and how far the parameters moved (``change``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main(out_dir: Path) -> None:
     L.seed_everything(0)
     torch.set_num_threads(1)  # two processes on a small CPU budget
     module = LastLoss(MuMLP((1, 8, 8), width=32, depth=3, num_classes=10))
+    start = [p.detach().clone() for p in module.parameters()]
     trainer = llo.Trainer(
         optimizer="celo",  # random meta-weights, seeded: identical on both ranks
         strategy="ddp",
@@ -49,6 +50,7 @@ def main(out_dir: Path) -> None:
     tensors = {name: p.detach().contiguous() for name, p in module.named_parameters()}
     tensors["last_loss"] = trainer.optimizers[0].last_loss.reshape(1)
     tensors["local_loss"] = module.local_loss.reshape(1).float()
+    tensors["change"] = sum((p.detach() - s).abs().sum() for p, s in zip(module.parameters(), start)).reshape(1)
     save_file(tensors, str(out_dir / f"rank{trainer.global_rank}.safetensors"))
 
 

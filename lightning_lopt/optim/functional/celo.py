@@ -4,7 +4,9 @@ Order of one update (celo_spec §1.2):
 
 1. add the raw loss to the loss buffer and compute its 9 features (skipped if the loss is not
    finite, see below);
-2. clip every gradient element to [−1000, 1000];
+2. replace NaN/±inf gradients (nan_to_num, as small_fc_lopt does) and clip every element to
+   [−1000, 1000]. The JAX reference only clips, so one NaN element would turn the whole tensor and
+   its accumulators into NaN; for finite gradients the two agree exactly;
 3. scheduler input x = [tanh(10·(s − c)) for 9 centres c, the 9 loss features], s = iteration / T;
 4. one Haiku LSTM step gives o and η = 0.1·exp(o) (the same for every tensor, so one state is kept);
 5. update the accumulators with the clipped gradient, build the 30 MLP inputs, run 30→4→4→3;
@@ -122,7 +124,7 @@ def step(
     for p, g, acc, scale in zip(params, grads, state["tensors"], ctx.scales):
         shape = work_shape(p.shape)
         p_w = p.reshape(shape)
-        g_w = g.reshape(shape).to(p.dtype).clamp(-GRAD_CLIP, GRAD_CLIP)
+        g_w = torch.nan_to_num(g.reshape(shape).to(p.dtype)).clamp(-GRAD_CLIP, GRAD_CLIP)
         acc, fac_g = update_accumulators(acc, g_w, momentum, rms, adafactor, layout)
         out = mlp_forward(hyper_inputs(p_w, g_w, acc, fac_g, layout=layout), layers)
         param_scale = torch.sqrt((p_w * p_w).mean() + 1e-9)  # the tensor's RMS, not its norm

@@ -3,7 +3,9 @@
 One update:
 
 1. add the raw loss to the loss buffer (skipped if not finite, as in Celo) and compute its features;
-2. clip every gradient element to [−1000, 1000];
+2. replace NaN/±inf gradients (nan_to_num, as small_fc_lopt does) and clip every element to
+   [−1000, 1000]. The JAX reference only clips, so one NaN element would turn the whole tensor and
+   its accumulators into NaN; for finite gradients the two agree exactly;
 3. per tensor, 30 LSTM inputs from the tensor and the **previous** step's m and rms, all scaled by
    1/RMS(p): progress (9), loss features (9), then, in the reference's sorted-key order, mean_rms
    (1), rank one-hot (5), var_m (3), var_rms (3). Each statistic goes through
@@ -114,7 +116,7 @@ def step(
 
     shapes = [work_shape(p.shape) for p in params]
     p_w = [p.reshape(s) for p, s in zip(params, shapes)]
-    g_w = [g.reshape(s).to(p.dtype).clamp(-GRAD_CLIP, GRAD_CLIP) for g, p, s in zip(grads, params, shapes)]
+    g_w = [torch.nan_to_num(g.reshape(s).to(p.dtype)).clamp(-GRAD_CLIP, GRAD_CLIP) for g, p, s in zip(grads, params, shapes)]
     old = state["tensors"]
     x = torch.stack([lstm_inputs(p, a["m"], a["rms"], progress, loss_features) for p, a in zip(p_w, old)])
     hidden, cell = lstm_forward(
