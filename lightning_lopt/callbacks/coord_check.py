@@ -38,6 +38,10 @@ Which input: the probe forward calls ``pl_module(x)``, with ``x`` taken from the
 tensor is used as is; for a tuple or list, ``x = batch[0]``; for a dict, ``batch["x"]`` when present,
 else its first value. Pass ``forward_fn(pl_module, batch)`` for anything else.
 
+State: ``state_dict`` holds the records, the step-0 reference outputs and the probe batch, so a fit
+resumed from a checkpoint continues the same check. Use one instance per training run: records
+accumulate across ``fit`` calls and a step already recorded is not recorded again.
+
 Distributed: every rank runs the probe (so sharded strategies whose forward needs all ranks keep
 working), but only global rank 0 logs metrics and writes files. ``records`` on rank 0 are the ones
 written.
@@ -154,7 +158,10 @@ class CoordCheck(L.Callback):
         dirpath: where the CSV and PNG go; default ``trainer.log_dir`` (which falls back to
             ``default_root_dir`` without a logger).
         filename: stem of the written files (``<filename>.csv``, ``<filename>.png``).
-        plot: write the PNG (and a TensorBoard figure when a TensorBoardLogger is attached).
+        save: write the files at the end of the fit; ``False`` keeps the records in memory only
+            (they still go to the loggers).
+        plot: with ``save``, also write the PNG (and a TensorBoard figure when a TensorBoardLogger
+            is attached).
 
     Attributes:
         records: list of ``{"step", "layer", "stat", "value"}`` dicts in recording order.
@@ -170,6 +177,7 @@ class CoordCheck(L.Callback):
         forward_fn: ForwardFn | None = None,
         dirpath: str | os.PathLike[str] | None = None,
         filename: str = "coord_check",
+        save: bool = True,
         plot: bool = True,
     ) -> None:
         self.steps = tuple(sorted({int(s) for s in steps}))
@@ -185,6 +193,7 @@ class CoordCheck(L.Callback):
         self.forward_fn: ForwardFn = forward_fn or _default_forward
         self.dirpath = dirpath
         self.filename = filename
+        self.save = save
         self.plot = plot
         self.records: list[dict[str, Any]] = []
         self.layers: list[str] = []
@@ -212,7 +221,9 @@ class CoordCheck(L.Callback):
                     f"probe_batch: the model cannot take the given probe batch ({_describe(self.probe_batch)}): {err}"
                 ) from err
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.probe_batch is None:
             # The first training batch is already on the device and converted by the precision plugin.
             self.probe_batch = _detached_copy(batch)
@@ -227,6 +238,8 @@ class CoordCheck(L.Callback):
         step = trainer.global_step
         if step in self.steps and step not in self._recorded and self.probe_batch is not None:
             self._record(trainer, pl_module, step)
+        if not self.save:
+            return
         # trainer.log_dir broadcasts, so every rank must ask for it before rank 0 writes.
         out_dir = Path(self.dirpath if self.dirpath is not None else (trainer.log_dir or trainer.default_root_dir))
         if trainer.is_global_zero and self.records:
@@ -266,7 +279,11 @@ class CoordCheck(L.Callback):
         rng_devices = [device] if device.type == "cuda" else []
         try:
             pl_module.eval()
-            with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), trainer.precision_plugin.forward_context():
+            with (
+                torch.random.fork_rng(devices=rng_devices),
+                torch.no_grad(),
+                trainer.precision_plugin.forward_context(),
+            ):
                 self.forward_fn(pl_module, batch)
         finally:
             for m, flag in was_training.items():

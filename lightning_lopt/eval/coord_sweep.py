@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,14 +56,18 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_lopt import optim
 from lightning_lopt.callbacks import CoordCheck
 from lightning_lopt.callbacks.coord_check import STATS, ModuleFilter, resolve_module_filter, write_records_csv
+from lightning_lopt.datamodules import DATAMODULES, get_datamodule
+from lightning_lopt.models import MuMLP, MuTransformerLM, MuViT
+from lightning_lopt.optimizee import OptimizeeModule
 
-__all__ = ["CoordSweepResult", "SyntheticTokens", "main", "run_coord_sweep"]
+__all__ = ["CoordSweepResult", "SyntheticTokens", "build_parser", "main", "plot_sweep", "run_coord_sweep", "summarize"]
 
 MODELS = ("mlp", "vit", "lm")
 PARAMS = ("mup", "sp")
-# Learning rates when --lr is not given, per optimizer. Larger than for real training on purpose
-# (mup's README): an SP blow-up must show within a few steps. μAdam's hidden lr is lr/width, so it
-# takes the same lr as AdamW without blowing up.
+# Learning rates when --lr is not given, per optimizer: large enough that an SP blow-up shows within
+# a few steps (mup's README). AdamW at 1e-2 goes further and saturates the SP MLP (dead ReLUs) within
+# 5 steps, after which the slope against width turns negative; 1e-3 keeps the blow-up visible up to
+# step 20. μAdam scales hidden matrices by 1/fan_in (base width 1), hence its 10x larger base lr.
 DEFAULT_LR = {"adamw": 1e-3, "muadam": 1e-2, "sgd": 0.1}
 DEPTH = {"mlp": 3, "vit": 2, "lm": 2}
 HEADS = 4
@@ -145,7 +148,8 @@ def _parse_runs(optimizers: Sequence[str], param: str | Sequence[str]) -> list[t
     for entry in optimizers:
         name, _, pinned = entry.partition(":")
         if name.lower() not in optim.available():
-            raise ValueError(f"--optimizers: unknown optimizer {name!r}; known optimizers: {', '.join(optim.available())}")
+            known = ", ".join(optim.available())
+            raise ValueError(f"--optimizers: unknown optimizer {name!r}; known optimizers: {known}")
         if pinned and pinned not in PARAMS:
             raise ValueError(f"--optimizers: {entry!r} pins parametrization {pinned!r}; expected name:mup or name:sp")
         try:
@@ -172,8 +176,6 @@ def _check_positive_ints(flag: str, values: Sequence[int], allow_zero: bool = Fa
 def _data_source(model: str, data: Any, seq_len: int) -> Any:
     """The data module (or synthetic source) named by ``--data``, or ``data`` itself when it is an
     object with ``sample`` (a data module of the user's)."""
-    from lightning_lopt.datamodules import DATAMODULES, get_datamodule
-
     if data is not None and not isinstance(data, str):
         if not callable(getattr(data, "sample", None)):
             raise ValueError(f"--data: {type(data).__name__} has no sample(batch_size, n, generator) method")
@@ -193,8 +195,6 @@ def _data_source(model: str, data: Any, seq_len: int) -> Any:
 def _model_factory(model: str, source: Any, depth: int, heads: int) -> Callable[[int, str], nn.Module]:
     """``build(width, param)`` for ``model``, sized by the data's ``input_shape`` and ``num_classes``
     (``vocab_size`` and ``seq_len`` for the LM)."""
-    from lightning_lopt.models import MuMLP, MuTransformerLM, MuViT
-
     needs = ("vocab_size", "seq_len") if model == "lm" else ("input_shape", "num_classes")
     missing = [a for a in needs if not hasattr(source, a)]
     if missing:
@@ -237,6 +237,7 @@ def run_coord_sweep(
     steps: Sequence[int] = (0, 1, 2, 5, 10),
     seeds: Sequence[int] = (0, 1),
     lr: float | None = None,
+    optimizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 64,
     data: Any = None,
     out: str | Path | None = "outputs/coord_check",
@@ -261,6 +262,10 @@ def run_coord_sweep(
         seeds: each seed fixes the model init, the data order and the probe batch.
         lr: learning rate for every optimizer; default :data:`DEFAULT_LR` per optimizer (learned
             optimizers get none and use their own defaults).
+        optimizer_kwargs: extra keyword arguments per optimizer name, passed to
+            ``lightning_lopt.optim.build``, e.g. ``{"mulo": {"meta_weights": "mulo-m"}}`` for
+            pretrained learned-optimizer weights (without them MuLO/LO start from a random
+            meta-initialisation). They override ``lr``.
         batch_size: training and probe batch size.
         data: data set name: ``digits`` (default for mlp/vit), ``mnist``, ``fashion_mnist``,
             ``text`` or ``synthetic`` (default for lm, a random bigram chain: no set-up); or a
@@ -292,11 +297,21 @@ def run_coord_sweep(
     if model in ("vit", "lm"):
         bad = [w for w in widths if w % heads]
         if bad:
-            raise ValueError(f"--widths: the {model} model has {heads} heads; widths {bad} are not divisible by {heads}")
+            raise ValueError(f"--widths: the {model} model has {heads} heads; widths {bad} are not divisible by it")
+
+    extra = {name.lower(): dict(kw) for name, kw in (optimizer_kwargs or {}).items()}
+    unused = sorted(set(extra) - {name for name, _ in runs})
+    if unused:
+        raise ValueError(f"--optimizer-kwargs: {unused} are not among --optimizers {[n for n, _ in runs]}")
+    opt_kwargs: dict[str, dict[str, Any]] = {}
+    for name, _ in runs:
+        default_lr = lr if lr is not None else DEFAULT_LR.get(name)
+        opt_kwargs[name] = {**({} if default_lr is None else {"lr": default_lr}), **extra.get(name, {})}
 
     source = _data_source(model, data, seq_len)
     build = _model_factory(model, source, depth, heads)
     objective = "lm" if model == "lm" else "classification"
+    num_classes = None if model == "lm" else source.num_classes
     # The CoordCheck filter sees OptimizeeModule names ("model.<name>"); users write model names.
     module_filter = _prefixed_filter(modules)
     try:
@@ -304,25 +319,30 @@ def run_coord_sweep(
     except (OSError, RuntimeError, ValueError) as err:  # e.g. data not installed: the message says how to get it
         raise ValueError(f"--data: {err}") from err
     _preflight(build, widths, sorted({p for _, p in runs}), streams[seeds[0]], modules)
+    _check_optimizers(build, widths[0], runs, opt_kwargs, objective, num_classes)
 
     out_dir = Path(out) if out is not None else None
     records: list[dict[str, Any]] = []
     with _quiet_lightning():
         for opt_name, p in runs:
-            opt_lr = lr if lr is not None else DEFAULT_LR.get(opt_name)
-            kwargs = {} if opt_lr is None else {"lr": opt_lr}
             for seed in seeds:
-                x, y = streams[seed]
                 for width in widths:
                     torch.manual_seed(seed)
                     run = f"{model}_{opt_name}_{p}_w{width}_s{seed}"
-                    cc = _fit_one(build(width, p), objective, opt_name, kwargs, x, y, steps, stats, module_filter, out_dir, run)
+                    module = OptimizeeModule(
+                        build(width, p), objective, optimizer=opt_name, optimizer_kwargs=opt_kwargs[opt_name], num_classes=num_classes
+                    )
+                    cc = _fit_one(module, streams[seed], steps, stats, module_filter, out_dir, run)
                     meta = {"model": model, "optimizer": opt_name, "param": p, "width": width, "seed": seed}
                     records.extend({**meta, **r, "layer": r["layer"].removeprefix("model.")} for r in cc.records)
 
     data_name = data if isinstance(data, str) else DEFAULT_DATA[model] if data is None else type(data).__name__
-    lrs = {name: lr if lr is not None else DEFAULT_LR.get(name) for name, _ in runs}
-    summary = summarize(records, model=model, widths=widths, steps=steps, seeds=seeds, lr=lrs, data=data_name)
+    # JSON-safe record of what each optimizer was built with (objects such as modules as their repr).
+    settings = {name: {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in kw.items()}
+                for name, kw in opt_kwargs.items()}  # fmt: skip
+    summary = summarize(
+        records, model=model, widths=widths, steps=steps, seeds=seeds, optimizer_kwargs=settings, data=data_name
+    )
     result = CoordSweepResult(records, summary, out_dir)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -369,28 +389,46 @@ def _preflight(
                     net(probe)
             except (RuntimeError, ValueError, IndexError) as err:
                 raise ValueError(
-                    f"--data: the probe batch (shape {tuple(probe.shape)}) does not fit the model at width {width}: {err}"
+                    f"--data: the probe batch (shape {tuple(probe.shape)}) does not fit the model at width {width}: "
+                    f"{err}"
                 ) from err
 
 
-def _fit_one(
-    net: nn.Module,
+def _check_optimizers(
+    build: Callable[[int, str], nn.Module],
+    width: int,
+    runs: list[tuple[str, str]],
+    opt_kwargs: dict[str, dict[str, Any]],
     objective: str,
-    opt_name: str,
-    opt_kwargs: dict[str, Any],
-    x: Tensor,
-    y: Tensor,
+    num_classes: int | None,
+) -> None:
+    """Build each optimizer once on the smallest model, exactly as the fits will, so that a bad
+    keyword argument fails before the first fit."""
+    for name, p in runs:
+        module = OptimizeeModule(
+            build(width, p), objective, optimizer=name, optimizer_kwargs=opt_kwargs[name], num_classes=num_classes
+        )
+        try:
+            module.configure_optimizers()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--optimizer-kwargs: cannot build {name} with {opt_kwargs[name]}: {err}") from err
+
+
+def _fit_one(
+    module: L.LightningModule,
+    stream: tuple[Tensor, Tensor],
     steps: list[int],
     stats: Sequence[str],
     modules: ModuleFilter,
     out_dir: Path | None,
     run: str,
 ) -> CoordCheck:
-    from lightning_lopt.optimizee import OptimizeeModule
-
-    num_classes = None if objective == "lm" else int(net.readout.out_features)
-    module = OptimizeeModule(net, objective, optimizer=opt_name, optimizer_kwargs=opt_kwargs, num_classes=num_classes)
-    cc = CoordCheck(steps, modules=modules, probe_batch=(x[0], y[0]), stats=stats, plot=False)
+    """One short CPU fit of ``module`` on the pre-drawn ``stream``, probed on its first batch."""
+    x, y = stream
+    # Per-fit CSVs go beside each fit's Lightning log; without an output folder nothing is written.
+    cc = CoordCheck(
+        steps, modules=modules, probe_batch=(x[0], y[0]), stats=stats, save=out_dir is not None, plot=False
+    )
     trainer = L.Trainer(
         max_steps=steps[-1],
         accelerator="cpu",
@@ -472,6 +510,16 @@ def _grid(fig: Any, n: int, ncols: int = 4) -> list[Any]:
     return list(axes[:n])
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Save as a 256-colour palette PNG: a third of the RGBA size, so the plots can be committed."""
+    from PIL import Image
+
+    fig.savefig(path, dpi=80)
+    with Image.open(path) as im:
+        palette = im.convert("RGB").quantize(colors=256)
+    palette.save(path, optimize=True)
+
+
 def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence[str]) -> list[Path]:
     """Draw both plot styles for every (optimizer, param, stat); returns the PNG paths.
 
@@ -509,8 +557,8 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                 fig = Figure(figsize=(width_in, height_in))
                 # Margins in inches: the legend sits in the right one, the title in the top one.
                 fig.subplots_adjust(
-                    left=0.6 / width_in, right=1 - 0.9 / width_in, bottom=0.45 / height_in,
-                    top=1 - 0.75 / height_in, wspace=0.35, hspace=0.5,
+                    left=0.75 / width_in, right=1 - 0.9 / width_in, bottom=0.45 / height_in,
+                    top=1 - 0.75 / height_in, wspace=0.4, hspace=0.5,
                 )
                 FigureCanvasAgg(fig)
                 colors = colormaps[cmap](np.linspace(0.0, 0.85, len(lines)))
@@ -524,12 +572,17 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                         xv = [q[0] for q in pts]
                         label = f"t={line}" if style == "vs_width" else f"w={line}"
                         ax.plot(xv, [float(np.mean(q[1])) for q in pts], marker="o", ms=3, color=color, label=label)
-                        ax.fill_between(xv, [min(q[1]) for q in pts], [max(q[1]) for q in pts], color=color, alpha=0.2, lw=0)
+                        low_band, high_band = [min(q[1]) for q in pts], [max(q[1]) for q in pts]
+                        ax.fill_between(xv, low_band, high_band, color=color, alpha=0.2, lw=0)
                     ax.set_yscale("log")
                     low, high = ax.dataLim.intervaly
-                    if low > 0 and high / low > 10:
-                        # Past a decade matplotlib still labels some minor ticks, which then overlap.
-                        ax.yaxis.set_minor_formatter(NullFormatter())
+                    if low > 0 and high / low < 10:
+                        # At least a decade per panel: autoscaling would blow seed noise around a
+                        # flat (μP) curve up to the size of a trend.
+                        mid = math.sqrt(low * high)
+                        ax.set_ylim(mid / math.sqrt(10), mid * math.sqrt(10))
+                    # Past a decade matplotlib still labels some minor ticks, which then overlap.
+                    ax.yaxis.set_minor_formatter(NullFormatter())
                     if style == "vs_width":
                         ax.set_xscale("log", base=2)
                     ax.set_title(layer, fontsize="small")
@@ -541,7 +594,7 @@ def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence
                 title = f"{model}: {stat}, {opt_name} ({'μP' if p == 'mup' else 'SP'})"
                 fig.suptitle(title + (", one line per step" if style == "vs_width" else ", one line per width"))
                 path = out_dir / f"{model}_{opt_name}_{p}_{stat}_{style}.png"
-                fig.savefig(path, dpi=80)
+                _save_png(fig, path)
                 paths.append(path)
     return paths
 
@@ -551,6 +604,16 @@ def _int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"invalid JSON: {err}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError('expected {"optimizer": {"argument": value, ...}, ...}')
+    return value
 
 
 def _str_list(text: str) -> list[str]:
@@ -575,13 +638,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--param", default="both", help="mup, sp or both (default): for optimizers without :PARAM")
     parser.add_argument("--steps", type=_int_list, default=[0, 1, 2, 5, 10], help="optimizer steps to record")
     parser.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate for all optimizers (default {DEFAULT_LR})")
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"learning rate for all optimizers (default per optimizer: {DEFAULT_LR})"
+    )
+    parser.add_argument(
+        "--optimizer-kwargs",
+        type=_json_object,
+        default=None,
+        help='JSON object of keyword arguments per optimizer, e.g. \'{"mulo": {"meta_weights": "mulo-m"}}\'',
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--data", default=None, help="digits (default for mlp/vit), mnist, fashion_mnist, text, synthetic (default for lm)")
+    parser.add_argument(
+        "--data", default=None, help="digits (default for mlp/vit), mnist, fashion_mnist, text, synthetic (default for lm)"
+    )
     parser.add_argument("--depth", type=int, default=None, help=f"model depth (default {DEPTH})")
     parser.add_argument("--heads", type=int, default=HEADS, help="attention heads for vit and lm")
-    parser.add_argument("--stats", type=_str_list, default=["delta_std", "abs_mean"], help=f"statistics among {', '.join(STATS)}")
-    parser.add_argument("--modules", type=_str_list, default=None, help="glob patterns over model layer names (default: Linear-like layers)")
+    parser.add_argument(
+        "--stats", type=_str_list, default=["delta_std", "abs_mean"], help=f"statistics among {', '.join(STATS)}"
+    )
+    parser.add_argument(
+        "--modules", type=_str_list, default=None, help="glob patterns over model layer names (default: Linear-like layers)"
+    )
     parser.add_argument("--out", default="outputs/coord_check", help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     return parser
@@ -600,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             steps=args.steps,
             seeds=args.seeds,
             lr=args.lr,
+            optimizer_kwargs=args.optimizer_kwargs,
             batch_size=args.batch_size,
             data=args.data,
             out=args.out,

@@ -64,6 +64,7 @@ def _loader(batch_size: int = 8, n: int = 64) -> DataLoader:
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list, **kw: Any) -> L.Trainer:
     kw.setdefault("logger", CSVLogger(tmp_path, name="logs"))
+    kw.setdefault("log_every_n_steps", 1)
     return L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -184,7 +185,8 @@ def test_tensorboard_logger(tmp_path: Path) -> None:
     acc = EventAccumulator(logger.log_dir).Reload()
     events = acc.Scalars("coord/abs_mean/fc2")
     assert [e.step for e in events] == [0, 1, 3]
-    assert [e.value for e in events] == pytest.approx([r["value"] for r in cc.records if r["layer"] == "fc2" and r["stat"] == "abs_mean"])
+    recorded = [r["value"] for r in cc.records if r["layer"] == "fc2" and r["stat"] == "abs_mean"]
+    assert [e.value for e in events] == pytest.approx(recorded)
     assert (Path(logger.log_dir) / "coord_check.csv").exists()
 
 
@@ -224,6 +226,10 @@ class DictNet(TinyNet):
         return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
 
 
+def _collate_as_list(items: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    return [torch.stack(t) for t in zip(*items)]
+
+
 class ListNet(TinyNet):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -239,7 +245,7 @@ class TensorNet(TinyNet):
     ("module", "loader"),
     [
         (DictNet, lambda: DataLoader(DictBatches(), batch_size=8)),
-        (ListNet, lambda: DataLoader(list(zip(*_data())), batch_size=8, collate_fn=lambda b: [torch.stack(t) for t in zip(*b)])),
+        (ListNet, lambda: DataLoader(list(zip(*_data())), batch_size=8, collate_fn=_collate_as_list)),
         (TensorNet, lambda: DataLoader(_data()[0], batch_size=8)),
     ],
     ids=["dict", "list", "tensor"],
@@ -259,10 +265,12 @@ def test_forward_fn_override(tmp_path: Path) -> None:
         return pl_module(batch["features"])
 
     probe = {"labels": torch.zeros(3), "features": torch.randn(3, IN)}
-    cc = CoordCheck(steps=(0, 1), probe_batch=probe, forward_fn=forward)
-    _trainer(tmp_path, 1, [cc]).fit(TinyNet(), _loader())
+    cc = CoordCheck(steps=(0, 1), probe_batch=probe, forward_fn=forward, save=False)
+    trainer = _trainer(tmp_path, 1, [cc])
+    trainer.fit(TinyNet(), _loader())
     assert calls and set(calls) == {(3, IN)}
     assert len(cc.records) == 2 * 2 * 2
+    assert not list(Path(trainer.log_dir).glob("coord_check.*"))  # save=False: loggers only
 
 
 def test_gradient_accumulation_records_each_step_once(tmp_path: Path) -> None:
@@ -359,7 +367,8 @@ with open(os.path.join(out, f"records_rank{trainer.global_rank}.json"), "w") as 
 def test_ddp_two_processes_only_rank_zero_writes(tmp_path: Path) -> None:
     script = tmp_path / "ddp_coord.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
     )

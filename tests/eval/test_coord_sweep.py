@@ -43,7 +43,7 @@ def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.Cap
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["widths"] == [16, 32] and summary["last_step"] == 3 and summary["data"] == "digits"
-    assert summary["lr"] == {"adamw": coord_sweep.DEFAULT_LR["adamw"], "muadam": coord_sweep.DEFAULT_LR["muadam"]}
+    assert summary["optimizer_kwargs"] == {"adamw": {"lr": 1e-3}, "muadam": {"lr": 1e-2}}
     assert set(summary["slopes"]) == {"adamw", "muadam"}
     assert set(summary["slopes"]["adamw"]) == {"sp"} and set(summary["slopes"]["muadam"]) == {"mup"}
     entry = summary["slopes"]["muadam"]["mup"]["hidden_layers.0"]["delta_std"]
@@ -61,7 +61,8 @@ def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.Cap
     assert {r["layer"] for r in rows} == {"input_layer", "hidden_layers.0", "hidden_layers.1", "readout"}
 
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(f"mlp_{o}_{p}_delta_std_{s}.png" for o, p in (("adamw", "sp"), ("muadam", "mup")) for s in ("vs_width", "vs_step"))
+    runs, styles = (("adamw", "sp"), ("muadam", "mup")), ("vs_width", "vs_step")
+    assert pngs == sorted(f"mlp_{o}_{p}_delta_std_{s}.png" for o, p in runs for s in styles)
     assert all((out / p).stat().st_size < 300_000 for p in pngs)
     # One Lightning CSV log per fit, with the coord metrics at the recorded steps.
     logs = sorted((out / "logs").iterdir())
@@ -69,6 +70,17 @@ def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.Cap
     with open(out / "logs" / "mlp_adamw_sp_w16_s0" / "metrics.csv") as f:
         steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("coord/delta_std/model.input_layer"))
     assert steps == [0, 1, 3]
+
+
+def test_optimizer_kwargs_reach_the_optimizer() -> None:
+    kw: dict[str, Any] = dict(widths=(16,), optimizers=("adamw:sp",), steps=(0, 2), seeds=(0,), batch_size=8, out=None)
+    default = run_coord_sweep("mlp", **kw)
+    faster = run_coord_sweep("mlp", optimizer_kwargs={"AdamW": {"lr": 0.05}}, **kw)
+    assert default.summary["optimizer_kwargs"] == {"adamw": {"lr": coord_sweep.DEFAULT_LR["adamw"]}}
+    assert faster.summary["optimizer_kwargs"] == {"adamw": {"lr": 0.05}}
+    delta = {r["layer"]: r["value"] for r in default.records if r["step"] == 2 and r["stat"] == "delta_std"}
+    faster_delta = {r["layer"]: r["value"] for r in faster.records if r["step"] == 2 and r["stat"] == "delta_std"}
+    assert faster_delta["readout"] > 5 * delta["readout"]
 
 
 def test_same_seed_same_data_and_init_across_runs() -> None:
@@ -94,11 +106,14 @@ def test_vit_and_lm_sweeps(model: str, layers: set[str]) -> None:
     assert set(result.summary["slopes"]["muadam"]["mup"]) == seen
 
 
-def test_module_filter_uses_model_names() -> None:
+def test_module_filter_uses_model_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     result = run_coord_sweep(
-        "mlp", widths=(8, 16), optimizers=("sgd:sp",), steps=(0, 1), seeds=(0,), batch_size=4, modules="hidden_layers.*", out=None
-    )
+        "mlp", widths=(8, 16), optimizers=("sgd:sp",), steps=(0, 1), seeds=(0,), batch_size=4, out=None,
+        modules="hidden_layers.*",
+    )  # fmt: skip
     assert {r["layer"] for r in result.records} == {"hidden_layers.0", "hidden_layers.1"}
+    assert list(tmp_path.iterdir()) == []  # out=None writes nothing, not even in the working directory
 
 
 class _WrongShapeData:
@@ -130,6 +145,8 @@ class _WrongShapeData:
         ({"data": object()}, "--data", "sample"),
         ({"modules": "nothing.*"}, "--modules", "selects no layer"),
         ({"stats": ("l1",)}, "--stats", "delta_std"),
+        ({"optimizer_kwargs": {"mulo": {"meta_weights": "x"}}}, "--optimizer-kwargs", "not among"),
+        ({"optimizers": ("adamw",), "optimizer_kwargs": {"adamw": {"bogus": 1}}}, "--optimizer-kwargs", "bogus"),
     ],
 )
 def test_bad_input_fails_before_any_training(
@@ -154,12 +171,16 @@ def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["--widths", "a,b"])
     assert "--widths" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--optimizer-kwargs", "{not json"])
+    assert "--optimizer-kwargs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_summary_slopes_against_power_laws() -> None:
     records = [
-        {"optimizer": "o", "param": "mup", "layer": "l", "stat": "s", "seed": seed, "width": w, "step": 5, "value": c * w**a}
+        {"optimizer": "o", "param": "mup", "layer": "l", "stat": "s", "seed": seed, "width": w, "step": 5,
+         "value": c * w**a}  # fmt: skip
         for seed, (c, a) in enumerate([(2.0, 0.5), (3.0, 0.7)])
         for w in (8, 16, 64)
     ]

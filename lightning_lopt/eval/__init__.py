@@ -1,0 +1,1 @@
+"""Evaluation: the μP coordinate-check width sweep (:mod:`.coord_sweep`), and the evaluation suites."""
