@@ -68,10 +68,16 @@ def with_horizon(module: L.LightningModule, optimizer: OptimizerChoice, kwargs: 
     """
     if "num_steps" in kwargs:
         return kwargs
-    if not accepts(resolve(optimizer), "num_steps"):
+    # Outside a fit (no trainer attached) there is no horizon to read; the optimizer then asks for one.
+    if module._trainer is None or not accepts(resolve(optimizer), "num_steps"):
         return kwargs
     horizon = module.trainer.estimated_stepping_batches
-    return {**kwargs, "num_steps": int(horizon)} if math.isfinite(horizon) else kwargs
+    if not math.isfinite(horizon):
+        raise ValueError(
+            f"{optimizer} needs num_steps, the length of training, but this fit has no end: set "
+            "max_steps or max_epochs on the Trainer, or pass num_steps in the optimizer's kwargs"
+        )
+    return {**kwargs, "num_steps": int(horizon)}
 
 
 def configure_optimizer(module: L.LightningModule, optimizer: OptimizerChoice, **kwargs: Any) -> L.LightningModule:

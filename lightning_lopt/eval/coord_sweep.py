@@ -319,7 +319,7 @@ def run_coord_sweep(
     except (OSError, RuntimeError, ValueError) as err:  # e.g. data not installed: the message says how to get it
         raise ValueError(f"--data: {err}") from err
     _preflight(build, widths, sorted({p for _, p in runs}), streams[seeds[0]], modules)
-    _check_optimizers(build, widths[0], runs, opt_kwargs, objective, num_classes)
+    _check_optimizers(build, widths[0], runs, opt_kwargs, objective, num_classes, max(max(steps), 1))
 
     out_dir = Path(out) if out is not None else None
     records: list[dict[str, Any]] = []
@@ -401,13 +401,16 @@ def _check_optimizers(
     opt_kwargs: dict[str, dict[str, Any]],
     objective: str,
     num_classes: int | None,
+    horizon: int,
 ) -> None:
     """Build each optimizer once on the smallest model, exactly as the fits will, so that a bad
-    keyword argument fails before the first fit."""
+    keyword argument fails before the first fit. No trainer is attached yet, so optimizers with a
+    learned schedule get the sweep's length as their horizon, as the fits will."""
     for name, p in runs:
-        module = OptimizeeModule(
-            build(width, p), objective, optimizer=name, optimizer_kwargs=opt_kwargs[name], num_classes=num_classes
-        )
+        kwargs = dict(opt_kwargs[name])
+        if "num_steps" not in kwargs and optim.registry.accepts(optim.resolve(name), "num_steps"):
+            kwargs["num_steps"] = horizon
+        module = OptimizeeModule(build(width, p), objective, optimizer=name, optimizer_kwargs=kwargs, num_classes=num_classes)
         try:
             module.configure_optimizers()
         except (TypeError, ValueError) as err:

@@ -20,6 +20,8 @@ from torch import nn
 
 from lightning_lopt.models.scales import attach_update_scales, mup_update_scales
 
+from lightning_lopt.checks import check_positive_int  # noqa: F401  (re-exported for the models)
+
 PARAMS = ("mup", "sp")
 
 
@@ -146,19 +148,15 @@ def init_mup_linear(layer: nn.Linear, std: float, truncated: bool = True) -> Non
     nn.init.normal_(layer.bias, mean=0.0, std=1.0)
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_positive_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is positive and finite, else a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def check_output_mult(output_mult: Any, param: str) -> float:
+    """A valid readout multiplier; SP has no multipliers, so only 1.0 is accepted there."""
     value = check_positive_float("output_mult", output_mult)
     if param == "sp" and value != 1.0:
         raise ValueError(f"output_mult applies to param='mup' only (SP has no multipliers), got {output_mult!r}")
@@ -166,12 +164,14 @@ def check_output_mult(output_mult: Any, param: str) -> float:
 
 
 def check_param(param: Any) -> str:
+    """``param`` if it is a known parametrization (``"mup"`` or ``"sp"``)."""
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
     return param
 
 
 def check_heads(width: int, heads: int) -> int:
+    """``heads`` if it is positive and divides ``width``, else a ``ValueError`` naming both."""
     check_positive_int("heads", heads)
     if width % heads:
         raise ValueError(f"width ({width}) must be divisible by heads ({heads})")

@@ -208,36 +208,40 @@ class LearnedOptimizer(torch.optim.Optimizer):
         target._loss_hint = None if loss is None else torch.as_tensor(loss).detach()
 
     def _resolve_loss(self, candidate: Any, device: torch.device) -> Tensor | None:
+        """The loss for the step: a checked scalar, all-reduced under DDP, for the rules that read it."""
+        if not self.needs_loss:
+            # small_fc_lopt never reads the loss: keep a scalar one for inspection (``last_loss``),
+            # and accept anything else a closure may return (e.g. ``(loss, logits)``).
+            if isinstance(candidate, (int, float)) or (isinstance(candidate, Tensor) and candidate.numel() == 1):
+                return torch.as_tensor(candidate).detach().reshape(()).to(self.compute_dtype)
+            return None
         name = type(self).__name__
         if candidate is None:
-            if self.needs_loss:
-                raise ValueError(
-                    f"{name} needs the training loss at every step (its learned scheduler reads loss "
-                    "statistics): pass step(loss=loss), call step(closure) with a closure that returns "
-                    "the loss, or, under Lightning without a closure (precision='16-mixed'), add the "
-                    "lightning_lopt.trainer.LossToOptimizer callback (lightning_lopt.Trainer adds it)."
-                )
-            return None
+            raise ValueError(
+                f"{name} needs the training loss at every step (its learned scheduler reads loss "
+                "statistics): pass step(loss=loss), call step(closure) with a closure that returns "
+                "the loss, or, under Lightning without a closure (precision='16-mixed'), add the "
+                "lightning_lopt.trainer.LossToOptimizer callback (lightning_lopt.Trainer adds it)."
+            )
         loss = torch.as_tensor(candidate).detach()
         if loss.numel() != 1:
             raise ValueError(f"{name}: the loss must be a scalar, got shape {list(loss.shape)}")
         loss = loss.reshape(()).to(device=device, dtype=self.compute_dtype).clone()
-        if self.needs_loss:
-            # Each DDP rank sees its own shard's loss; the update depends on it, so average it to
-            # keep the replicas identical (DDP only synchronises gradients).
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-                loss = loss / dist.get_world_size()
-            # Checked (one scalar device sync per step) only until the first warning.
-            if not self._warned_nonfinite and not bool(torch.isfinite(loss)):
-                self._warned_nonfinite = True
-                warnings.warn(
-                    f"{name}: the loss is {loss.item()}; this step keeps the scheduler's loss statistics "
-                    "and LSTM state unchanged (parameters are still updated). Further non-finite losses "
-                    "are not reported.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+        # Each DDP rank sees its own shard's loss; the update depends on it, so average it to keep
+        # the replicas identical (DDP only synchronises gradients).
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / dist.get_world_size()
+        # Checked (one scalar device sync per step) only until the first warning.
+        if not self._warned_nonfinite and not bool(torch.isfinite(loss)):
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{name}: the loss is {loss.item()}; this step keeps the scheduler's loss statistics "
+                "and LSTM state unchanged (parameters are still updated). Further non-finite losses "
+                "are not reported.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return loss
 
     # -- the step -----------------------------------------------------------------------------

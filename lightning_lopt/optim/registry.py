@@ -72,6 +72,20 @@ def accepts(factory: OptimizerFactory, argument: str) -> bool:
         return False
 
 
+def _call_scales(
+    scales: Mapping[str, float] | Callable[[], Mapping[str, float]], *, allow_sp: bool
+) -> Mapping[str, float] | None:
+    """Evaluate a lazy scales table; with ``allow_sp`` a model without μP information gives ``None``."""
+    if not callable(scales):
+        return scales
+    try:
+        return scales()
+    except ValueError:
+        if allow_sp:
+            return None
+        raise
+
+
 def build(
     name: str | OptimizerFactory,
     params: Iterable[Any],
@@ -89,5 +103,5 @@ def build(
     key = name.lower() if isinstance(name, str) else None
     merged = {**_DEFAULT_KWARGS.get(key, {}), **kwargs} if key else dict(kwargs)
     if scales is not None and "scales" not in merged and accepts(factory, "scales"):
-        merged["scales"] = scales() if callable(scales) else scales
+        merged["scales"] = _call_scales(scales, allow_sp=bool(merged.get("allow_sp")))
     return factory(params, **merged)

@@ -206,3 +206,13 @@ def test_synthetic_tokens() -> None:
     assert 0 <= int(x.min()) and int(x.max()) < 16
     again = data.sample(batch_size=5, n=3, generator=torch.Generator().manual_seed(0))[0]
     assert torch.equal(x, again)
+
+
+@pytest.mark.filterwarnings("ignore:.*RANDOM meta-initialisation")
+def test_learned_optimizers_with_a_schedule_join_the_sweep():
+    # Celo needs a horizon: the pre-flight build (no trainer yet) and the fits both use max(steps).
+    result = run_coord_sweep(
+        "mlp", widths=(8, 16), optimizers=("celo:sp",), steps=(0, 1, 2), seeds=(0,), batch_size=4, depth=2, out=None
+    )
+    values = [r["value"] for r in result.records if r["stat"] == "delta_std" and r["step"] == 2]
+    assert values and all(v > 0 for v in values)  # the parameters moved

@@ -387,3 +387,23 @@ def test_registry_builds_the_learned_optimizers():
     assert isinstance(opt, LO) and [g["update_scale"] for g in opt.param_groups] == [1.0]
     opt = optim.build("celo", model.parameters(), num_steps=5, meta_weights=CeloLOpt(lstm_hidden_size=8))
     assert isinstance(opt, Celo) and opt.num_steps == 5
+
+
+def test_rules_that_ignore_the_loss_accept_any_closure_value():
+    params = make_params(mu=False)
+    opt, _ = build("lo", params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    out = opt.step(lambda: (torch.tensor(1.0), torch.zeros(3)))
+    assert isinstance(out, tuple) and opt.last_loss is None
+
+
+def test_velo_takes_tensors_of_rank_five_and_more():
+    # Conv3d kernels have five axes longer than 1; VeLO's rank one-hot has 5 slots and, like
+    # jax.nn.one_hot, encodes an out-of-range rank as all zeros instead of failing.
+    p = nn.Parameter(torch.randn(2, 2, 2, 2, 2))
+    opt = VeLO([p], num_steps=10, meta_weights=VeLOLOpt(lstm_hidden_size=4, param_inits=2))
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step(loss=1.0)
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), before)

@@ -89,6 +89,8 @@ def step(
     adafactor = decays_from_offsets(theta["adafactor_decays"], ADAFACTOR_DECAYS)
     layers = layers_of(theta, "mlp", NUM_LAYERS)
     iteration = state["iteration"]
+    # The 11 time features are the same for every element of every tensor: build them once a step.
+    time = time_embedding(iteration, theta["momentum_decays"].dtype)
 
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []
@@ -114,8 +116,8 @@ def step(
             dim=-1,
         )
         # The time features are appended after normalisation and are not normalised (§1.5).
-        time = time_embedding(iteration, p.dtype).expand(*shape, -1)
-        out = mlp_forward(torch.cat([second_moment_normalize(features), time], dim=-1), layers)
+        tiled = time.to(p.dtype).expand(*shape, -1)
+        out = mlp_forward(torch.cat([second_moment_normalize(features), tiled], dim=-1), layers)
         delta = step_mult * out[..., 0] * torch.exp(exp_mult * out[..., 1]) * scale
         new_params.append((p_w - delta).reshape(p.shape))
         new_tensors.append(acc)

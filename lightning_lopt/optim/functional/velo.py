@@ -91,7 +91,9 @@ def lstm_inputs(p: Tensor, m: Tensor, rms: Tensor, progress: Tensor, loss_featur
     mean_rms = rms.mean(dim=axes)
     var_rms = ((rms - mean_m) ** 2).mean(dim=axes)  # sic: mean_m (see module docstring)
     # One-hot of the number of axes longer than 1: a constant, since shapes are static under vmap.
-    rank = torch.eye(MAX_RANK, dtype=p.dtype, device=p.device)[sum(size > 1 for size in p.shape)]
+    # Like jax.nn.one_hot, a rank of MAX_RANK or more (e.g. a Conv3d kernel) gives all zeros.
+    n_axes = sum(size > 1 for size in p.shape)
+    rank = (torch.arange(MAX_RANK, device=p.device) == n_axes).to(p.dtype)
     parts = [progress, loss_features, _clip_log_abs(mean_rms), rank, _clip_log_abs(var_m)]
     return torch.cat([*parts, _clip_log_abs(var_rms)])
 
