@@ -403,7 +403,27 @@ class MuLO(LearnedOptimizer):
         )
 
 
-class Celo(LearnedOptimizer):
+class _ScheduledLearnedOptimizer(LearnedOptimizer):
+    """A learned optimizer whose scheduler reads the loss and the horizon (Celo, VeLO).
+
+    Spelled out, rather than inherited as ``**kwargs``, so LightningCLI shows every argument.
+    """
+
+    needs_loss = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        num_steps: int | None = None,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay, num_steps=num_steps)
+
+
+class Celo(_ScheduledLearnedOptimizer):
     """Celo: a per-parameter MLP rule scaled by a learned LSTM scheduler; needs the loss.
 
     ``num_steps`` (required) is the number of optimizer steps of the run: the scheduler reads the
@@ -418,21 +438,9 @@ class Celo(LearnedOptimizer):
 
     module_class = module_factory = CeloLOpt
     pretrained_names = ("celo",)
-    needs_loss = True
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1.0,
-        *,
-        num_steps: int | None = None,
-        meta_weights: MetaWeights = None,
-        weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay, num_steps=num_steps)
 
 
-class VeLO(LearnedOptimizer):
+class VeLO(_ScheduledLearnedOptimizer):
     """VeLO: a per-tensor LSTM that writes a per-parameter MLP; needs the loss and ``num_steps``.
 
     Example::
@@ -442,18 +450,6 @@ class VeLO(LearnedOptimizer):
 
     module_class = module_factory = VeLOLOpt
     pretrained_names = ("velo-m", "velo")
-    needs_loss = True
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1.0,
-        *,
-        num_steps: int | None = None,
-        meta_weights: MetaWeights = None,
-        weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay, num_steps=num_steps)
 
 
 class MuVeLO(LearnedOptimizer):
