@@ -21,6 +21,7 @@ from torch import nn
 from lightning_lopt.models.scales import attach_update_scales, mup_update_scales
 
 from lightning_lopt.checks import check_positive_int  # noqa: F401  (re-exported for the models)
+from lightning_lopt.initializers import haiku_trunc_normal_ as trunc_normal_
 
 PARAMS = ("mup", "sp")
 
@@ -128,15 +129,6 @@ class MuModel(nn.Module):
         if self._infshapes is not None:
             mup.apply_infshapes(self, self._infshapes)
         attach_update_scales(self, self._update_scales)
-
-
-def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    """Normal(0, std²) truncated at ±2·std *without* variance correction, as Haiku/Flax do in μLO.
-
-    torch's ``trunc_normal_`` takes absolute bounds, so they are passed as ±2·std (lo_spec.md §6.7);
-    the resulting standard deviation is about 0.88·std.
-    """
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
 
 
 def init_mup_linear(layer: nn.Linear, std: float, truncated: bool = True) -> None:

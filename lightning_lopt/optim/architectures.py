@@ -37,17 +37,12 @@ from torch import Tensor, nn
 
 from lightning_lopt.optim.functional import StepContext, celo, small_fc, velo
 from lightning_lopt.optim.functional.accumulators import LAYOUTS
+from lightning_lopt.initializers import haiku_trunc_normal_
 from lightning_lopt.optim.pretrained import PretrainedMixin, load_checked
 
 
-def haiku_trunc_normal_(weight: Tensor, fan_in: int, generator: torch.Generator | None = None) -> None:
-    """Haiku's ``TruncatedNormal(1/sqrt(fan_in))``: N(0, σ²) cut at ±2σ, σ not rescaled."""
-    std = 1.0 / math.sqrt(fan_in)
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std, generator=generator)
-
-
 def _reset_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
-    haiku_trunc_normal_(layer.weight, layer.in_features, generator)
+    haiku_trunc_normal_(layer.weight, 1.0 / math.sqrt(layer.in_features), generator)
     nn.init.zeros_(layer.bias)
 
 
@@ -285,7 +280,7 @@ class LinearBank(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
-            haiku_trunc_normal_(self.weight, self.in_features, generator)
+            haiku_trunc_normal_(self.weight, 1.0 / math.sqrt(self.in_features), generator)
             self.bias.zero_()
 
 
