@@ -26,10 +26,15 @@ _TIME_SCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
 _PROGRESS_CENTRES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 
 
+def second_moment_rsqrt(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """1 / sqrt(eps + mean(x²)) per trailing channel (shape ``[C]``), the mean over every other axis."""
+    axes = tuple(range(x.dim() - 1))
+    return torch.rsqrt(eps + (x * x).mean(dim=axes))
+
+
 def second_moment_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     """x / sqrt(eps + mean(x²)) per trailing channel, the mean taken over every other axis."""
-    axes = tuple(range(x.dim() - 1))
-    return x * torch.rsqrt(eps + (x * x).mean(dim=axes, keepdim=True))
+    return x * second_moment_rsqrt(x, eps)
 
 
 def adafactor_features(

@@ -40,12 +40,13 @@ from lightning_lopt.optim.functional.accumulators import (
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import (
     adafactor_features,
-    second_moment_normalize,
+    second_moment_rsqrt,
     time_embedding,
 )
 from lightning_lopt.optim.functional.mlp import layers_of, mlp_forward
 
-NUM_FEATURES = 28 + 11
+NUM_TENSOR_FEATURES = 28
+NUM_FEATURES = NUM_TENSOR_FEATURES + 11
 NUM_LAYERS = 3
 
 State = dict[str, Any]
@@ -89,8 +90,11 @@ def step(
     adafactor = decays_from_offsets(theta["adafactor_decays"], ADAFACTOR_DECAYS)
     layers = layers_of(theta, "mlp", NUM_LAYERS)
     iteration = state["iteration"]
-    # The 11 time features are the same for every element of every tensor: build them once a step.
-    time = time_embedding(iteration, theta["momentum_decays"].dtype)
+    # The 11 time features are the same for every element of every tensor, so their contribution to
+    # the first layer is a bias, computed once a step instead of tiling 11 channels over each element.
+    (w0, b0), hidden = layers[0], layers[1:]
+    w0_features = w0[:, :NUM_TENSOR_FEATURES]
+    b0_time = b0 + w0[:, NUM_TENSOR_FEATURES:] @ time_embedding(iteration, w0.dtype)
 
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []
@@ -115,9 +119,11 @@ def step(
             ],
             dim=-1,
         )
-        # The time features are appended after normalisation and are not normalised (§1.5).
-        tiled = time.to(p.dtype).expand(*shape, -1)
-        out = mlp_forward(torch.cat([second_moment_normalize(features), tiled], dim=-1), layers)
+        # Per-channel normalisation (§1.5) is a per-tensor scale of each input channel, so it is folded
+        # into the first layer's weights: no normalised copy of the features is materialised. The
+        # time features are not normalised; they live in b0_time.
+        first = (w0_features * second_moment_rsqrt(features).to(w0.dtype), b0_time)
+        out = mlp_forward(features, [first, *hidden])
         delta = step_mult * out[..., 0] * torch.exp(exp_mult * out[..., 1]) * scale
         new_params.append((p_w - delta).reshape(p.shape))
         new_tensors.append(acc)
