@@ -52,7 +52,7 @@ from lightning_lopt.optim.functional.accumulators import (
 )
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import hyper_inputs, progress_embedding
-from lightning_lopt.optim.functional.mlp import layers_of, mlp_forward
+from lightning_lopt.optim.functional.mlp import layers_of, normalized_mlp_forward
 from lightning_lopt.optim.functional.scheduler import head, lstm_forward
 
 NUM_INPUTS = 30
@@ -126,7 +126,7 @@ def step(
         p_w = p.reshape(shape)
         g_w = torch.nan_to_num(g.reshape(shape).to(p.dtype)).clamp(-GRAD_CLIP, GRAD_CLIP)
         acc, fac_g = update_accumulators(acc, g_w, momentum, rms, adafactor, layout)
-        out = mlp_forward(hyper_inputs(p_w, g_w, acc, fac_g, layout=layout), layers)
+        out = normalized_mlp_forward(hyper_inputs(p_w, g_w, acc, fac_g, layout=layout), layers)
         param_scale = torch.sqrt((p_w * p_w).mean() + 1e-9)  # the tensor's RMS, not its norm
         delta = lr * STEP_MULT * out[..., 0] * torch.exp(EXP_MULT * out[..., 1]) * param_scale
         new_params.append((p_w - delta * scale).reshape(p.shape))

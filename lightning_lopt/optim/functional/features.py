@@ -32,11 +32,6 @@ def second_moment_rsqrt(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.rsqrt(eps + (x * x).mean(dim=axes))
 
 
-def second_moment_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """x / sqrt(eps + mean(x²)) per trailing channel, the mean taken over every other axis."""
-    return x * second_moment_rsqrt(x, eps)
-
-
 def adafactor_features(
     acc: dict[str, Tensor], m: Tensor, *, layout: str, nonfactored_mom_eps: float
 ) -> list[Tensor]:
@@ -66,7 +61,7 @@ def adafactor_features(
 
 
 def hyper_inputs(p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str) -> Tensor:
-    """The 30 normalised input channels of the Celo / VeLO per-parameter MLP (celo_spec §1.3).
+    """The 30 input channels of the Celo / VeLO per-parameter MLP (celo_spec §1.3), not yet normalised.
 
     Order: g, clip(g, ±0.1), p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1), fac_g(3),
     g·rsqrt(rms+1e-6)(1), then the Adafactor groups (15). ``acc`` holds the updated accumulators.
@@ -86,8 +81,9 @@ def hyper_inputs(p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *,
         gx * rsqrt,
         *adafactor_features(acc, m, layout=layout, nonfactored_mom_eps=0.0),
     ]
-    # Normalising the concatenation per channel equals normalising each group (the reference's way).
-    return second_moment_normalize(torch.cat(groups, dim=-1))
+    # Each channel is second-moment normalised over the tensor by the MLP (normalized_mlp_forward);
+    # normalising the concatenation per channel equals normalising each group, the reference's way.
+    return torch.cat(groups, dim=-1)
 
 
 def time_embedding(iteration: Tensor, dtype: torch.dtype) -> Tensor:

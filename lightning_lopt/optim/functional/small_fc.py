@@ -40,10 +40,9 @@ from lightning_lopt.optim.functional.accumulators import (
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import (
     adafactor_features,
-    second_moment_rsqrt,
     time_embedding,
 )
-from lightning_lopt.optim.functional.mlp import layers_of, mlp_forward
+from lightning_lopt.optim.functional.mlp import layers_of, normalized_mlp_forward
 
 NUM_TENSOR_FEATURES = 28
 NUM_FEATURES = NUM_TENSOR_FEATURES + 11
@@ -119,11 +118,8 @@ def step(
             ],
             dim=-1,
         )
-        # Per-channel normalisation (§1.5) is a per-tensor scale of each input channel, so it is folded
-        # into the first layer's weights: no normalised copy of the features is materialised. The
-        # time features are not normalised; they live in b0_time.
-        first = (w0_features * second_moment_rsqrt(features).to(w0.dtype), b0_time)
-        out = mlp_forward(features, [first, *hidden])
+        # The 28 channels are normalised per channel (§1.5); the time features are not (b0_time).
+        out = normalized_mlp_forward(features, [(w0_features, b0_time), *hidden])
         delta = step_mult * out[..., 0] * torch.exp(exp_mult * out[..., 1]) * scale
         new_params.append((p_w - delta).reshape(p.shape))
         new_tensors.append(acc)

@@ -50,7 +50,7 @@ from lightning_lopt.optim.functional.accumulators import (
 )
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import hyper_inputs, progress_embedding
-from lightning_lopt.optim.functional.mlp import mlp_forward
+from lightning_lopt.optim.functional.mlp import normalized_mlp_forward
 from lightning_lopt.optim.functional.scheduler import head, lstm_forward
 
 NUM_INPUTS = 30
@@ -145,7 +145,7 @@ def step(
             )
             for k in range(3)
         ]
-        out = mlp_forward(hyper_inputs(p, g, new_acc, fac_g, layout=layout), layers)
+        out = normalized_mlp_forward(hyper_inputs(p, g, new_acc, fac_g, layout=layout), layers)
         delta = STEP_MULT * lr_mult[i] * out[..., 0] * torch.exp(EXP_MULT * out[..., 1])
         if param_scale_mult:
             delta = delta * torch.sqrt((p * p).mean() + 1e-9)
