@@ -25,3 +25,24 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fit_kwargs():
+    """``fit_kwargs(root, steps, **extra)``: a quiet, CPU-only, checkpoint-free Trainer configuration."""
+
+    def make(root, steps: int, **extra):
+        return {
+            "max_steps": steps,
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "default_root_dir": root,
+            **extra,
+        }
+
+    return make

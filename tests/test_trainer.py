@@ -8,27 +8,13 @@ from lightning_lopt.datamodules import DigitsDataModule
 from lightning_lopt.models import MuMLP
 
 
-def _fit_kwargs(tmp_path, steps):
-    return dict(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-
-
 def _module():
     return OptimizeeModule(MuMLP((1, 8, 8), width=64, depth=3, num_classes=10))
 
 
-def test_trainer_optimizer_choice_overrides_the_module(tmp_path):
+def test_trainer_optimizer_choice_overrides_the_module(tmp_path, fit_kwargs):
     module = _module()
-    trainer = llo.Trainer(optimizer="muadam", optimizer_kwargs={"lr": 0.05}, **_fit_kwargs(tmp_path, 30))
+    trainer = llo.Trainer(optimizer="muadam", optimizer_kwargs={"lr": 0.05}, **fit_kwargs(tmp_path, 30))
     trainer.fit(module, DigitsDataModule(batch_size=64))
     (opt,) = trainer.optimizers
     assert isinstance(opt, llo.MuAdam)
@@ -37,9 +23,9 @@ def test_trainer_optimizer_choice_overrides_the_module(tmp_path):
     assert float(trainer.callback_metrics["train/loss_epoch"]) < 2.0  # ln(10) = 2.30 at init
 
 
-def test_helper_on_plain_lightning_trainer(tmp_path):
+def test_helper_on_plain_lightning_trainer(tmp_path, fit_kwargs):
     module = configure_optimizer(_module(), torch.optim.SGD, lr=0.5)
-    trainer = L.Trainer(**_fit_kwargs(tmp_path, 5))
+    trainer = L.Trainer(**fit_kwargs(tmp_path, 5))
     trainer.fit(module, DigitsDataModule(batch_size=64))
     assert type(trainer.optimizers[0]) is torch.optim.SGD
 
@@ -51,19 +37,19 @@ def test_unknown_optimizer_fails_before_training():
         configure_optimizer(_module(), "nope")
 
 
-def test_optimizee_module_gives_learned_schedules_the_fit_length(tmp_path):
+def test_optimizee_module_gives_learned_schedules_the_fit_length(tmp_path, fit_kwargs):
     module = OptimizeeModule(MuMLP((1, 8, 8), width=32, depth=2, num_classes=10), optimizer="celo")
     with pytest.warns(UserWarning, match="RANDOM meta-initialisation"):
-        L.Trainer(**_fit_kwargs(tmp_path, 4)).fit(module, DigitsDataModule(batch_size=64))
+        L.Trainer(**fit_kwargs(tmp_path, 4)).fit(module, DigitsDataModule(batch_size=64))
     (opt,) = module.trainer.optimizers
     assert type(opt).__name__ == "Celo" and opt.num_steps == 4
 
 
-def test_horizon_needs_a_finite_fit(tmp_path):
+def test_horizon_needs_a_finite_fit(tmp_path, fit_kwargs):
     module = OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), optimizer="celo")
     # No trainer attached: nothing to read, so the optimizer itself asks for num_steps.
     assert llo.with_horizon(module, "celo", {}) == {}
-    kwargs = _fit_kwargs(tmp_path, -1)
+    kwargs = fit_kwargs(tmp_path, -1)
     kwargs["max_epochs"] = -1  # an endless fit
     with pytest.raises(ValueError, match="set max_steps or max_epochs"):
         L.Trainer(**kwargs).fit(module, DigitsDataModule(batch_size=64))

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lopt.checks import check_positive_int  # noqa: F401  (re-exported for the data modules)
+from lightning_lopt.checks import check_positive_int
 
 Split = tuple[Tensor, Tensor]
 SPLITS = ("train", "val", "test")

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_lopt.models.scales import attach_update_scales, mup_update_scales
 
-from lightning_lopt.checks import check_positive_int  # noqa: F401  (re-exported for the models)
+from lightning_lopt.checks import check_positive_int
 from lightning_lopt.initializers import haiku_trunc_normal_ as trunc_normal_
 
 PARAMS = ("mup", "sp")

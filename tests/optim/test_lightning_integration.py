@@ -37,21 +37,6 @@ DDP_SCRIPT = Path(__file__).with_name("_ddp_script.py")
 SMALL_CELO = {"meta_weights": CeloLOpt(lstm_hidden_size=8, generator=torch.Generator().manual_seed(0))}
 
 
-def fit_kwargs(tmp_path: Path, steps: int, **extra) -> dict:
-    kwargs = dict(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return {**kwargs, **extra}
-
-
 class Recording(llo.OptimizeeModule):
     """Records the loss of every ``training_step`` (before Lightning divides it for accumulation)."""
 
@@ -108,7 +93,7 @@ class FirstStep(Callback):
             self.after = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
 
 
-def test_trainer_optimizer_mulo_trains_and_steps_like_the_core(tmp_path, digits):
+def test_trainer_optimizer_mulo_trains_and_steps_like_the_core(tmp_path, digits, fit_kwargs):
     module = Recording()
     start = params_of(module)
     first = FirstStep()
@@ -160,7 +145,7 @@ def test_lightning_cli(tmp_path, args, expected, num_steps):
     assert torch.isfinite(opt.last_loss)
 
 
-def test_gradient_accumulation_feeds_the_mean_micro_batch_loss(tmp_path, digits):
+def test_gradient_accumulation_feeds_the_mean_micro_batch_loss(tmp_path, digits, fit_kwargs):
     module, recorder = Recording(), Recorder()
     trainer = llo.Trainer(
         optimizer="celo",
@@ -181,14 +166,14 @@ def test_gradient_accumulation_feeds_the_mean_micro_batch_loss(tmp_path, digits)
     assert recorder.losses[0] == pytest.approx(module.step_losses[1] / 2, rel=1e-6)
 
 
-def test_gradient_clipping_happens_before_the_step(tmp_path, digits):
+def test_gradient_clipping_happens_before_the_step(tmp_path, digits, fit_kwargs):
     module, recorder = Recording(), Recorder()
     trainer = llo.Trainer(optimizer="mulo", callbacks=[recorder], **fit_kwargs(tmp_path, 3, gradient_clip_val=1e-3))
     trainer.fit(module, digits)
     assert recorder.grad_norms == pytest.approx([1e-3] * 3, rel=1e-4)
 
 
-def test_bf16_mixed(tmp_path, digits):
+def test_bf16_mixed(tmp_path, digits, fit_kwargs):
     module, recorder = Recording(), Recorder()
     start = params_of(module)
     trainer = llo.Trainer(
@@ -205,7 +190,7 @@ def test_bf16_mixed(tmp_path, digits):
     assert not torch.equal(start["model.input_layer.weight"], end["model.input_layer.weight"])
 
 
-def test_16_mixed_with_grad_scaler_steps_without_a_closure(tmp_path, digits):
+def test_16_mixed_with_grad_scaler_steps_without_a_closure(tmp_path, digits, fit_kwargs):
     """The GradScaler path (``16-mixed`` on GPU) calls ``step()`` with no closure and a scaled loss."""
     module, recorder = Recording(), Recorder()
     # A small initial scale keeps fp16 gradients finite, so that the scaler skips no step.
@@ -244,7 +229,7 @@ class Manual(Recording):
 
 
 @pytest.mark.parametrize("mode", ["explicit", "hint", "callback"])
-def test_manual_optimization(tmp_path, digits, mode):
+def test_manual_optimization(tmp_path, digits, mode, fit_kwargs):
     module, recorder = Manual(mode), Recorder()
     callbacks = [recorder, LossToOptimizer()] if mode == "callback" else [recorder]
     configure_optimizer(module, "celo", **SMALL_CELO)
@@ -254,14 +239,14 @@ def test_manual_optimization(tmp_path, digits, mode):
     assert recorder.losses == pytest.approx(module.step_losses, rel=1e-6)
 
 
-def test_manual_optimization_without_a_loss_fails_clearly(tmp_path, digits):
+def test_manual_optimization_without_a_loss_fails_clearly(tmp_path, digits, fit_kwargs):
     module = Manual("callback")
     configure_optimizer(module, "celo", **SMALL_CELO)
     with pytest.raises(ValueError, match="LossToOptimizer"):
         L.Trainer(**fit_kwargs(tmp_path, 1)).fit(module, digits)
 
 
-def test_resume_from_a_lightning_checkpoint_equals_an_uninterrupted_run(tmp_path, digits):
+def test_resume_from_a_lightning_checkpoint_equals_an_uninterrupted_run(tmp_path, digits, fit_kwargs):
     x, y = digits.split("train")
     # Four batches in order per epoch, and the checkpoint after 4 steps: on an epoch boundary a
     # resumed fit sees the same batches as the uninterrupted one (Lightning cannot fast-forward a
