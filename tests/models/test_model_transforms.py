@@ -86,13 +86,16 @@ def test_functional_call_with_plain_tensors(kind, param):
 @pytest.mark.parametrize("kind", FACTORIES)
 def test_vmap_over_stacked_parameters(kind, param):
     make, data = FACTORIES[kind]
-    models = [randomized(make(param)) for _ in range(3)]
+    # float64: vmapped and looped matmuls may block their float32 sums differently (AVX2 vs AVX-512
+    # kernels), which moves results by a few float32 ulps; in float64 that is ~1e-15 relative.
+    models = [randomized(make(param)).double() for _ in range(3)]
     stacked, _ = stack_module_state(models)
     skeleton = copy.deepcopy(models[0]).to("meta")
     x = data()
+    x = x.double() if x.is_floating_point() else x
     out = vmap(lambda p: functional_call(skeleton, p, (x,)))(stacked)  # training mode, randomness="error"
     ref = torch.stack([m(x) for m in models])
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     # Gradients through the vmapped call, as PES particles need.
     grads = vmap(torch.func.grad(lambda p: functional_call(skeleton, p, (x,)).square().mean()))(stacked)
     assert all(torch.isfinite(g).all() for g in grads.values())
