@@ -30,7 +30,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 #: that provides it is open.
 EXTRA_COMMANDS: dict[str, str | None] = {
     "coord-check": "lightning_lopt.eval.coord_sweep:main",
-    "meta-fit": None,
+    "meta-fit": "lightning_lopt.meta.cli:main",
     "evaluate": None,
 }
 

@@ -83,8 +83,12 @@ def save_pretrained(
     meta_training_steps: int | None = None,
     data: Any = None,
     tasks: list[str] | None = None,
+    **extra: Any,
 ) -> Path:
-    """Save ``module`` (a registered learned-optimizer module) and its card; returns the directory."""
+    """Save ``module`` (a registered learned-optimizer module) and its card; returns the directory.
+
+    ``extra`` adds JSON-serialisable card fields (e.g. ``compute``, ``evaluation``).
+    """
     architecture = getattr(module, "architecture", None)
     if architecture not in PretrainedMixin.registry:
         raise TypeError(f"save_pretrained needs a learned-optimizer module, got {type(module).__name__}")
@@ -99,6 +103,7 @@ def save_pretrained(
         "tasks": tasks,
         "commit": _git_commit(),
         "num_meta_params": sum(t.numel() for t in module.state_dict().values()),
+        **extra,
     }
     try:
         card_text = json.dumps(card, indent=2, sort_keys=True)

@@ -1,0 +1,32 @@
+"""``python train.py meta-fit``: meta-training from a YAML recipe, through LightningCLI.
+
+The model is :class:`~lightning_lopt.meta.MetaTrainer`; there is no data module (the tasks bring
+their own). Everything else is LightningCLI: ``--config``, dotted overrides, ``--print_config``.
+
+Example::
+
+    python train.py meta-fit --config configs/meta/digits_tiny.yaml
+    python train.py meta-fit --config configs/meta/mulo_s_cpu.yaml --trainer.max_steps 500
+    python train.py meta-fit --config my_finetune.yaml --model.init_from mulo-s
+    python train.py meta-fit --config configs/meta/mulo_s_cpu.yaml --model.resume_from runs/mulo_s_cpu/light
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_lopt.meta.module import MetaTrainer
+
+
+def main(argv: Sequence[str]) -> LightningCLI:
+    """Run ``fit`` on a :class:`MetaTrainer` built from ``argv`` (LightningCLI arguments)."""
+    return LightningCLI(
+        MetaTrainer,
+        None,
+        trainer_class=L.Trainer,
+        args=["fit", *argv],
+        save_config_kwargs={"overwrite": True},
+    )
