@@ -16,14 +16,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 
 from lightning_lopt.meta.module import MetaTrainer
 
 
+class MetaCLI(LightningCLI):
+    """LightningCLI for :class:`MetaTrainer`, whose tasks carry their own data modules.
+
+    LightningCLI's instantiator for data modules records them as the fit's ``data`` hyperparameters;
+    there is no such entry here (a task's data module is nested inside ``model.tasks``), so only the
+    model's instantiator is registered.
+    """
+
+    def _add_instantiators(self) -> None:
+        self.parser.add_instantiator(_InstantiatorFn(cli=self, key="model"), MetaTrainer, subclasses=True)
+
+
 def main(argv: Sequence[str]) -> LightningCLI:
     """Run ``fit`` on a :class:`MetaTrainer` built from ``argv`` (LightningCLI arguments)."""
-    return LightningCLI(
+    return MetaCLI(
         MetaTrainer,
         None,
         trainer_class=L.Trainer,

@@ -57,6 +57,7 @@ from lightning_lopt.meta.rng import Stream, generator, seed_of
 from lightning_lopt.meta.tasks import Task, TaskInstance
 from lightning_lopt.meta.truncation import LogUniformLengthSchedule
 from lightning_lopt.meta.unroll import Particles, init_particles, make_loss_and_grad, unroll_window
+from lightning_lopt.meta.warm_start import WarmStart, warm_start
 from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.pretrained import from_pretrained, load_checked, save_pretrained
 
@@ -108,6 +109,8 @@ class MetaTrainer(L.LightningModule):
         meta_optimizer: ``params -> Optimizer`` (default AdamW, wd 1e-4, optax's betas and eps).
         max_update_norm: clip of the meta-optimizer's update norm (``None``: no clip).
         augmentation: Celo's weight re-parametrisation (``None``: off).
+        warm_start: before the first meta-step of a fresh run, regress θ's step onto a tuned
+            (μ)Adam's on the tasks (:mod:`~lightning_lopt.meta.warm_start`); recorded on the card.
         stage: Celo's stage: 1 trains the update rule without the scheduler, 2 freezes the rule and
             trains the scheduler (``init_from`` the stage-1 weights). ``None`` for other optimizers.
         mu: whether the optimizer uses μP update scales (default: from the name; False for a module).
@@ -129,6 +132,7 @@ class MetaTrainer(L.LightningModule):
         meta_optimizer: MetaOptimizerFactory | None = None,
         max_update_norm: float | None = 1.0,
         augmentation: ReparamAugmentation | None = None,
+        warm_start: WarmStart | None = None,
         stage: int | None = None,
         mu: bool | None = None,
         init_from: str | None = None,
@@ -157,6 +161,7 @@ class MetaTrainer(L.LightningModule):
         if init_from is not None:
             self._load_theta(init_from)
         self._light_state: dict[str, Any] | None = None
+        self.warm_start_report: dict[str, Any] | None = None
         if resume_from is not None:
             self._light_state = self._read_light_checkpoint(resume_from)
         frozen = _frozen(self.lopt, stage)
@@ -173,6 +178,7 @@ class MetaTrainer(L.LightningModule):
         self.meta_optimizer_factory = meta_optimizer or default_meta_optimizer
         self.max_update_norm = max_update_norm
         self.augmentation = augmentation
+        self.warm_start = warm_start
         self.stage = stage
         self.seed = seed
         self.recipe = recipe
@@ -238,6 +244,9 @@ class MetaTrainer(L.LightningModule):
         self._loss_and_grad = [make_loss_and_grad(i, self.augmentation is not None) for i in self.instances]
 
     def on_train_start(self) -> None:
+        fresh = self.global_step == 0 and self._light_state is None and self._restored is None
+        if fresh and self.warm_start is not None and self.warm_start_report is None:
+            self.warm_start_report = warm_start(self.lopt, self.instances, self.warm_start, mu=self.mu)
         if self._light_state is None:
             return
         state, self._light_state = self._light_state, None
@@ -252,12 +261,14 @@ class MetaTrainer(L.LightningModule):
         checkpoint["meta_trainer"] = {
             "particles": [None if p is None else p.state_dict() for p in self._particles],
             "compute_seconds": self.compute_seconds,
+            "warm_start_report": json.dumps(self.warm_start_report),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("meta_trainer", {})
         self._restored = saved.get("particles")
         self.compute_seconds = saved.get("compute_seconds", 0.0)
+        self.warm_start_report = json.loads(saved.get("warm_start_report", "null"))
 
     # -- one meta-step -------------------------------------------------------------------------------
 
@@ -387,6 +398,8 @@ class MetaTrainer(L.LightningModule):
                 "schedule": None if self.schedule is None else vars(self.schedule),
                 "max_update_norm": self.max_update_norm,
                 "augmentation": None if self.augmentation is None else vars(self.augmentation),
+                "warm_start": self.warm_start_report
+                or (None if self.warm_start is None else {"settings": vars(self.warm_start)}),
                 "seed": self.seed,
             },
             "meta_training_steps": self.global_step if self._trainer is not None else 0,
@@ -438,6 +451,9 @@ class MetaTrainer(L.LightningModule):
             raise FileNotFoundError(f"resume_from {path}: no {META_STATE_JSON}; is it a light checkpoint?")
         self._load_theta(path)
         meta = json.loads((path / META_STATE_JSON).read_text())
+        card = json.loads((path / "card.json").read_text())
+        report = (card.get("recipe") or {}).get("warm_start")
+        self.warm_start_report = report if report and "relative_error_end" in report else None
         tensors = safetensors.torch.load_file(str(path / META_STATE_TENSORS))
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import math
@@ -42,7 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_lopt.checks import check_positive_int
 from lightning_lopt.models.scales import update_scales_of
 
-ModuleFactory = type | Callable[..., nn.Module]
+ModuleFactory = str | type | Callable[..., nn.Module]
 
 
 class Task:
@@ -50,8 +51,9 @@ class Task:
 
     Args:
         module: a LightningModule class (built as ``module(**module_kwargs)``, with
-            ``module_kwargs[width_arg] = w`` for each width), or a callable ``factory(seed, width)``
-            returning the module (``width`` is ``None`` when ``widths`` is not given).
+            ``module_kwargs[width_arg] = w`` for each width), its import path (``"pkg.mod.Class"``,
+            as YAML recipes give it), or a callable ``factory(seed, width)`` returning the module
+            (``width`` is ``None`` when ``widths`` is not given).
         datamodule: the data. Its ``sample(...)`` is used when it has one, else its ``train_dataloader()``.
         module_kwargs: keyword arguments of the class.
         widths: widths to meta-train on; each is its own PES estimator, all run at every meta-step
@@ -82,6 +84,8 @@ class Task:
         loss_cap: float | None = None,
         name: str | None = None,
     ) -> None:
+        if isinstance(module, str):
+            module = _import(module)
         if not callable(module):
             raise TypeError(f"Task: module must be a LightningModule class or a factory(seed, width), got {module!r}")
         if not isinstance(datamodule, L.LightningDataModule):
@@ -131,6 +135,15 @@ class Task:
             label = self.name if width is None else f"{self.name}-w{width}"
             instances.append(TaskInstance(self, label, width, module.to(device), data, lopt_is_mu))
         return instances
+
+
+def _import(path: str) -> Any:
+    """The object at import path ``"pkg.module.Name"``."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"Task: cannot import module {path!r}: {err}") from err
 
 
 class DataSource:
@@ -204,6 +217,21 @@ def _silence_logging(module: nn.Module) -> None:
             sub.log_dict = no_log  # type: ignore[method-assign]
 
 
+def _freeze_mup_readouts(module: nn.Module) -> None:
+    """Cache each ``mup.MuReadout``'s width multiplier as a float on this (private) module instance.
+
+    mup's readout reads ``self.weight.infshape`` at every forward; ``functional_call`` hands it the
+    particles' tensors, which carry no ``infshape``. The multiplier is a constant of the
+    architecture, so reading it once is exact.
+    """
+    import mup
+
+    for sub in module.modules():
+        if isinstance(sub, mup.MuReadout) and hasattr(sub.weight, "infshape"):
+            multiplier = float(sub.width_mult())
+            sub.width_mult = lambda multiplier=multiplier: multiplier  # type: ignore[method-assign]
+
+
 def _has_pure_loss(module: nn.Module) -> bool:
     loss = getattr(module, "loss", None)
     if not callable(loss) or isinstance(loss, nn.Module):
@@ -254,6 +282,7 @@ class TaskInstance:
     def __post_init__(self) -> None:
         module = self.module
         _silence_logging(module)
+        _freeze_mup_readouts(module)
         owner = type(module).__name__
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:

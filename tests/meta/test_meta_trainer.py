@@ -191,3 +191,17 @@ def test_digits_tiny_learns_to_beat_its_random_initialisation(tmp_path, fit_kwar
     L.Trainer(**fit_kwargs(tmp_path, 120)).fit(meta)
     after = float(inner_loss_curve(meta.lopt, inst, 200, range(4))[-10:].mean())
     assert after < 0.6 * before, (before, after)
+
+
+def test_warm_start_moves_the_learned_step_towards_adam_and_is_on_the_card(tmp_path, fit_kwargs):
+    from lightning_lopt.meta.warm_start import WarmStart
+
+    warm = WarmStart(lr=0.03, steps=30, seeds=2, every=1, fit_lr=1e-2)
+    meta = _digits_meta(warm_start=warm)
+    L.Trainer(**fit_kwargs(tmp_path, 1)).fit(meta)
+    report = meta.warm_start_report
+    for label in ("mlp-digits8-d2-mup-w8", "mlp-digits8-d2-mup-w16"):
+        assert report["relative_error_end"][label] < 0.8 * report["relative_error_start"][label]
+    meta.save_pretrained(tmp_path / "out")
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["recipe"]["warm_start"]["settings"]["teacher"] == "muadam"
