@@ -144,7 +144,7 @@ def _fit_instance(
             fit.zero_grad()
             objective.backward()
             fit.step()
-            errors.append(float(objective))
+            errors.append(float(objective.detach()))
         state = torch.utils._pytree.tree_map(lambda x: x.detach(), new_state)
         params = [p - d for p, d in zip(params, teacher)]
     return errors
