@@ -30,6 +30,18 @@ Parameter sets ("cases"):
   ``gpt2-1.3b`` is the d_model 2048, 24-layer shape of the 1.3B anchor; ``gpt2-cpu`` is scaled down.
 - ``many-small``: 256 tensors of 64 elements; its time divided by 256 is the fixed cost per tensor
   (Python and kernel-launch overhead), which dominates models with many small tensors.
+- ``mlp-particles16``: the meta-training inner step: 16 particles (each its own θ) of a MuMLP
+  64-128x3-10 (8x8 inputs, 42,634 parameters each), stacked on a leading axis and stepped through
+  :func:`lightning_lopt.optim.particle_step.particle_step` (the meta-trainer's seam), as one call
+  for all 16; AdamW steps the same stacked tensors.
+
+Learned optimizers: ``lo``, ``mulo`` and ``celo`` use the fused CPU kernel where it runs (the
+default, ``fused=None``); ``lo-pure``, ``mulo-pure`` and ``celo-pure`` force the pure functional
+step (``fused=False``); ``mulo-bf16`` keeps bf16 state. On a particle case the ``-pure`` variants
+run the vmapped pure step (``vmapped_pure_step``) and the others the registered fused step.
+
+Threads: ``--threads 1 2`` repeats the whole run at each intra-op thread count (the fused kernel
+uses ``torch.get_num_threads()`` threads); ratios are to AdamW at the same thread count.
 
 The learned optimizers run with random meta-weights when none are packaged (their warning is
 filtered and recorded as ``random_meta_weights``); the step cost does not depend on the weights.
@@ -66,11 +78,17 @@ import torch
 
 import lightning_lopt
 from lightning_lopt.models import MuMLP
-from lightning_lopt.optim import build
+from lightning_lopt.optim import build, resolve
+from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.learned import LearnedOptimizer
+from lightning_lopt.optim.particle_step import (
+    particle_step,
+    stack_state,
+    vmapped_pure_step,
+)
 
 BENCHMARK = "optimizer_step"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The horizon handed to the optimizers that need one (Celo, VeLO, μVeLO); it does not change the cost.
@@ -94,6 +112,9 @@ class Case:
     name: str
     description: str
     specs: Callable[[], list[TensorSpec]]
+    #: > 0: every tensor is stacked over this many particles and learned optimizers step them
+    #: through the meta-training seam (``particle_step``).
+    particles: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,6 +183,12 @@ CASES: dict[str, Case] = {
             "256 vectors of 64 elements: isolates the fixed cost per tensor",
             lambda: [TensorSpec(f"bias.{i}", (64,), 1.0) for i in range(256)],
         ),
+        Case(
+            "mlp-particles16",
+            "meta-training inner step: 16 particles of MuMLP 64-128x3-10 (42,634 parameters each)",
+            lambda: mlp_specs(128, depth=3, in_features=64),
+            particles=16,
+        ),
         Case("gpt2-124m", "GPT-2 small: d_model 768, 12 layers, vocab 50257, context 1024", lambda: gpt2_specs(768, 12, 50257, 1024)),
         Case("gpt2-355m", "GPT-2 medium: d_model 1024, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(1024, 24, 50257, 1024)),
         Case("gpt2-1.3b", "1.3B decoder: d_model 2048, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(2048, 24, 50257, 1024)),
@@ -175,6 +202,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lo": OptimizerSpec("lo"),
     "mulo": OptimizerSpec("mulo"),
     "celo": OptimizerSpec("celo", {"num_steps": NUM_STEPS}),
+    "lo-pure": OptimizerSpec("lo", {"fused": False}),
+    "mulo-pure": OptimizerSpec("mulo", {"fused": False}),
+    "celo-pure": OptimizerSpec("celo", {"num_steps": NUM_STEPS, "fused": False}),
+    "mulo-bf16": OptimizerSpec("mulo", {"state_dtype": torch.bfloat16}),
     "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, capped=True),
     "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
 }
@@ -296,13 +327,19 @@ def version_info() -> dict[str, Any]:
 # -- the measurement ------------------------------------------------------------------------------
 
 
-def make_params(specs: Sequence[TensorSpec], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
-    """Parameters with fixed random gradients; each carries its μP scale as ``lopt_update_scale``."""
+def make_params(
+    specs: Sequence[TensorSpec], device: torch.device, seed: int, particles: int = 0
+) -> list[torch.nn.Parameter]:
+    """Parameters with fixed random gradients; each carries its μP scale as ``lopt_update_scale``.
+
+    With ``particles > 0`` every tensor has a leading particle axis of that size.
+    """
     generator = torch.Generator(device=device).manual_seed(seed)
     params = []
     for spec in specs:
-        p = torch.nn.Parameter(0.02 * torch.randn(spec.shape, device=device, generator=generator))
-        p.grad = 1e-3 * torch.randn(spec.shape, device=device, generator=generator)
+        shape = (particles, *spec.shape) if particles else spec.shape
+        p = torch.nn.Parameter(0.02 * torch.randn(shape, device=device, generator=generator))
+        p.grad = 1e-3 * torch.randn(shape, device=device, generator=generator)
         p.lopt_update_scale = spec.scale  # what lightning_lopt.models.scales.attach_update_scales sets
         params.append(p)
     return params
@@ -326,18 +363,71 @@ class Runner:
             self.optimizer.step()
 
 
+class ParticleStepper:
+    """A learned optimizer stepping stacked particles through the meta-training seam.
+
+    θ is the optimizer's meta-initialisation, perturbed per particle (as PES does); the loss is the
+    benchmark's constant for every particle. Quacks like an optimizer for :class:`Runner` and
+    :func:`state_nbytes` (``step()`` and ``state``).
+    """
+
+    def __init__(self, registry_name: str, kwargs: dict[str, Any], params: list[torch.nn.Parameter], particles: int) -> None:
+        cls = resolve(registry_name)
+        if not (isinstance(cls, type) and issubclass(cls, LearnedOptimizer)):
+            raise TypeError(f"{registry_name!r} is not a learned optimizer: particle cases step learned optimizers only")
+        generator = torch.Generator().manual_seed(0)
+        self.module = cls.module_factory(generator=generator).to(params[0].device)
+        self.theta = {
+            k: v.detach().unsqueeze(0) + 1e-3 * torch.randn((particles, *v.shape), generator=generator).to(v.device)
+            for k, v in self.module.state_dict().items()
+        }
+        self.params = [p.detach().clone() for p in params]
+        self.grads = [p.grad for p in params]
+        self.scales = [float(getattr(p, "lopt_update_scale", 1.0)) if cls.mu else 1.0 for p in params]
+        self.loss = torch.full((particles,), LOSS, device=params[0].device)
+        self.num_steps = kwargs.get("num_steps", NUM_STEPS)
+        self.fn = vmapped_pure_step if kwargs.get("fused") is False else particle_step
+        particle_states = [
+            self.module.functional.init_state(
+                {k: v[i] for k, v in self.theta.items()}, [p[i] for p in self.params], layout=self.module.layout
+            )
+            for i in range(particles)
+        ]
+        state = stack_state(particle_states)
+        if "state_dtype" in kwargs:  # m and rms in bf16, as the optimizer classes keep them
+            for acc in state["tensors"]:
+                acc["m"], acc["rms"] = acc["m"].to(kwargs["state_dtype"]), acc["rms"].to(kwargs["state_dtype"])
+        self.state = {"particles": state}
+
+    def step(self) -> None:
+        ctx = StepContext(self.scales, self.loss, self.num_steps)
+        with torch.no_grad():
+            self.params, self.state["particles"] = self.fn(
+                self.module, self.theta, self.params, self.grads, self.state["particles"], ctx
+            )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def build_runner(name: str, params: list[torch.nn.Parameter]) -> Runner:
-    """Build a benchmarked optimizer, recording whether it fell back to random meta-weights."""
+def build_runner(name: str, params: list[torch.nn.Parameter], particles: int = 0) -> Runner:
+    """Build a benchmarked optimizer, recording whether it fell back to random meta-weights.
+
+    On a particle case (``particles > 0``) each learned optimizer becomes a :class:`ParticleStepper`.
+    """
     spec = OPTIMIZERS[name]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        optimizer = build(spec.registry_name, params, **spec.kwargs)
-    random_meta = any("RANDOM meta-initialisation" in str(w.message) for w in caught)
+        learned = isinstance(cls := resolve(spec.registry_name), type) and issubclass(cls, LearnedOptimizer)
+        if particles and learned:
+            optimizer = ParticleStepper(spec.registry_name, spec.kwargs, params, particles)
+        else:
+            optimizer = build(spec.registry_name, params, **spec.kwargs)
+    random_meta = isinstance(optimizer, ParticleStepper) or any(
+        "RANDOM meta-initialisation" in str(w.message) for w in caught
+    )
     return Runner(name, optimizer, random_meta)
 
 
@@ -377,7 +467,7 @@ def _ok_result(runner: Runner, num_params: int) -> dict[str, Any]:
         "optimizer": runner.name,
         "status": "ok",
         "registry_name": spec.registry_name,
-        "kwargs": spec.kwargs,
+        "kwargs": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in spec.kwargs.items()},
         "random_meta_weights": runner.random_meta_weights,
         "median_ms": statistics.median(runner.samples_ms),
         "p10_ms": percentile(runner.samples_ms, 10),
@@ -399,6 +489,7 @@ def run_batch(
     warmup: int,
     repeats: int,
     log: Callable[[str], None],
+    particles: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Build, warm up and time the optimizers ``names`` together, in rounds of one step each.
 
@@ -414,7 +505,7 @@ def run_batch(
 
     for name in names:
         try:
-            runner = build_runner(name, params)
+            runner = build_runner(name, params, particles)
             for _ in range(warmup):
                 runner.step(loss)
             _sync(device)
@@ -461,8 +552,8 @@ def run_case(
 ) -> dict[str, Any]:
     """Benchmark every optimizer on one parameter set; returns the case's JSON record."""
     specs = case.specs()
-    num_params = sum(math.prod(s.shape) for s in specs)
-    params = make_params(specs, device, seed)
+    num_params = sum(math.prod(s.shape) for s in specs) * max(1, case.particles)
+    params = make_params(specs, device, seed, case.particles)
     loss = torch.tensor(LOSS, device=device)
     log(f"== {case.name}: {num_params:,} parameters in {len(specs)} tensors")
 
@@ -480,7 +571,11 @@ def run_case(
 
     # Interleaved: all optimizers live at once and take turns. Sequential: one at a time (less memory).
     for batch in [todo] if interleave else [[name] for name in todo]:
-        results.update(run_batch(batch, params, loss, device=device, warmup=warmup, repeats=repeats, log=log))
+        results.update(
+            run_batch(
+                batch, params, loss, device=device, warmup=warmup, repeats=repeats, log=log, particles=case.particles
+            )
+        )
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -490,8 +585,9 @@ def run_case(
     for r in ordered:
         if r["status"] == "ok":
             r["ratio_vs_adamw"] = r["median_ms"] / reference["median_ms"] if reference else None
+            r["ns_per_param"] = r["median_ms"] * 1e6 / num_params
             log(
-                f"   {r['optimizer']:<14} median {r['median_ms']:10.2f} ms  "
+                f"   {r['optimizer']:<14} median {r['median_ms']:10.2f} ms {r['ns_per_param']:8.1f} ns/param  "
                 f"[p10 {r['p10_ms']:.2f}, p90 {r['p90_ms']:.2f}]  "
                 f"x{r['ratio_vs_adamw'] or float('nan'):8.1f} vs {reference['optimizer'] if reference else '-'}  "
                 f"state {r['state_bytes_per_param']:.2f} B/param"
@@ -501,6 +597,7 @@ def run_case(
         "description": case.description,
         "num_params": num_params,
         "num_tensors": len(specs),
+        "particles": case.particles,
         "reference": reference["optimizer"] if reference else None,
         "params_finite_after": all(bool(torch.isfinite(p).all()) for p in params),
         "results": ordered,
@@ -538,7 +635,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch.set_num_threads; 0 keeps torch's default (default: 1 on CPU, because intra-op threads "
+        nargs="+",
+        help="torch.set_num_threads, one run per value (a sweep: --threads 1 2); 0 keeps torch's default (default: 1 on CPU, because intra-op threads "
         "on a shared machine wait on descheduled siblings; 0 on CUDA)",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -557,9 +655,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.velo_max_params is None:
         args.velo_max_params = 400_000_000 if args.device == "cuda" else 1_000_000
     if args.threads is None:
-        args.threads = 1 if args.device == "cpu" else 0
+        args.threads = [1] if args.device == "cpu" else [0]
     args.name = args.name or (f"{BENCHMARK}-quick" if args.quick else BENCHMARK)
-    if args.warmup < 0 or args.repeats < 1 or args.threads < 0:
+    if args.warmup < 0 or args.repeats < 1 or min(args.threads) < 0:
         parser.error("--warmup and --threads must be >= 0 and --repeats >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -569,8 +667,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write its JSON; returns the process exit code."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = machine_info(device)
@@ -593,20 +689,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(f"optimizer step benchmark on {args.device} ({machine['cpu_model']}, {machine['gpu']}), "
           f"load {machine['loadavg_start']}", flush=True)
-    cases = [
-        run_case(
-            CASES[name],
-            args.optimizers,
-            device=device,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            interleave=args.interleave,
-            velo_max_params=args.velo_max_params,
-            seed=args.seed,
-            log=lambda line: print(line, flush=True),
-        )
-        for name in args.cases
-    ]
+    sweep = []
+    for threads in args.threads:
+        if threads:
+            torch.set_num_threads(threads)
+        print(f"-- {torch.get_num_threads()} thread(s)", flush=True)
+        cases = [
+            run_case(
+                CASES[name],
+                args.optimizers,
+                device=device,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                interleave=args.interleave,
+                velo_max_params=args.velo_max_params,
+                seed=args.seed,
+                log=lambda line: print(line, flush=True),
+            )
+            for name in args.cases
+        ]
+        sweep.append({"threads": torch.get_num_threads(), "cases": cases})
     machine["loadavg_end"] = _loadavg()
     finished = datetime.datetime.now(datetime.timezone.utc)
     record = {
@@ -617,7 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine,
         "versions": version_info(),
         "config": config,
-        "cases": cases,
+        # The first thread count's cases (the default run); ``sweep`` holds every thread count's.
+        "cases": sweep[0]["cases"],
+        "sweep": sweep,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}-{args.device}-{started.date().isoformat()}.json"

@@ -2,7 +2,9 @@
 
 The core's own numerics (against the reference implementations) are tested elsewhere; here every
 optimizer step must equal the pure step on the same inputs, bit for bit, and the wrapper's own
-behaviour (dtypes, skipped parameters, state_dict, loss handling, errors) is checked.
+behaviour (dtypes, skipped parameters, state_dict, loss handling, errors) is checked. The optimizers
+are built with ``fused=False`` (the pure path); the fused path has its own tests
+(``test_fused_optimizers.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def build(name: str, params, **overrides) -> tuple[LearnedOptimizer, nn.Module]:
     cls, make, kwargs = CASES[name]
     torch.manual_seed(0)
     module = make()
-    return cls(params, meta_weights=module, **{**kwargs, **overrides}), module
+    return cls(params, meta_weights=module, **{"fused": False, **kwargs, **overrides}), module
 
 
 def set_grads(params, grads) -> None:

@@ -108,13 +108,16 @@ def test_trainer_optimizer_mulo_trains_and_steps_like_the_core(tmp_path, digits,
     assert all(torch.isfinite(p).all() for p in end.values())
     assert all(not torch.equal(start[n], end[n]) for n in end)
     assert opt.last_loss == pytest.approx(module.step_losses[-1])
-    # The first step Lightning made is the pure functional step on the same parameters and grads.
+    # The first step Lightning made is the pure functional step on the same parameters and grads
+    # (on CPU through the fused kernel: equal to float32 rounding, 1e-5 of the update + 1 ulp of p).
     theta = dict(opt.meta_weights.state_dict())
     scales = [g["update_scale"] for g in opt.param_groups for _ in g["params"]]
     state = opt.meta_weights.init_state(first.before)
     expected, _ = opt.meta_weights.pure_step(theta, first.before, first.grads, state, StepContext(scales, None, 0))
-    for got, want in zip(first.after, expected):
-        assert torch.equal(got, want)
+    for got, want, before in zip(first.after, expected, first.before):
+        ulp = torch.finfo(torch.float32).eps * before.abs()
+        tolerance = 1e-5 * (want - before).abs().max() + ulp
+        assert ((got - want).abs() <= tolerance).all()
 
 
 CLI_COMMON = [

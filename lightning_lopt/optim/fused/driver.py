@@ -1,0 +1,362 @@
+"""Run one learned-optimizer step through the fused kernel: marshalling, θ preparation, both forms.
+
+Two entry points, with the numbers of the pure step (within float32 rounding):
+
+- :func:`step_in_place` for the ``torch.optim`` wrappers: one θ, the parameters, their
+  accumulators written in place (no second copy of the state or the parameters);
+- :func:`particle_step` for meta-training: P particles stacked on a leading axis, each with its own
+  θ; returns new tensors like :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step`.
+
+What stays in torch: everything that is per step and per particle rather than per element (the
+decays from their offsets, small_fc's time features folded into the first-layer bias, Celo's loss
+buffer and LSTM scheduler). The kernel does every per-element pass (kernel.c).
+
+Example::
+
+    from lightning_lopt.optim.fused import build, driver
+    if driver.supports(lopt, params):
+        kernel = build.load()
+        new_global = driver.step_in_place(kernel, lopt, params, grads, state, ctx, [0.0] * len(params))
+        params, state = driver.particle_step(kernel, lopt, theta, stacked, grads, stacked_state, ctx)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_lopt.optim.architectures import (
+    CeloLOpt,
+    LearnedOptimizerModule,
+    SmallFCLOpt,
+)
+from lightning_lopt.optim.functional import StepContext, celo, small_fc
+from lightning_lopt.optim.functional.accumulators import (
+    ADAFACTOR_DECAYS,
+    MOMENTUM_DECAYS,
+    RMS_DECAYS,
+    factored_dims,
+    work_shape,
+)
+from lightning_lopt.optim.functional.features import time_embedding
+from lightning_lopt.optim.fused.build import Kernel
+
+State = dict[str, Any]
+_RULE = {SmallFCLOpt: 0, CeloLOpt: 1}
+#: small_fc hidden sizes the kernel's register tiles divide (8 outputs per tile on AVX-512).
+_HIDDEN_SIZES = (8, 16, 24, 32)
+
+
+class _Call(ctypes.Structure):
+    """``lopt_call`` of kernel.c."""
+
+    _fields_ = [
+        ("rule", ctypes.c_int32),
+        ("n_particles", ctypes.c_int32),
+        ("n_tensors", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32),
+        ("state_bf16", ctypes.c_int32),
+        ("hidden", ctypes.c_int32),
+        *[(name, ctypes.c_void_p) for name in ("tensors", "tscale", "w0", "b0", "w1", "b1", "w2", "b2", "decays", "lr", "seed")],
+        ("exp_mult", ctypes.c_float),
+    ]
+
+
+def architecture_supported(module: LearnedOptimizerModule) -> bool:
+    """Whether the kernel implements this architecture and configuration."""
+    if isinstance(module, SmallFCLOpt):
+        return type(module) is SmallFCLOpt and module.hidden_size in _HIDDEN_SIZES
+    return type(module) is CeloLOpt
+
+
+def supports(module: LearnedOptimizerModule, params: Sequence[Tensor]) -> bool:
+    """Whether :func:`step_in_place` / :func:`particle_step` run this step (CPU float32 only)."""
+    return architecture_supported(module) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+
+# -- θ-derived, per-particle inputs --------------------------------------------------------------
+
+
+@dataclass
+class _Nets:
+    """Per-particle kernel inputs, contiguous float32 with a leading particle axis."""
+
+    w0: Tensor
+    b0: Tensor
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+    decays: Tensor  # [P, 7]: momentum, rms, adafactor
+    lr: Tensor  # [P]
+    seeds: np.ndarray  # [P] uint32, the iteration
+    exp_mult: float
+
+
+def _seeds(iteration: Tensor) -> np.ndarray:
+    return np.asarray([int(i) & 0xFFFFFFFF for i in iteration.reshape(-1).tolist()], dtype=np.uint32)
+
+
+def _small_fc_nets(module: SmallFCLOpt, theta: dict[str, Tensor], iteration: Tensor) -> _Nets:
+    """θ of P particles (leading axis) → kernel inputs; the time features become a bias (as the pure step)."""
+    w0 = theta["mlp.0.weight"]
+    nf = small_fc.NUM_TENSOR_FEATURES
+    time = time_embedding(iteration.reshape(-1, 1), w0.dtype)  # [P, 11]
+    b0 = theta["mlp.0.bias"] + (w0[..., nf:] @ time.unsqueeze(-1)).squeeze(-1)
+    decays = torch.cat(
+        [
+            small_fc.decays_from_offsets(theta["momentum_decays"], MOMENTUM_DECAYS),
+            small_fc.decays_from_offsets(theta["rms_decays"], RMS_DECAYS),
+            small_fc.decays_from_offsets(theta["adafactor_decays"], ADAFACTOR_DECAYS),
+        ],
+        dim=-1,
+    )
+    return _Nets(
+        w0=w0[..., :nf].contiguous(),
+        b0=b0.contiguous(),
+        w1=theta["mlp.1.weight"].contiguous(),
+        b1=theta["mlp.1.bias"].contiguous(),
+        w2=theta["mlp.2.weight"].contiguous(),
+        b2=theta["mlp.2.bias"].contiguous(),
+        decays=decays.contiguous(),
+        lr=torch.full((w0.shape[0],), module.step_mult, dtype=torch.float32),
+        seeds=_seeds(iteration),
+        exp_mult=module.exp_mult,
+    )
+
+
+def _celo_nets(module: CeloLOpt, theta: dict[str, Tensor], eta: Tensor, iteration: Tensor) -> _Nets:
+    """Celo θ of P particles and their η → kernel inputs (stage 1 drops η, as the pure step)."""
+    w0 = theta["mlp.0.weight"]
+    p = w0.shape[0]
+    lr = eta.reshape(p) * celo.STEP_MULT if module.train_phase == 2 else torch.full((p,), celo.STEP_MULT)
+    constant = torch.tensor([*MOMENTUM_DECAYS, *RMS_DECAYS, *ADAFACTOR_DECAYS], dtype=torch.float32)
+    return _Nets(
+        w0=w0.contiguous(),
+        b0=theta["mlp.0.bias"].contiguous(),
+        w1=theta["mlp.1.weight"].contiguous(),
+        b1=theta["mlp.1.bias"].contiguous(),
+        w2=theta["mlp.2.weight"].contiguous(),
+        b2=theta["mlp.2.bias"].contiguous(),
+        decays=constant.expand(p, -1).contiguous(),
+        lr=lr.to(torch.float32).contiguous(),
+        seeds=_seeds(iteration),
+        exp_mult=celo.EXP_MULT,
+    )
+
+
+# -- tensors --------------------------------------------------------------------------------------
+
+
+def _view(shape: tuple[int, ...], layout: str) -> list[int]:
+    """``T_N`` … ``T_D0_IS_A`` of kernel.c: the size, whether the tensor is factored, its 5-D view
+    ``[pre, A, mid, B, post]`` around the two factored axes ``a < b`` (d0 and d1 in axis order),
+    and whether d0 is ``a``. Below rank 2 the tensor is not factored."""
+    n = math.prod(shape)
+    dims = factored_dims(shape, layout)
+    if dims is None:
+        return [n, 0, 1, 1, 1, 1, 1, 0]
+    a, b = sorted(dims)
+    view = [math.prod(shape[:a]), shape[a], math.prod(shape[a + 1 : b]), shape[b], math.prod(shape[b + 1 :])]
+    return [n, 1, *view, int(dims[1] == a)]
+
+
+@dataclass
+class _Job:
+    """One tensor of the step (all particles): its work shape and the buffers the kernel reads and writes."""
+
+    shape: tuple[int, ...]
+    layout: str
+    p_in: Tensor
+    p_out: Tensor
+    g: Tensor
+    acc_in: dict[str, Tensor]
+    acc_out: dict[str, Tensor]
+    scale: float
+    weight_decay: float
+    index: int  # position in the step's tensor list (keys the stochastic rounding of bf16 state)
+
+    def descriptor(self) -> list[int]:
+        """The int64 fields of kernel.c's tensor descriptor (``T_N`` … ``T_INDEX``)."""
+        if "v" in self.acc_in:
+            v = [self.acc_in["v"], self.acc_out["v"]]
+            ptrs = [t.data_ptr() for t in v] + [0, 0]
+        else:
+            v = [self.acc_in["v_row"], self.acc_out["v_row"], self.acc_in["v_col"], self.acc_out["v_col"]]
+            ptrs = [t.data_ptr() for t in v]
+        tensors = [self.p_in, self.p_out, self.g, self.acc_in["m"], self.acc_out["m"], self.acc_in["rms"], self.acc_out["rms"]]
+        return [*_view(self.shape, self.layout), *(t.data_ptr() for t in tensors), *ptrs, self.index]
+
+
+def _state_is_bf16(jobs: Sequence[_Job]) -> bool:
+    dtypes = {t.dtype for job in jobs for key in ("m", "rms") for t in (job.acc_in[key], job.acc_out[key])}
+    if not dtypes <= {torch.float32, torch.bfloat16} or len(dtypes) != 1:
+        raise TypeError(f"m and rms must all be float32 or all bfloat16, got {sorted(map(str, dtypes))}")
+    return dtypes == {torch.bfloat16}
+
+
+def _call(
+    module: LearnedOptimizerModule,
+    nets: _Nets | None,
+    descriptors: np.ndarray,
+    scalars: np.ndarray,
+    n_particles: int,
+    state_bf16: bool,
+) -> _Call:
+    """The kernel's argument block; the arrays must outlive the call."""
+    call = _Call(
+        rule=_RULE[type(module)],
+        n_particles=n_particles,
+        n_tensors=len(descriptors),
+        n_threads=torch.get_num_threads(),
+        state_bf16=int(state_bf16),
+        hidden=module.hidden_size if isinstance(module, SmallFCLOpt) else 4,
+        tensors=descriptors.ctypes.data,
+        tscale=scalars.ctypes.data,
+    )
+    if nets is not None:
+        for name in ("w0", "b0", "w1", "b1", "w2", "b2", "decays", "lr"):
+            setattr(call, name, getattr(nets, name).data_ptr())
+        call.seed = nets.seeds.ctypes.data
+        call.exp_mult = nets.exp_mult
+    return call
+
+
+def _launch(kernel: Kernel, module: LearnedOptimizerModule, nets: _Nets, jobs: Sequence[_Job]) -> None:
+    """One kernel call over every (particle, tensor) pair; the tensors must be contiguous.
+
+    Empty tensors are left out (their outputs are empty too).
+    """
+    jobs = [job for job in jobs if job.p_in.numel() > 0]
+    if not jobs:
+        return
+    for job in jobs:
+        tensors = [job.p_in, job.p_out, job.g, *job.acc_in.values(), *job.acc_out.values()]
+        if not all(t.is_contiguous() for t in tensors):
+            raise ValueError("the fused step needs contiguous parameters, gradients and state")
+    descriptors = np.asarray([job.descriptor() for job in jobs], dtype=np.int64)
+    scalars = np.asarray([[job.scale, job.weight_decay] for job in jobs], dtype=np.float32)
+    call = _call(module, nets, descriptors, scalars, nets.w0.shape[0], _state_is_bf16(jobs))
+    status = kernel.lib.lopt_step(ctypes.byref(call))
+    if status != 0:
+        raise MemoryError(f"the fused learned-optimizer step failed (status {status}): workspace allocation")
+
+
+def workspace_bytes(
+    kernel: Kernel,
+    module: LearnedOptimizerModule,
+    shapes: Sequence[Sequence[int]],
+    *,
+    n_particles: int = 1,
+    state_bf16: bool = False,
+) -> int:
+    """The bytes one step over tensors of these shapes allocates inside the kernel (its transient memory).
+
+    Tables of the factored statistics, reduction partials, per-unit sums and normalised first
+    layers; the parameters and the state themselves are not counted (they are written in place).
+    """
+    null_pointers = [0] * 11
+    rows = [[*_view(work_shape(shape), module.layout), *null_pointers, index] for index, shape in enumerate(shapes)]
+    descriptors = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+    scalars = np.zeros((len(rows), 2), dtype=np.float32)
+    call = _call(module, None, descriptors, scalars, n_particles, state_bf16)
+    return int(kernel.lib.lopt_workspace_bytes(ctypes.byref(call)))
+
+
+# -- the two forms --------------------------------------------------------------------------------
+
+
+def step_in_place(
+    kernel: Kernel,
+    module: LearnedOptimizerModule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: State,
+    ctx: StepContext,
+    weight_decays: Sequence[float],
+) -> State:
+    """One step of one optimizer: writes ``params`` and ``state["tensors"]`` in place.
+
+    Computes ``p ← step(p) − weight_decay · p`` (the wrappers' decoupled weight decay, applied to
+    the pre-update ``p``). Returns the new global state (everything but ``"tensors"``).
+    ``params`` and the state must be contiguous float32 (``m`` / ``rms`` may be bf16).
+    """
+    theta = {k: v.detach() for k, v in module.state_dict().items()}
+    iteration = state["iteration"]
+    if isinstance(module, SmallFCLOpt):
+        nets = _small_fc_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, iteration.reshape(1))
+        new_global: State = {"iteration": iteration + 1}
+    else:
+        eta, scheduler_state = celo.scheduler_step(theta, state, ctx)
+        nets = _celo_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, eta, iteration.reshape(1))
+        new_global = {"iteration": iteration + 1, **scheduler_state}
+    jobs = [
+        _Job(work_shape(p.shape), module.layout, p, p, g.contiguous(), acc, acc, float(scale), float(wd), index)
+        for index, (p, g, acc, scale, wd) in enumerate(zip(params, grads, state["tensors"], ctx.scales, weight_decays))
+    ]
+    _launch(kernel, module, nets, jobs)
+    return new_global
+
+
+def particle_step(
+    kernel: Kernel,
+    module: LearnedOptimizerModule,
+    theta: dict[str, Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: State,
+    ctx: StepContext,
+) -> tuple[list[Tensor], State]:
+    """P stacked particles (leading axis everywhere, θ per particle); new tensors, inputs untouched."""
+    iteration = state["iteration"]
+    if isinstance(module, SmallFCLOpt):
+        nets = _small_fc_nets(module, theta, iteration)
+        new_state: State = {"iteration": iteration + 1}
+    else:
+        global_state = {k: v for k, v in state.items() if k != "tensors"}
+        eta, scheduler_state = _vmapped_scheduler(theta, global_state, ctx)
+        nets = _celo_nets(module, theta, eta, iteration)
+        new_state = {"iteration": iteration + 1, **scheduler_state}
+    params = [p.contiguous() for p in params]
+    new_params = [torch.empty_like(p) for p in params]
+    new_tensors = [{k: torch.empty_like(v) for k, v in acc.items()} for acc in state["tensors"]]
+    jobs = [
+        _Job(
+            work_shape(p.shape[1:]),
+            module.layout,
+            p,
+            out,
+            g.to(torch.float32).contiguous(),
+            {k: v.contiguous() for k, v in acc.items()},
+            acc_out,
+            float(scale),
+            0.0,
+            index,
+        )
+        for index, (p, out, g, acc, acc_out, scale) in enumerate(
+            zip(params, new_params, grads, state["tensors"], new_tensors, ctx.scales)
+        )
+    ]
+    _launch(kernel, module, nets, jobs)
+    new_state["tensors"] = new_tensors
+    return [out.reshape(p.shape) for out, p in zip(new_params, params)], new_state
+
+
+def _vmapped_scheduler(theta: dict[str, Tensor], state: State, ctx: StepContext) -> tuple[Tensor, State]:
+    """Celo's η and next scheduler state for every particle (the pure ``scheduler_step``, vmapped)."""
+    scheduler_theta = {k: v for k, v in theta.items() if k.startswith("scheduler.")}
+
+    def one(th: dict[str, Tensor], s: State, loss: Any, num_steps: Any) -> tuple[Tensor, State]:
+        return celo.scheduler_step(th, s, StepContext([], loss, num_steps))
+
+    num_steps = ctx.num_steps
+    per_particle = isinstance(num_steps, Tensor) and num_steps.dim() == 1
+    in_dims = (0, 0, 0 if ctx.loss is not None else None, 0 if per_particle else None)
+    return torch.func.vmap(one, in_dims=in_dims)(scheduler_theta, state, ctx.loss, num_steps)
