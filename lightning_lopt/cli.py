@@ -31,7 +31,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 EXTRA_COMMANDS: dict[str, str | None] = {
     "coord-check": "lightning_lopt.eval.coord_sweep:main",
     "meta-fit": "lightning_lopt.meta.cli:main",
-    "evaluate": None,
+    "evaluate": "lightning_lopt.eval.evaluate:main",
 }
 
 USAGE = f"""usage: python train.py [COMMAND] [ARGS...]

@@ -1,1 +1,20 @@
-"""Evaluation: the μP coordinate-check width sweep (:mod:`.coord_sweep`), and the evaluation suites."""
+"""Evaluation of optimizers: suites against tuned baselines, and the μP coordinate-check sweep.
+
+One concept per module, the way learned_optimization keeps tasks, trainers and summaries apart:
+
+- :mod:`.tasks`: task families (model kind, data, batch size, base width) and tasks; :mod:`.convnet`
+  and :mod:`.data` supply the conv net and the data sources they need;
+- :mod:`.suites`: the suite YAML files of ``configs/eval/`` → groups of tasks;
+- :mod:`.optimizers`: ``--optimizers`` entries (names, ``name:weights``, import paths) and how a
+  run builds its ``torch.optim`` optimizer;
+- :mod:`.runner` and :mod:`.store`: one run (a plain, seeded, single-threaded loop), and many of
+  them with a cache keyed by (task, optimizer, seed, config hash), resume and a progress bar;
+- :mod:`.tuning`: AdamW and μAdam grid searches at each family's base width;
+- :mod:`.metrics`: pure functions: final loss, ranks, normalised loss, speedup, IQM, median,
+  optimality gap, stratified bootstrap intervals;
+- :mod:`.summary`, :mod:`.plots`, :mod:`.report`: tables, PNGs and the markdown report;
+- :mod:`.evaluate` and :mod:`.coord_sweep`: the ``evaluate`` and ``coord-check`` commands, which share
+  :mod:`.arguments` (jsonargparse, ``--config``, ``--seeds N``).
+
+See ``docs/evaluation.md``.
+"""

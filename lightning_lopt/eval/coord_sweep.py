@@ -14,13 +14,19 @@ Under μP the slope is near 0 (coordinates do not grow with width); standard par
 Adam blows up, which shows as a positive slope (about 1 for hidden layers: ``ΔW x`` sums ``width``
 coordinates of size ``lr``).
 
-Command line (``python train.py coord-check --help``)::
+Command line (``python train.py coord-check --help``; the conventions of
+:mod:`lightning_lopt.eval.arguments`: ``--config`` YAML, ``--seeds 2`` for two seeds, ``--seeds 0,3``
+for those seeds)::
 
     python train.py coord-check --model mlp --widths 64,128,256,512,1024 \\
-        --optimizers adamw:sp,muadam:mup --steps 0,1,2,5,10 --seeds 0,1 --out outputs/coord_check
+        --optimizers adamw:sp,muadam:mup --steps 0,1,2,5,10 --seeds 2 --out outputs/coord_check
 
 ``--optimizers`` takes registry names (``lightning_lopt.optim.available()``); ``name:mup`` or
 ``name:sp`` pins the parametrization of that entry, plain names run under every ``--param``.
+The sweep shares the evaluation's data sources (:mod:`~lightning_lopt.eval.data`), progress bar
+(:mod:`~lightning_lopt.eval.runner`), slope fit (:mod:`~lightning_lopt.eval.metrics`) and figure
+helpers (:mod:`~lightning_lopt.eval.plots`); its fits are Lightning fits, because the sweep is what
+the :class:`~lightning_lopt.callbacks.CoordCheck` callback looks like in use.
 
 Python::
 
@@ -35,7 +41,6 @@ and each fit's Lightning CSV log under ``logs/``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -49,6 +54,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse import ActionYesNo
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -56,11 +62,15 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_lopt import optim
 from lightning_lopt.callbacks import CoordCheck
 from lightning_lopt.callbacks.coord_check import STATS, ModuleFilter, resolve_module_filter, write_records_csv
-from lightning_lopt.datamodules import DATAMODULES, get_datamodule
+from lightning_lopt.eval.arguments import UsageError, int_list, new_parser, resolve_seeds, run_command, str_list
+from lightning_lopt.eval.data import SOURCES, load_source
+from lightning_lopt.eval.metrics import loglog_slope
+from lightning_lopt.eval.plots import plot_coord_sweep
+from lightning_lopt.eval.runner import progress_bar
 from lightning_lopt.models import MuMLP, MuTransformerLM, MuViT
 from lightning_lopt.optimizee import OptimizeeModule
 
-__all__ = ["CoordSweepResult", "SyntheticTokens", "build_parser", "main", "plot_sweep", "run_coord_sweep", "summarize"]
+__all__ = ["CoordSweepResult", "build_parser", "main", "run_coord_sweep", "summarize"]
 
 MODELS = ("mlp", "vit", "lm")
 PARAMS = ("mup", "sp")
@@ -72,38 +82,6 @@ DEFAULT_LR = {"adamw": 1e-3, "muadam": 1e-2, "sgd": 0.1}
 DEPTH = {"mlp": 3, "vit": 2, "lm": 2}
 HEADS = 4
 DEFAULT_DATA = {"mlp": "digits", "vit": "digits", "lm": "synthetic"}
-
-
-class SyntheticTokens:
-    """Offline token data for the LM sweep: a fixed random bigram (Markov) chain.
-
-    Each token has ``branching`` likely successors, so there is structure to learn and the loss
-    moves within a few steps. It mimics a data module's ``sample`` (``[n, batch_size, seq_len]``
-    int64 inputs, targets shifted by one token).
-
-    Usage::
-
-        data = SyntheticTokens(vocab_size=64, seq_len=32)
-        x, y = data.sample(batch_size=8, n=2, generator=torch.Generator().manual_seed(0))
-    """
-
-    def __init__(self, vocab_size: int = 64, seq_len: int = 32, branching: int = 4, seed: int = 1234) -> None:
-        self.vocab_size = vocab_size
-        self.seq_len = seq_len
-        self.input_shape = (seq_len,)
-        g = torch.Generator().manual_seed(seed)
-        logits = torch.full((vocab_size, vocab_size), -4.0)
-        successors = torch.stack([torch.randperm(vocab_size, generator=g)[:branching] for _ in range(vocab_size)])
-        logits.scatter_(1, successors, 0.0)
-        self.transition = logits.softmax(-1)
-
-    def sample(self, batch_size: int, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        rows = n * batch_size
-        tokens = [torch.randint(0, self.vocab_size, (rows,), generator=generator)]
-        for _ in range(self.seq_len):
-            tokens.append(torch.multinomial(self.transition[tokens[-1]], 1, generator=generator).squeeze(1))
-        seq = torch.stack(tokens, dim=1).view(n, batch_size, self.seq_len + 1)
-        return seq[..., :-1].contiguous(), seq[..., 1:].contiguous()
 
 
 class _Batches(Dataset):
@@ -162,17 +140,6 @@ def _parse_runs(optimizers: Sequence[str], param: str | Sequence[str]) -> list[t
     return runs
 
 
-def _check_positive_ints(flag: str, values: Sequence[int], allow_zero: bool = False) -> list[int]:
-    values = list(values)
-    if not values:
-        raise ValueError(f"{flag}: empty list")
-    low = 0 if allow_zero else 1
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < low]
-    if bad:
-        raise ValueError(f"{flag}: expected integers >= {low}, got {bad}")
-    return values
-
-
 def _data_source(model: str, data: Any, seq_len: int) -> Any:
     """The data module (or synthetic source) named by ``--data``, or ``data`` itself when it is an
     object with ``sample`` (a data module of the user's)."""
@@ -181,15 +148,11 @@ def _data_source(model: str, data: Any, seq_len: int) -> Any:
             raise ValueError(f"--data: {type(data).__name__} has no sample(batch_size, n, generator) method")
         return data
     name = data or DEFAULT_DATA[model]
-    if name == "synthetic":
-        if model != "lm":
-            raise ValueError("--data: 'synthetic' token data is for --model lm; use an image data set for mlp/vit")
-        return SyntheticTokens(seq_len=seq_len)
-    if name not in DATAMODULES:
-        raise ValueError(f"--data: unknown data {name!r}; known: synthetic, {', '.join(DATAMODULES)}")
-    if (model == "lm") != (name == "text"):
+    if name not in SOURCES:
+        raise ValueError(f"--data: unknown data {name!r}; known: {', '.join(SOURCES)}")
+    if (model == "lm") != (name in ("text", "synthetic")):
         raise ValueError(f"--data: {name!r} does not suit --model {model}: lm takes text or synthetic, mlp/vit images")
-    return get_datamodule(name, seq_len=seq_len) if name == "text" else get_datamodule(name)
+    return load_source(name, {"seq_len": seq_len} if model == "lm" else {})
 
 
 def _model_factory(model: str, source: Any, depth: int, heads: int) -> Callable[[int, str], nn.Module]:
@@ -235,7 +198,7 @@ def run_coord_sweep(
     optimizers: Sequence[str] = ("adamw", "muadam"),
     param: str | Sequence[str] = "both",
     steps: Sequence[int] = (0, 1, 2, 5, 10),
-    seeds: Sequence[int] = (0, 1),
+    seeds: int | str | Sequence[int] = 2,
     lr: float | None = None,
     optimizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 64,
@@ -247,6 +210,7 @@ def run_coord_sweep(
     stats: Sequence[str] = ("delta_std", "abs_mean"),
     modules: ModuleFilter = None,
     plot: bool = True,
+    progress: bool = False,
 ) -> CoordSweepResult:
     """Run the coordinate-check sweep and return (and, with ``out``, write) its records and summary.
 
@@ -259,7 +223,8 @@ def run_coord_sweep(
         optimizers: registry names, optionally pinned to a parametrization (``"adamw:sp"``).
         param: ``mup``, ``sp`` or ``both``: parametrizations for the unpinned optimizers.
         steps: optimizer steps to record; the fits run ``max(steps)`` steps.
-        seeds: each seed fixes the model init, the data order and the probe batch.
+        seeds: N for seeds ``0..N-1``, or a list of seeds; each fixes the model init, the data
+            order and the probe batch.
         lr: learning rate for every optimizer; default :data:`DEFAULT_LR` per optimizer (learned
             optimizers get none and use their own defaults).
         optimizer_kwargs: extra keyword arguments per optimizer name, passed to
@@ -278,22 +243,23 @@ def run_coord_sweep(
         stats: CoordCheck statistics to record.
         modules: CoordCheck module filter, over names inside the model (``"hidden_layers.*"``).
         plot: draw the PNGs (with ``out``).
+        progress: show a progress bar over the fits (the command line does).
     """
     if model not in MODELS:
         raise ValueError(f"--model: unknown model {model!r}; known models: {', '.join(MODELS)}")
-    widths = sorted(set(_check_positive_ints("--widths", widths)))
+    widths = sorted(set(int_list(widths, "--widths", minimum=1)))
     runs = _parse_runs(optimizers, param)
-    steps = sorted(set(_check_positive_ints("--steps", steps, allow_zero=True)))
+    steps = sorted(set(int_list(steps, "--steps")))
     if steps[-1] == 0:
         raise ValueError("--steps: needs a step after 0, the fits run max(steps) optimizer steps")
-    seeds = _check_positive_ints("--seeds", seeds, allow_zero=True)
-    batch_size = _check_positive_ints("--batch-size", [batch_size])[0]
+    seeds = resolve_seeds(seeds)
+    batch_size = int_list(batch_size, "--batch-size", minimum=1)[0]
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"--lr: expected a positive number, got {lr!r}")
     unknown = [s for s in stats if s not in STATS]
     if unknown or not stats:
         raise ValueError(f"--stats: unknown {unknown or 'empty list'}; known: {', '.join(STATS)}")
-    depth = DEPTH[model] if depth is None else _check_positive_ints("--depth", [depth])[0]
+    depth = DEPTH[model] if depth is None else int_list(depth, "--depth", minimum=1)[0]
     if model in ("vit", "lm"):
         bad = [w for w in widths if w % heads]
         if bad:
@@ -323,18 +289,20 @@ def run_coord_sweep(
 
     out_dir = Path(out) if out is not None else None
     records: list[dict[str, Any]] = []
-    with _quiet_lightning():
-        for opt_name, p in runs:
-            for seed in seeds:
-                for width in widths:
-                    torch.manual_seed(seed)
-                    run = f"{model}_{opt_name}_{p}_w{width}_s{seed}"
-                    module = OptimizeeModule(
-                        build(width, p), objective, optimizer=opt_name, optimizer_kwargs=opt_kwargs[opt_name], num_classes=num_classes
-                    )
-                    cc = _fit_one(module, streams[seed], steps, stats, module_filter, out_dir, run)
-                    meta = {"model": model, "optimizer": opt_name, "param": p, "width": width, "seed": seed}
-                    records.extend({**meta, **r, "layer": r["layer"].removeprefix("model.")} for r in cc.records)
+    fits = [(opt_name, p, seed, width) for opt_name, p in runs for seed in seeds for width in widths]
+    with _quiet_lightning(), progress_bar(progress) as bar:
+        overall = bar.add_task("coord-check fits", total=len(fits), status="")
+        for opt_name, p, seed, width in fits:
+            run = f"{model}_{opt_name}_{p}_w{width}_s{seed}"
+            bar.update(overall, status=f"{opt_name} ({p}) · width {width} · seed {seed}")
+            torch.manual_seed(seed)
+            module = OptimizeeModule(
+                build(width, p), objective, optimizer=opt_name, optimizer_kwargs=opt_kwargs[opt_name], num_classes=num_classes
+            )
+            cc = _fit_one(module, streams[seed], steps, stats, module_filter, out_dir, run)
+            meta = {"model": model, "optimizer": opt_name, "param": p, "width": width, "seed": seed}
+            records.extend({**meta, **r, "layer": r["layer"].removeprefix("model.")} for r in cc.records)
+            bar.advance(overall)
 
     data_name = data if isinstance(data, str) else DEFAULT_DATA[model] if data is None else type(data).__name__
     # JSON-safe record of what each optimizer was built with (objects such as modules as their repr).
@@ -349,7 +317,7 @@ def run_coord_sweep(
         write_records_csv(records, out_dir / "records.csv")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         if plot:
-            result.figures = plot_sweep(records, out_dir, stats)
+            result.figures = plot_coord_sweep(records, out_dir, stats)
     return result
 
 
@@ -450,13 +418,6 @@ def _fit_one(
     return cc
 
 
-def _slope(widths: list[int], values: list[float]) -> float:
-    """Least-squares slope of log(value) against log(width); NaN when a value is not positive."""
-    if len(widths) < 2 or any(not (v > 0 and math.isfinite(v)) for v in values):
-        return math.nan
-    return float(np.polyfit(np.log(widths), np.log(values), 1)[0])
-
-
 def _json_float(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -480,7 +441,7 @@ def summarize(records: Sequence[dict[str, Any]], **meta: Any) -> dict[str, Any]:
         table.setdefault(key, {}).setdefault(r["step"], {}).setdefault(r["seed"], {})[r["width"]] = r["value"]
 
     def seed_slopes(by_seed: dict[int, dict[int, float]]) -> dict[int, float]:
-        return {seed: _slope(sorted(bw), [bw[w] for w in sorted(bw)]) for seed, bw in sorted(by_seed.items())}
+        return {seed: loglog_slope(sorted(bw), [bw[w] for w in sorted(bw)]) for seed, bw in sorted(by_seed.items())}
 
     slopes: dict[str, Any] = {}
     for (opt_name, p, layer, stat), by_step in table.items():
@@ -504,196 +465,91 @@ def summarize(records: Sequence[dict[str, Any]], **meta: Any) -> dict[str, Any]:
     return {**meta, "last_step": last, "slopes": slopes}
 
 
-def _grid(fig: Any, n: int, ncols: int = 4) -> list[Any]:
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return list(axes[:n])
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    """Save as a 256-colour palette PNG: a third of the RGBA size, so the plots can be committed."""
-    from PIL import Image
-
-    fig.savefig(path, dpi=80)
-    with Image.open(path) as im:
-        palette = im.convert("RGB").quantize(colors=256)
-    palette.save(path, optimize=True)
-
-
-def plot_sweep(records: Sequence[dict[str, Any]], out_dir: Path, stats: Sequence[str]) -> list[Path]:
-    """Draw both plot styles for every (optimizer, param, stat); returns the PNG paths.
-
-    Lines are seed means; the shaded band spans the seeds' min and max. Non-positive values
-    (``delta_std`` at step 0) are left out of the log axes.
-    """
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    model = records[0]["model"]
-    paths: list[Path] = []
-    combos = list(dict.fromkeys((r["optimizer"], r["param"]) for r in records))
-    for opt_name, p in combos:
-        rows = [r for r in records if r["optimizer"] == opt_name and r["param"] == p]
-        layers = list(dict.fromkeys(r["layer"] for r in rows))
-        widths = sorted({r["width"] for r in rows})
-        steps = sorted({r["step"] for r in rows})
-        for stat in stats:
-            # (layer, step, width) -> values over seeds
-            cells: dict[tuple[str, int, int], list[float]] = {}
-            for r in rows:
-                if r["stat"] == stat:
-                    cells.setdefault((r["layer"], r["step"], r["width"]), []).append(r["value"])
-            for style, xs, lines, cmap in (
-                ("vs_width", widths, steps, "plasma"),
-                ("vs_step", steps, widths, "viridis"),
-            ):
-                n = len(layers)
-                ncols, nrows = min(4, n), math.ceil(n / 4)
-                # A fixed layout: constrained layout redraws every tick label several times and
-                # dominated the run time with a dozen log-log panels.
-                width_in, height_in = 2.9 * ncols + 0.9, 2.3 * nrows + 0.8
-                fig = Figure(figsize=(width_in, height_in))
-                # Margins in inches: the legend sits in the right one, the title in the top one.
-                fig.subplots_adjust(
-                    left=0.75 / width_in, right=1 - 0.9 / width_in, bottom=0.45 / height_in,
-                    top=1 - 0.75 / height_in, wspace=0.4, hspace=0.5,
-                )
-                FigureCanvasAgg(fig)
-                colors = colormaps[cmap](np.linspace(0.0, 0.85, len(lines)))
-                for ax, layer in zip(_grid(fig, n), layers):
-                    for color, line in zip(colors, lines):
-                        key = (lambda xv: (layer, line, xv)) if style == "vs_width" else (lambda xv: (layer, xv, line))
-                        pts = [(xv, cells[key(xv)]) for xv in xs if key(xv) in cells]
-                        pts = [(xv, v) for xv, v in pts if min(v) > 0 and all(map(math.isfinite, v))]
-                        if not pts:
-                            continue
-                        xv = [q[0] for q in pts]
-                        label = f"t={line}" if style == "vs_width" else f"w={line}"
-                        ax.plot(xv, [float(np.mean(q[1])) for q in pts], marker="o", ms=3, color=color, label=label)
-                        low_band, high_band = [min(q[1]) for q in pts], [max(q[1]) for q in pts]
-                        ax.fill_between(xv, low_band, high_band, color=color, alpha=0.2, lw=0)
-                    ax.set_yscale("log")
-                    low, high = ax.dataLim.intervaly
-                    if low > 0 and high / low < 10:
-                        # At least a decade per panel: autoscaling would blow seed noise around a
-                        # flat (μP) curve up to the size of a trend.
-                        mid = math.sqrt(low * high)
-                        ax.set_ylim(mid / math.sqrt(10), mid * math.sqrt(10))
-                    # Past a decade matplotlib still labels some minor ticks, which then overlap.
-                    ax.yaxis.set_minor_formatter(NullFormatter())
-                    if style == "vs_width":
-                        ax.set_xscale("log", base=2)
-                    ax.set_title(layer, fontsize="small")
-                    ax.set_xlabel("width" if style == "vs_width" else "step", fontsize="small")
-                    ax.tick_params(labelsize="x-small")
-                    ax.grid(True, which="major", alpha=0.3)
-                handles, labels = fig.axes[0].get_legend_handles_labels()
-                fig.legend(handles, labels, loc="upper right", fontsize="x-small")
-                title = f"{model}: {stat}, {opt_name} ({'μP' if p == 'mup' else 'SP'})"
-                fig.suptitle(title + (", one line per step" if style == "vs_width" else ", one line per width"))
-                path = out_dir / f"{model}_{opt_name}_{p}_{stat}_{style}.png"
-                _save_png(fig, path)
-                paths.append(path)
-    return paths
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"invalid JSON: {err}") from None
+def _optimizer_kwargs(value: Any) -> dict[str, dict[str, Any]] | None:
+    """``--optimizer-kwargs``: a mapping of optimizer name to keyword arguments (JSON or YAML)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--optimizer-kwargs: invalid JSON: {err}") from None
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise argparse.ArgumentTypeError('expected {"optimizer": {"argument": value, ...}, ...}')
+        raise ValueError('--optimizer-kwargs: expected {"optimizer": {"argument": value, ...}, ...}')
     return value
 
 
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``coord-check`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="train.py coord-check",
-        description="μP coordinate check: sweep widths, record per-layer pre-activation statistics, plot them "
+def build_parser() -> Any:
+    """The ``coord-check`` argument parser (jsonargparse: ``--config`` YAML plus the flags)."""
+    parser = new_parser(
+        "train.py coord-check",
+        "μP coordinate check: sweep widths, record per-layer pre-activation statistics, plot them "
         "and write the log-log slopes against width to summary.json.",
     )
-    parser.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)} (default mlp)")
-    parser.add_argument("--widths", type=_int_list, default=[64, 128, 256, 512, 1024], help="comma-separated widths")
+    parser.add_argument("--model", type=str, default="mlp", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--widths", type=str | list[int], default="64,128,256,512,1024", help="comma-separated widths")
     parser.add_argument(
-        "--optimizers",
-        type=_str_list,
-        default=["adamw", "muadam"],
-        help="comma-separated registry names; NAME:mup or NAME:sp pins the parametrization (default adamw,muadam)",
-    )
-    parser.add_argument("--param", default="both", help="mup, sp or both (default): for optimizers without :PARAM")
-    parser.add_argument("--steps", type=_int_list, default=[0, 1, 2, 5, 10], help="optimizer steps to record")
-    parser.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
+        "--optimizers", type=str | list[str], default="adamw,muadam",
+        help="comma-separated registry names; NAME:mup or NAME:sp pins the parametrization",
+    )  # fmt: skip
+    parser.add_argument("--param", type=str, default="both", help="mup, sp or both: for optimizers without :PARAM")
+    parser.add_argument("--steps", type=str | list[int], default="0,1,2,5,10", help="optimizer steps to record")
+    parser.add_argument("--seeds", type=int | list[int] | str, default=2, help="N for seeds 0..N-1, or a list: 0,3,7")
     parser.add_argument(
-        "--lr", type=float, default=None, help=f"learning rate for all optimizers (default per optimizer: {DEFAULT_LR})"
+        "--lr", type=float | None, default=None, help=f"learning rate for all optimizers (default per optimizer: {DEFAULT_LR})"
     )
     parser.add_argument(
-        "--optimizer-kwargs",
-        type=_json_object,
-        default=None,
-        help='JSON object of keyword arguments per optimizer, e.g. \'{"mulo": {"meta_weights": "mulo-m"}}\'',
-    )
+        "--optimizer-kwargs", type=str | dict | None, default=None,
+        help='keyword arguments per optimizer, e.g. \'{"mulo": {"meta_weights": "mulo-m"}}\'',
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
-        "--data", default=None, help="digits (default for mlp/vit), mnist, fashion_mnist, text, synthetic (default for lm)"
-    )
-    parser.add_argument("--depth", type=int, default=None, help=f"model depth (default {DEPTH})")
+        "--data", type=str | None, default=None,
+        help="digits (default for mlp/vit), mnist, fashion_mnist, text, synthetic (default for lm)",
+    )  # fmt: skip
+    parser.add_argument("--depth", type=int | None, default=None, help=f"model depth (default {DEPTH})")
     parser.add_argument("--heads", type=int, default=HEADS, help="attention heads for vit and lm")
+    parser.add_argument("--stats", type=str | list[str], default="delta_std,abs_mean", help=f"among {', '.join(STATS)}")
     parser.add_argument(
-        "--stats", type=_str_list, default=["delta_std", "abs_mean"], help=f"statistics among {', '.join(STATS)}"
-    )
-    parser.add_argument(
-        "--modules", type=_str_list, default=None, help="glob patterns over model layer names (default: Linear-like layers)"
-    )
-    parser.add_argument("--out", default="outputs/coord_check", help="output folder")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+        "--modules", type=str | list[str] | None, default=None,
+        help="glob patterns over model layer names (default: Linear-like layers)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=str, default="outputs/coord_check", help="output folder")
+    parser.add_argument("--plot", action=ActionYesNo(no_prefix="no-"), default=True, help="draw the PNGs")
+    parser.add_argument("--progress", action=ActionYesNo(no_prefix="no-"), default=True, help="show the progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python train.py coord-check ARGS``: run the sweep and print the slopes at the last step."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = run_coord_sweep(
-            model=args.model,
-            widths=args.widths,
-            optimizers=args.optimizers,
-            param=args.param,
-            steps=args.steps,
-            seeds=args.seeds,
-            lr=args.lr,
-            optimizer_kwargs=args.optimizer_kwargs,
-            batch_size=args.batch_size,
-            data=args.data,
-            out=args.out,
-            depth=args.depth,
-            heads=args.heads,
-            stats=args.stats,
-            modules=args.modules,
-            plot=not args.no_plot,
-        )
-    except ValueError as err:
-        parser.error(str(err))
-    print(format_summary(result.summary))
-    print(f"wrote {result.out / 'summary.json'}, records.csv and {len(result.figures)} plots to {result.out}")
+
+    def run(args: Any) -> None:
+        try:
+            result = run_coord_sweep(
+                model=args.model,
+                widths=args.widths,
+                optimizers=str_list(args.optimizers, "--optimizers"),
+                param=args.param,
+                steps=args.steps,
+                seeds=args.seeds,
+                lr=args.lr,
+                optimizer_kwargs=_optimizer_kwargs(args.optimizer_kwargs),
+                batch_size=args.batch_size,
+                data=args.data,
+                out=args.out,
+                depth=args.depth,
+                heads=args.heads,
+                stats=str_list(args.stats, "--stats"),
+                modules=None if args.modules is None else str_list(args.modules, "--modules"),
+                plot=args.plot,
+                progress=args.progress,
+            )
+        except ValueError as err:  # every check runs before the first fit
+            raise UsageError(str(err)) from err
+        print(format_summary(result.summary))
+        print(f"wrote {result.out / 'summary.json'}, records.csv and {len(result.figures)} plots to {result.out}")
+
+    run_command(build_parser(), argv, run)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

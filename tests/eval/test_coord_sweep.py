@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lightning_lopt.eval import coord_sweep
-from lightning_lopt.eval.coord_sweep import SyntheticTokens, main, run_coord_sweep, summarize
+from lightning_lopt.eval.coord_sweep import main, run_coord_sweep, summarize
+from lightning_lopt.eval.data import SyntheticTokens
 
 
 def test_mlp_sweep_discriminates_mup_from_sp() -> None:
@@ -216,3 +217,25 @@ def test_learned_optimizers_with_a_schedule_join_the_sweep():
     )
     values = [r["value"] for r in result.records if r["stat"] == "delta_std" and r["step"] == 2]
     assert values and all(v > 0 for v in values)  # the parameters moved
+
+
+@pytest.mark.parametrize(("seeds", "expected"), [("2", [0, 1]), ("[3]", [3]), ("0,4", [0, 4])])
+def test_cli_seeds_is_a_count_or_an_explicit_list(tmp_path: Path, seeds: str, expected: list[int]) -> None:
+    """``--seeds 2`` means two seeds (0 and 1), as on every command; a list names the seeds."""
+    out = tmp_path / "cc"
+    main(["--widths", "8,16", "--optimizers", "adamw:sp", "--steps", "0,1", "--seeds", seeds, "--batch-size", "8",
+          "--stats", "delta_std", "--no-plot", "--out", str(out)])  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["seeds"] == expected
+
+
+def test_cli_reads_a_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "cc.yaml"
+    config.write_text(
+        "widths: [8, 16]\noptimizers: [muadam:mup]\nsteps: [0, 2]\nseeds: 1\nbatch_size: 8\nplot: false\n"
+        f"out: {tmp_path / 'out'}\n"
+    )
+    main(["--config", str(config), "--stats", "abs_mean"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["widths"] == [8, 16] and summary["seeds"] == [0] and summary["last_step"] == 2
+    assert set(summary["slopes"]["muadam"]["mup"]["input_layer"]) == {"abs_mean"}
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -1,0 +1,218 @@
+"""Optimizers as the evaluation names them, and how each run builds its optimizer.
+
+An entry of ``--optimizers`` is one of
+
+* a registry name (``lightning_lopt.optim.available()``): ``mulo``, ``lo``, ``adamw``, ``muadam``, ...;
+* ``name:weights`` for a learned optimizer: a directory written by ``save_pretrained``, a packaged
+  name or a hub id, passed as ``meta_weights`` (``mulo:runs/my-mulo``);
+* an optimizer class by import path, ``package.module:Class`` or ``package.module.Class``;
+
+optionally followed by ``@mup`` or ``@sp`` to pin the parametrization of the models it trains. By
+default the μ optimizers (``muadam``, ``mulo``, ``muvelo``, and classes that take ``scales``) train
+μP models and the others standard-parametrized ones, as in μLO's evaluation.
+
+Every run builds its optimizer with :func:`lightning_lopt.optim.build` over the module's named
+parameters with its μP update scales, exactly as ``OptimizeeModule.configure_optimizers`` does, so
+what is measured is the ``torch.optim`` class users get. A :class:`Setting` adds what tuning chose:
+optimizer keyword arguments, plus for μAdam the model's input and output multipliers and a learning
+rate multiplier on the hidden matrices (the tensors whose μP update scale is below 1).
+
+Example::
+
+    spec = parse_optimizer("mulo:runs/my-mulo")
+    spec.factory, spec.meta_weights, spec.param       # ("mulo", "runs/my-mulo", "mup")
+    opt = make_optimizer(spec, Setting({"lr": 1.0}), module, steps=1000)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lopt import optim
+from lightning_lopt.optim import pretrained
+from lightning_lopt.optim.learned import RANDOM_META_SEED, LearnedOptimizer
+from lightning_lopt.optim.registry import accepts
+
+#: Registry names of the optimizers that train μP models by default.
+MU_OPTIMIZERS = ("muadam", "mulo", "muvelo")
+#: Setting keys that configure the model rather than the optimizer.
+MODEL_KEYS = ("input_mult", "output_mult")
+#: Setting key of the learning-rate multiplier on hidden matrices.
+HIDDEN_LR_MULT = "hidden_lr_mult"
+PARAMS = ("mup", "sp")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One entry of ``--optimizers``, parsed.
+
+    Attributes:
+        label: the entry as written; names the optimizer in tables, plots and the cache.
+        factory: a registry name or a ``module:attr`` import path.
+        param: the parametrization of the models it trains, ``"mup"`` or ``"sp"``.
+        meta_weights: learned-optimizer weights (``name:weights``), or ``None``.
+    """
+
+    label: str
+    factory: str
+    param: str
+    meta_weights: str | None = None
+
+    def resolve(self) -> Callable[..., torch.optim.Optimizer]:
+        """The optimizer class or factory."""
+        return optim.resolve(self.factory) if ":" not in self.factory else _import(self.factory)
+
+    @property
+    def is_learned(self) -> bool:
+        factory = self.resolve()
+        return isinstance(factory, type) and issubclass(factory, LearnedOptimizer)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one optimizer runs with on one task family.
+
+    Attributes:
+        values: optimizer keyword arguments, plus ``input_mult`` / ``output_mult`` (model) and
+            ``hidden_lr_mult`` (param groups) where tuning chose them.
+        origin: where they come from, for the report: ``"tuned: <file>"``, ``"given"`` or ``"defaults"``.
+    """
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = "defaults"
+
+    @property
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.values.items() if k not in (*MODEL_KEYS, HIDDEN_LR_MULT)}
+
+    @property
+    def model_kwargs(self) -> dict[str, float]:
+        return {k: float(self.values[k]) for k in MODEL_KEYS if k in self.values}
+
+    @property
+    def hidden_lr_mult(self) -> float:
+        return float(self.values.get(HIDDEN_LR_MULT, 1.0))
+
+
+def _import(path: str) -> Callable[..., torch.optim.Optimizer]:
+    module, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import {path!r}: {err}") from err
+    if not callable(factory):
+        raise ValueError(f"{path!r} is not a class or callable")
+    return factory
+
+
+def parse_optimizer(text: str) -> OptimizerSpec:
+    """Parse one ``--optimizers`` entry; ``ValueError`` naming the accepted forms otherwise."""
+    label = text.strip()
+    body, _, pinned = label.partition("@")
+    if pinned and pinned not in PARAMS:
+        raise ValueError(f"{label!r}: '@{pinned}' is not a parametrization; use @mup or @sp")
+    name, sep, rest = body.partition(":")
+    known = optim.available()
+    forms = (
+        f"a registry name ({', '.join(known)}), NAME:WEIGHTS for a learned optimizer's weights, or an "
+        "import path package.module:Class; optionally @mup or @sp"
+    )
+    meta_weights = None
+    if name.lower() in known:
+        factory = name.lower()
+        if sep:
+            cls = optim.resolve(factory)
+            if not accepts(cls, "meta_weights"):
+                raise ValueError(f"{label!r}: {factory} takes no learned-optimizer weights; expected {forms}")
+            if not rest:
+                raise ValueError(f"{label!r}: empty weights after ':'; expected {forms}")
+            meta_weights = rest
+    elif "." in name or sep:
+        # package.module:Class, or package.module.Class
+        factory = body if sep else ":".join(body.rsplit(".", 1))
+        _import(factory)
+    else:
+        raise ValueError(f"unknown optimizer {label!r}; expected {forms}")
+    if pinned:
+        param = pinned
+    elif ":" in factory:
+        param = "mup" if accepts(_import(factory), "scales") else "sp"
+    else:
+        param = "mup" if factory in MU_OPTIMIZERS else "sp"
+    return OptimizerSpec(label=label, factory=factory, param=param, meta_weights=meta_weights)
+
+
+def weights_identity(spec: OptimizerSpec) -> str | None:
+    """What identifies the learned-optimizer weights a spec runs, for cache keys and reports.
+
+    A local or packaged weight file is identified by the SHA-256 of its safetensors file, so
+    re-trained weights at the same path are never mistaken for the old ones; a hub id by its name;
+    no weights by the random meta-initialisation. ``None`` for hand-designed optimizers.
+    """
+    if not spec.is_learned:
+        return None
+    cls = spec.resolve()
+    name = spec.meta_weights
+    if name is None:
+        packaged = [n for n in cls.pretrained_names if n in pretrained.available()]
+        if not packaged:
+            return f"random meta-initialisation (seed {RANDOM_META_SEED})"
+        name = packaged[0]
+    path = Path(name).expanduser()
+    if not path.exists() and name in pretrained.available():
+        path = pretrained.PACKAGED_DIR / name
+    if path.is_dir():
+        path = path / pretrained.WEIGHTS_NAME
+    if path.is_file():
+        return f"{name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+    return name
+
+
+def uses_random_weights(spec: OptimizerSpec) -> bool:
+    """Whether a learned optimizer would run a random meta-initialisation (no weights found)."""
+    identity = weights_identity(spec)
+    return identity is not None and identity.startswith("random")
+
+
+def param_groups(module: nn.Module, scales: Mapping[str, float], hidden_lr_mult: float, lr: float | None) -> list[Any]:
+    """Named parameters, or two groups when the hidden matrices get their own learning rate.
+
+    Hidden matrices are the tensors whose μP update scale is below 1 (``1/fan_in``).
+    """
+    named = list(module.named_parameters())
+    if hidden_lr_mult == 1.0:
+        return named
+    if lr is None:
+        raise ValueError(f"{HIDDEN_LR_MULT} needs an explicit lr to multiply")
+    hidden = [(n, p) for n, p in named if scales[n] < 1.0]
+    rest = [(n, p) for n, p in named if scales[n] >= 1.0]
+    groups: list[dict[str, Any]] = [{"params": hidden, "lr": lr * hidden_lr_mult}] if hidden else []
+    return groups + ([{"params": rest}] if rest else [])
+
+
+def make_optimizer(spec: OptimizerSpec, setting: Setting, module: nn.Module, steps: int) -> torch.optim.Optimizer:
+    """Build the optimizer of one run over ``module`` (an ``OptimizeeModule``).
+
+    Optimizers that take a horizon (Celo, VeLO) get ``num_steps=steps``, as
+    ``lightning_lopt.Trainer`` gives them the fit's length.
+    """
+    factory = spec.resolve()
+    kwargs = setting.optimizer_kwargs
+    if spec.meta_weights is not None:
+        kwargs["meta_weights"] = spec.meta_weights
+    if "num_steps" not in kwargs and accepts(factory, "num_steps"):
+        kwargs["num_steps"] = steps
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    scales = module.update_scales()
+    groups = param_groups(module, scales, setting.hidden_lr_mult, kwargs.get("lr"))
+    # Registry names go through the registry (its per-name defaults); import paths as the class.
+    return optim.build(spec.factory if ":" not in spec.factory else factory, groups, scales=scales, **kwargs)

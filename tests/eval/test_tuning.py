@@ -1,0 +1,126 @@
+"""Baseline tuning: grids, the written settings, caching and staleness (lightning_lopt.eval.tuning)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lightning_lopt.eval import runner
+from lightning_lopt.eval.optimizers import parse_optimizer
+from lightning_lopt.eval.tasks import Family
+from lightning_lopt.eval.tuning import (
+    TUNE_SEED,
+    grid_edges,
+    grid_settings,
+    load_grids,
+    load_tuned,
+    tune_family,
+)
+
+FAMILY = Family.from_dict(
+    "mlp_tiny",
+    {"model": "mlp", "data": "digits", "data_kwargs": {"image_size": 8}, "batch_size": 32, "base_width": 16,
+     "tune_steps": 20, "eval_examples": 64},
+)  # fmt: skip
+
+
+def test_grid_settings_combine_betas_in_order() -> None:
+    settings = grid_settings({"lr": [1e-3, 1e-2], "beta1": [0.9, 0.95], "beta2": [0.99]})
+    assert settings == [
+        {"lr": 1e-3, "betas": [0.9, 0.99]},
+        {"lr": 1e-3, "betas": [0.95, 0.99]},
+        {"lr": 1e-2, "betas": [0.9, 0.99]},
+        {"lr": 1e-2, "betas": [0.95, 0.99]},
+    ]
+    assert grid_settings({"lr": [0.1], "hidden_lr_mult": [1.0, 4.0]}) == [
+        {"lr": 0.1, "hidden_lr_mult": 1.0},
+        {"lr": 0.1, "hidden_lr_mult": 4.0},
+    ]
+    with pytest.raises(ValueError, match="non-empty lists"):
+        grid_settings({"lr": []})
+
+
+def test_grid_edges_flag_optima_at_the_border_of_three_or_more_values() -> None:
+    axes = {"lr": [1e-3, 1e-2, 1e-1], "beta1": [0.9, 0.95]}
+    assert grid_edges(axes, {"lr": 1e-1, "beta1": 0.9}) == ["lr"]
+    assert grid_edges(axes, {"lr": 1e-2, "beta1": 0.95}) == []
+
+
+def test_committed_grids_match_the_papers_at_full_size() -> None:
+    full = load_grids("full")["default"]
+    assert len(grid_settings(full["adamw"])) == 504 and len(grid_settings(full["muadam"])) == 500
+    assert 7.02e-4 in full["adamw"]["lr"]  # μLO's chosen AdamW learning rate is a grid point
+    for name, grids in load_grids("cpu").items():
+        assert set(grids) == {"adamw", "muadam"}, name
+
+
+def _grid_file(tmp_path: Path) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"default": {"adamw": {"lr": [1e-4, 3e-2], "weight_decay": [0.0]},
+                                                "muadam": {"lr": [1e-3, 0.1], "output_mult": [1.0]}}}))  # fmt: skip
+    return path
+
+
+def test_tuning_writes_the_best_setting_and_every_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds_seen: list[int] = []
+    real_train = runner.train
+
+    def spy(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        seeds_seen.append(spec.seed)
+        return real_train(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", spy)
+    opts = [parse_optimizer("adamw"), parse_optimizer("muadam"), parse_optimizer("mulo")]  # mulo is not tuned
+    path = tune_family(FAMILY, opts, size="cpu", grid=str(_grid_file(tmp_path)), tuned_dir=tmp_path / "tuned",
+                       cache_dir=tmp_path / "cache", seeds=2, progress=False, command="python train.py evaluate ...")  # fmt: skip
+    assert path == tmp_path / "tuned" / "cpu" / "mlp_tiny.yaml"
+    assert sorted(set(seeds_seen)) == [TUNE_SEED, TUNE_SEED + 1]  # never the evaluation seeds 0..N-1
+    assert len(seeds_seen) == 2 * 2 + 2 * 2
+    data = yaml.safe_load(path.read_text())
+    assert set(data) == {"family", "size", "family_config", "tuned_at", "command", "adamw", "muadam"}
+    assert data["tuned_at"] == {"width": 16, "depth": 3, "steps": 20, "seeds": [TUNE_SEED, TUNE_SEED + 1]}
+    for name in ("adamw", "muadam"):
+        results = data[name]["results"]
+        assert len(results) == 2 and results[0]["final_loss"] <= results[1]["final_loss"]
+        assert data[name]["final_loss"] == results[0]["final_loss"]
+        assert data[name]["chosen"]["lr"] == results[0]["lr"]
+    assert data["adamw"]["chosen"]["lr"] == 3e-2  # 20 steps: the large learning rate wins clearly
+    setting = load_tuned(tmp_path / "tuned", "cpu", FAMILY, "adamw")
+    assert setting is not None and setting.values == data["adamw"]["chosen"] and str(path) in setting.origin
+    assert load_tuned(tmp_path / "tuned", "cpu", FAMILY, "sgd") is None
+    assert load_tuned(tmp_path / "none", "cpu", FAMILY, "adamw") is None
+
+    # Re-tuning AdamW alone reruns nothing (cached) and keeps μAdam's section.
+    seeds_seen.clear()
+    tune_family(FAMILY, opts[:1], size="cpu", grid=str(_grid_file(tmp_path)), tuned_dir=tmp_path / "tuned",
+                cache_dir=tmp_path / "cache", seeds=2, progress=False)  # fmt: skip
+    assert seeds_seen == []
+    assert yaml.safe_load(path.read_text())["muadam"] == data["muadam"]
+
+
+def test_settings_of_a_changed_family_are_stale(tmp_path: Path) -> None:
+    tune_family(FAMILY, [parse_optimizer("adamw")], size="cpu", grid=str(_grid_file(tmp_path)),
+                tuned_dir=tmp_path / "tuned", cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+    changed = dataclasses.replace(FAMILY, batch_size=64)
+    with pytest.raises(ValueError, match="different definition of family 'mlp_tiny'.*--tune all"):
+        load_tuned(tmp_path / "tuned", "cpu", changed, "adamw")
+    # What is scored (eval_examples) and how it is tuned (grid) do not make settings stale.
+    assert load_tuned(tmp_path / "tuned", "cpu", dataclasses.replace(FAMILY, eval_examples=32, grid="small"), "adamw")
+
+
+def test_committed_tuned_settings_are_current() -> None:
+    """Every committed tuned file matches its family definition (else evaluation asks for a re-tune)."""
+    from lightning_lopt.eval.suites import load_families
+    from lightning_lopt.eval.tuning import DEFAULT_TUNED_DIR
+
+    for size_dir in sorted(p for p in DEFAULT_TUNED_DIR.iterdir() if p.is_dir()):
+        families = load_families(size_dir.name)
+        for path in sorted(size_dir.glob("*.yaml")):
+            family = families[path.stem]
+            for optimizer in ("adamw", "muadam"):
+                setting = load_tuned(DEFAULT_TUNED_DIR, size_dir.name, family, optimizer)
+                assert setting is not None, (path, optimizer)
