@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -407,7 +408,7 @@ class MetaTrainer(L.LightningModule):
             "data": sorted({type(t.datamodule).__name__ for t in self.tasks}),
             "compute": {
                 "seconds": round(self.compute_seconds, 1),
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "machine": _machine(),
                 "device": str(self.device),
                 "torch_threads": torch.get_num_threads(),
             },
@@ -499,3 +500,15 @@ class LightCheckpoint(L.Callback):
 
 
 __all__ = ["LOPTS", "LightCheckpoint", "MetaTrainer"]
+
+
+def _machine() -> str:
+    """The architecture, CPU model and core count, for cards (``platform.processor()`` says only
+    ``x86_64`` on Linux)."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{platform.machine()} {model}, {os.cpu_count()} cores".replace("  ", " ")
