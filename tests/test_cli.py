@@ -10,11 +10,13 @@ from lightning_lopt.quickstart import run_default_job
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_job_learns_and_writes_a_plot(tmp_path):
-    summary = run_default_job(out_dir=tmp_path, max_steps=60)
-    assert summary["steps"] == 60
-    assert summary["val_acc"] > 0.7  # chance is 0.1
-    assert summary["val_loss"] < 1.5
+def test_default_job_compares_mulo_and_adamw_and_writes_one_plot(tmp_path):
+    summaries = run_default_job(out_dir=tmp_path, max_steps=60)
+    assert list(summaries) == ["mulo", "adamw"]
+    for summary in summaries.values():
+        assert summary["steps"] == 60
+    assert summaries["adamw"]["val_acc"] > 0.7  # chance is 0.1
+    assert summaries["adamw"]["val_loss"] < 1.5
     png = tmp_path / "loss_curve.png"
     assert png.stat().st_size > 5_000 and png.read_bytes()[:4] == b"\x89PNG"
 

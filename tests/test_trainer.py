@@ -1,3 +1,5 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -39,7 +41,8 @@ def test_unknown_optimizer_fails_before_training():
 
 def test_optimizee_module_gives_learned_schedules_the_fit_length(tmp_path, fit_kwargs):
     module = OptimizeeModule(MuMLP((1, 8, 8), width=32, depth=2, num_classes=10), optimizer="celo")
-    with pytest.warns(UserWarning, match="RANDOM meta-initialisation"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*RANDOM meta-initialisation")  # packaged weights load
         L.Trainer(**fit_kwargs(tmp_path, 4)).fit(module, DigitsDataModule(batch_size=64))
     (opt,) = module.trainer.optimizers
     assert type(opt).__name__ == "Celo" and opt.num_steps == 4

@@ -462,7 +462,7 @@ class LO(LearnedOptimizer):
 
     module_class = SmallFCLOpt
     module_factory = functools.partial(SmallFCLOpt, step_mult=0.001)
-    pretrained_names = ("lo-m", "lo-s")
+    pretrained_names = ("lo-fmnist8-w32-128",)
 
     def __init__(
         self,
@@ -494,7 +494,7 @@ class MuLO(LearnedOptimizer):
 
     module_class = SmallFCLOpt
     module_factory = functools.partial(SmallFCLOpt, step_mult=0.01)
-    pretrained_names = ("mulo-m", "mulo-s")
+    pretrained_names = ("mulo-fmnist8-w32-128",)
     mu = True
 
     def __init__(
@@ -565,7 +565,7 @@ class Celo(_ScheduledLearnedOptimizer):
     """
 
     module_class = module_factory = CeloLOpt
-    pretrained_names = ("celo",)
+    pretrained_names = ("celo-8x8-mlp-w32",)
 
 
 class VeLO(_ScheduledLearnedOptimizer):

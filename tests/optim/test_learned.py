@@ -358,7 +358,7 @@ def test_meta_weights_sources(tmp_path, monkeypatch):
     module.save_pretrained(tmp_path / "mine")
     opt = MuLO(params, meta_weights=str(tmp_path / "mine"))
     assert torch.equal(opt.meta_weights.mlp[0].weight, module.mlp[0].weight)
-    module.save_pretrained(tmp_path / "packaged" / "mulo-s")
+    module.save_pretrained(tmp_path / "packaged" / "mulo-fmnist8-w32-128")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         opt = MuLO(params)

@@ -8,6 +8,7 @@ replicas reproduce exactly.
 
 from __future__ import annotations
 
+import warnings
 import copy
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_trainer_optimizer_mulo_trains_and_steps_like_the_core(tmp_path, digits,
     module = Recording()
     start = params_of(module)
     first = FirstStep()
-    with pytest.warns(UserWarning, match="RANDOM meta-initialisation"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*RANDOM meta-initialisation")  # packaged weights load
         trainer = llo.Trainer(optimizer="mulo", callbacks=first, **fit_kwargs(tmp_path, 5))
         trainer.fit(module, digits)
     (opt,) = trainer.optimizers
