@@ -228,7 +228,7 @@ def run_coord_sweep(
         lr: learning rate for every optimizer; default :data:`DEFAULT_LR` per optimizer (learned
             optimizers get none and use their own defaults).
         optimizer_kwargs: extra keyword arguments per optimizer name, passed to
-            ``lightning_lopt.optim.build``, e.g. ``{"mulo": {"meta_weights": "mulo-m"}}`` for
+            ``lightning_lopt.optim.build``, e.g. ``{"mulo": {"meta_weights": "runs/my-mulo"}}`` for
             pretrained learned-optimizer weights (without them MuLO/LO start from a random
             meta-initialisation). They override ``lr``.
         batch_size: training and probe batch size.
@@ -500,7 +500,7 @@ def build_parser() -> Any:
     )
     parser.add_argument(
         "--optimizer-kwargs", type=str | dict | None, default=None,
-        help='keyword arguments per optimizer, e.g. \'{"mulo": {"meta_weights": "mulo-m"}}\'',
+        help='keyword arguments per optimizer, e.g. \'{"mulo": {"meta_weights": "runs/my-mulo"}}\'',
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(

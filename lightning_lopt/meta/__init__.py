@@ -16,7 +16,7 @@ Example::
     from lightning_lopt.meta import MetaTrainer, Task
 
     task = Task(MyLitModule, datamodule=MyDataModule(batch_size=64), module_kwargs={"width": 256})
-    meta = MetaTrainer("mulo", tasks=[task], init_from="mulo-s")     # or init_from=None: from scratch
+    meta = MetaTrainer("mulo", tasks=[task], init_from="mulo-fmnist8-w32-128")  # or init_from=None: from scratch
     L.Trainer(max_steps=500).fit(meta)
     meta.save_pretrained("runs/my-mulo")                              # MuLO(..., meta_weights="runs/my-mulo")
 """

@@ -7,7 +7,7 @@ Example::
 
     python train.py meta-fit --config configs/meta/digits_tiny.yaml
     python train.py meta-fit --config configs/meta/mulo_s_cpu.yaml --trainer.max_steps 500
-    python train.py meta-fit --config my_finetune.yaml --model.init_from mulo-s
+    python train.py meta-fit --config my_finetune.yaml --model.init_from mulo-fmnist8-w32-128
     python train.py meta-fit --config configs/meta/mulo_s_cpu.yaml --model.resume_from runs/mulo_s_cpu/light
 """
 

@@ -486,6 +486,10 @@ class MuLO(LearnedOptimizer):
     (``p.lopt_update_scale``, set by ``lightning_lopt.models``; or mup's ``p.infshape``). Without any,
     the error names the first parameter and the fix, unless ``allow_sp=True``.
 
+    By default it runs the packaged ``mulo-fmnist8-w32-128`` weights, meta-trained on episodes of at
+    most 1000 steps: measured, they are good to about 2000 steps and diverge around 5000 on a
+    Fashion-MNIST MLP (``docs/results.md``, "Horizon").
+
     Example::
 
         opt = MuLO(model.parameters())                                  # lightning_lopt.models
@@ -556,6 +560,10 @@ class Celo(_ScheduledLearnedOptimizer):
 
     ``num_steps`` (required) is the number of optimizer steps of the run: the scheduler reads the
     fraction of training done and loss averages whose half-lives scale with it.
+
+    Celo multiplies every tensor's step by that tensor's RMS (celo_spec §1), so a tensor that starts
+    at zero barely moves: use it on standard-parametrized models, not on μP models whose readout is
+    zero-initialised (``MuMLP(..., param="sp")``; with ``param="mup"`` the loss stays at ln C).
 
     Example::
 

@@ -16,7 +16,7 @@ Example::
     from lightning_lopt.optim.pretrained import from_pretrained, save_pretrained
 
     save_pretrained(SmallFCLOpt(), "runs/my-lo", recipe={"outer_steps": 5000}, tasks=["mlp-w128"])
-    lopt = from_pretrained("runs/my-lo")   # or a packaged name ("mulo-m"), or a hub repo id
+    lopt = from_pretrained("runs/my-lo")   # or a packaged name ("mulo-fmnist8-w32-128"), or a hub repo id
     lopt = SmallFCLOpt.from_pretrained("runs/my-lo")
 """
 
