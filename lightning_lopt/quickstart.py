@@ -164,8 +164,9 @@ def run_default_job(
 
 def _weights_label(name: str) -> str:
     """The packaged weights a learned optimizer uses by default (e.g. ``weights=mulo-...``)."""
-    from lightning_lopt.optim import pretrained, registry
+    from lightning_lopt.optim import registry
+    from lightning_lopt.optim.learned import LearnedOptimizer
 
     factory = registry.resolve(name)
-    packaged = [n for n in getattr(factory, "pretrained_names", ()) if n in pretrained.available()]
-    return f"weights={packaged[0]}" if packaged else "defaults"
+    default = factory.default_meta_weights() if isinstance(factory, type) and issubclass(factory, LearnedOptimizer) else None
+    return f"weights={default}" if default else "defaults"

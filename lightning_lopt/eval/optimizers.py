@@ -160,12 +160,9 @@ def weights_identity(spec: OptimizerSpec) -> str | None:
     if not spec.is_learned:
         return None
     cls = spec.resolve()
-    name = spec.meta_weights
+    name = cls.default_meta_weights() if spec.meta_weights is None else spec.meta_weights
     if name is None:
-        packaged = [n for n in cls.pretrained_names if n in pretrained.available()]
-        if not packaged:
-            return f"random meta-initialisation (seed {RANDOM_META_SEED})"
-        name = packaged[0]
+        return f"random meta-initialisation (seed {RANDOM_META_SEED})"
     path = Path(name).expanduser()
     if not path.exists() and name in pretrained.available():
         path = pretrained.PACKAGED_DIR / name

@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from lightning_lopt.checks import check_positive_int
 from lightning_lopt.eval.tasks import Family, Task
 
 #: ``configs/eval`` of the source checkout.
@@ -129,15 +130,17 @@ def suite_path(name: str) -> Path:
 
 
 def _positive(where: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
-    return value
+    return check_positive_int(f"{where}: {key}", value)
+
+
+def _reject_unknown(where: str, entry: dict[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(entry) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {', '.join(known)}")
 
 
 def _group(where: str, entry: dict[str, Any], families: dict[str, Family]) -> Group:
-    unknown = sorted(set(entry) - {"kind", "steps", "horizons", "tasks"})
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: kind, steps, horizons, tasks")
+    _reject_unknown(where, entry, ("kind", "steps", "horizons", "tasks"))
     kind = entry.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -145,9 +148,7 @@ def _group(where: str, entry: dict[str, Any], families: dict[str, Family]) -> Gr
     tasks: list[Task] = []
     for i, item in enumerate(entry.get("tasks") or []):
         here = f"{where}, task {i}"
-        bad = sorted(set(item) - {"family", "widths", "depth", "steps"})
-        if bad:
-            raise ValueError(f"{here}: unknown keys {bad}; known: family, widths, depth, steps")
+        _reject_unknown(here, item, ("family", "widths", "depth", "steps"))
         name = item.get("family")
         if name not in families:
             raise ValueError(f"{here}: unknown family {name!r}; known at this size: {', '.join(families)}")

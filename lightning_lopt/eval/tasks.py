@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_lopt.checks import check_positive_int
 from lightning_lopt.eval.convnet import ConvNet
 from lightning_lopt.eval.data import load_source
 from lightning_lopt.models import MuMLP, MuTransformerLM, MuViT
@@ -102,9 +103,7 @@ class Family:
         if family.model not in OBJECTIVES:
             raise ValueError(f"family {name!r}: unknown model {family.model!r}; known: {', '.join(OBJECTIVES)}")
         for key in ("batch_size", "base_width", "depth", "tune_steps", "eval_examples", "patch_size", "head_dim"):
-            value = getattr(family, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"family {name!r}: {key} must be a positive integer, got {value!r}")
+            check_positive_int(f"family {name!r}: {key}", getattr(family, key))
         return family
 
     @property

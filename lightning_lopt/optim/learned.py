@@ -197,11 +197,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self._scaled_groups([param_group]):
             super().add_param_group(group)
 
+    @classmethod
+    def default_meta_weights(cls) -> str | None:
+        """The packaged weights used when ``meta_weights`` is None: the first of
+        :attr:`pretrained_names` that is packaged, or ``None`` (a random meta-initialisation)."""
+        available = pretrained.available()
+        return next((n for n in cls.pretrained_names if n in available), None)
+
     def _load_meta_weights(self, meta_weights: MetaWeights) -> LearnedOptimizerModule:
         name = type(self).__name__
         if meta_weights is None:
-            packaged = [n for n in self.pretrained_names if n in pretrained.available()]
-            if not packaged:
+            meta_weights = self.default_meta_weights()
+            if meta_weights is None:
                 warnings.warn(
                     f"{name}: no pretrained meta-weights are packaged (looked for "
                     f"{list(self.pretrained_names)}), so it uses a RANDOM meta-initialisation (seed "
@@ -212,7 +219,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 )
                 generator = torch.Generator().manual_seed(RANDOM_META_SEED)
                 return self.module_factory(generator=generator)
-            meta_weights = packaged[0]
         if isinstance(meta_weights, (str, PathLike)):
             module = pretrained.from_pretrained(meta_weights)
         else:
