@@ -47,6 +47,7 @@ from typing import Any
 
 import lightning as L
 import safetensors.torch
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
@@ -266,6 +267,7 @@ class MetaTrainer(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_same_run(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
         saved = checkpoint.get("meta_trainer", {})
         self._restored = saved.get("particles")
         self.compute_seconds = saved.get("compute_seconds", 0.0)
@@ -500,6 +502,31 @@ class LightCheckpoint(L.Callback):
 
 
 __all__ = ["LOPTS", "LightCheckpoint", "MetaTrainer"]
+
+#: Recipe entries that define what a full checkpoint's state means: a checkpoint whose entries differ
+#: cannot continue this run. The others (schedule, update clip, name) may change on purpose; a
+#: difference is reported, since it makes the continuation differ from an uninterrupted run.
+_SAME_RUN_KEYS = ("lopt", "mu", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a full checkpoint of another run; warn about settings that changed on resume."""
+    if not saved:
+        return
+    differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k)]
+    if differ:
+        lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, recipe {current.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"MetaTrainer: the checkpoint comes from a different run ({lines}); resume with the recipe "
+            "that wrote it, or start from its weights with --model.init_from"
+        )
+    changed = [k for k in ("schedule", "max_update_norm") if k in saved and saved[k] != current.get(k)]
+    if changed:
+        rank_zero_warn(
+            "MetaTrainer: resuming with changed "
+            + "; ".join(f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed)
+            + ": the continuation differs from an uninterrupted run"
+        )
 
 
 def _machine() -> str:
