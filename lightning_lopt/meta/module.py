@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_lopt.meta import light_files
 from lightning_lopt.meta.augmentation import ReparamAugmentation
 from lightning_lopt.meta.meta_optim import WarmupCosine, clipped_step, default_meta_optimizer
 from lightning_lopt.meta.pes import PES, pes_gradient, sample_perturbations, window_meta_loss
@@ -65,7 +66,7 @@ from lightning_lopt.optim.pretrained import from_pretrained, load_checked, save_
 
 META_STATE_TENSORS = "meta_state.safetensors"
 META_STATE_JSON = "meta_state.json"
-LIGHT_FORMAT_VERSION = 1
+LIGHT_FORMAT_VERSION = 2  # 2: meta_state.json records a digest of the other files
 #: name -> (factory(stage), μ scales?)
 LOPTS: dict[str, tuple[Callable[[int], LearnedOptimizerModule], bool]] = {
     "mulo": (lambda stage: SmallFCLOpt(step_mult=0.01), True),
@@ -423,8 +424,11 @@ class MetaTrainer(L.LightningModule):
         return save_pretrained(self.lopt, directory, **card)
 
     def save_light_checkpoint(self, directory: str | Path) -> Path:
-        """θ (loadable with ``from_pretrained``) plus the meta-optimizer state and step."""
-        out = self.save_pretrained(directory)
+        """θ (loadable with ``from_pretrained``) plus the meta-optimizer state and step.
+
+        Written atomically (:func:`~lightning_lopt.meta.light_files.write_atomically`);
+        ``meta_state.json`` records the step and a digest of the other files.
+        """
         optimizer = self.optimizers().optimizer
         state = optimizer.state_dict()
         tensors: dict[str, Tensor] = {}
@@ -435,29 +439,46 @@ class MetaTrainer(L.LightningModule):
                     tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(index), {})[key] = value
-        safetensors.torch.save_file(tensors, str(out / META_STATE_TENSORS))
-        meta = {
-            "format_version": LIGHT_FORMAT_VERSION,
-            "meta_step": self.global_step,
-            "compute_seconds": self.compute_seconds,
-            "seed": self.seed,
-            "param_groups": state["param_groups"],
-            "scalars": scalars,
-            "trainable_names": self.trainable_names,
-        }
-        (out / META_STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
+
+        def write(tmp: Path) -> None:
+            self.save_pretrained(tmp)
+            safetensors.torch.save_file(tensors, str(tmp / META_STATE_TENSORS))
+            meta = {
+                "format_version": LIGHT_FORMAT_VERSION,
+                "meta_step": self.global_step,
+                "digest": light_files.digest(tmp),
+                "compute_seconds": self.compute_seconds,
+                "seed": self.seed,
+                "param_groups": state["param_groups"],
+                "scalars": scalars,
+                "trainable_names": self.trainable_names,
+            }
+            (tmp / META_STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+        return light_files.write_atomically(directory, write)
 
     def _read_light_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         path = Path(directory)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from {path}: no such directory (relative paths start at {Path.cwd()})")
         if not (path / META_STATE_JSON).is_file():
-            raise FileNotFoundError(f"resume_from {path}: no {META_STATE_JSON}; is it a light checkpoint?")
+            raise FileNotFoundError(
+                f"resume_from {path}: no {META_STATE_JSON}; is it a light checkpoint? (weights only: use init_from)"
+            )
+        meta = light_files.read_json(path / META_STATE_JSON, "restore the directory from one save")
+        light_files.check_consistent(path, meta)
         self._load_theta(path)
-        meta = json.loads((path / META_STATE_JSON).read_text())
-        card = json.loads((path / "card.json").read_text())
+        card = light_files.read_json(path / "card.json", "restore the directory from one save")
         report = (card.get("recipe") or {}).get("warm_start")
         self.warm_start_report = report if report and "relative_error_end" in report else None
-        tensors = safetensors.torch.load_file(str(path / META_STATE_TENSORS))
+        try:
+            tensors = safetensors.torch.load_file(str(path / META_STATE_TENSORS))
+        except (safetensors.SafetensorError, OSError) as err:
+            raise ValueError(
+                f"resume_from {path}: {META_STATE_TENSORS} is truncated or corrupt ({err}); restore the "
+                "directory from one save, resume from a full checkpoint (--ckpt_path), or start from its "
+                "weights only with init_from"
+            ) from err
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)
