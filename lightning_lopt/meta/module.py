@@ -248,17 +248,23 @@ class MetaTrainer(L.LightningModule):
 
     def on_train_start(self) -> None:
         fresh = self.global_step == 0 and self._light_state is None and self._restored is None
+        if self._light_state is not None:
+            state, self._light_state = self._light_state, None
+            optimizer = self.optimizers().optimizer
+            optimizer.load_state_dict(state["optimizer"])
+            # Continue the step count (the schedule and every draw depend on it) as a full resume
+            # would, and the loggers' step axis with it.
+            loop = self.trainer.fit_loop.epoch_loop
+            progress = loop.manual_optimization.optim_step_progress
+            progress.total.ready = progress.total.completed = state["meta_step"]
+            loop._batches_that_stepped = state["meta_step"]
+            self.compute_seconds = state["compute_seconds"]
+        max_steps = self.trainer.max_steps
+        if not fresh and 0 <= max_steps <= self.global_step:
+            _warn_nothing_left(self.global_step, max_steps)
+            return
         if fresh and self.warm_start is not None and self.warm_start_report is None:
             self.warm_start_report = warm_start(self.lopt, self.instances, self.warm_start, mu=self.mu)
-        if self._light_state is None:
-            return
-        state, self._light_state = self._light_state, None
-        optimizer = self.optimizers().optimizer
-        optimizer.load_state_dict(state["optimizer"])
-        # Continue the step count (the schedule and every draw depend on it) as a full resume would.
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.total.ready = progress.total.completed = state["meta_step"]
-        self.compute_seconds = state["compute_seconds"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["meta_trainer"] = {
@@ -268,7 +274,10 @@ class MetaTrainer(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_same_run(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        check_same_run(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        step = int(checkpoint.get("global_step", 0))
+        if self._trainer is not None and 0 <= self.trainer.max_steps <= step:
+            _warn_nothing_left(step, self.trainer.max_steps)
         saved = checkpoint.get("meta_trainer", {})
         self._restored = saved.get("particles")
         self.compute_seconds = saved.get("compute_seconds", 0.0)
@@ -530,7 +539,14 @@ __all__ = ["LOPTS", "LightCheckpoint", "MetaTrainer"]
 _SAME_RUN_KEYS = ("lopt", "mu", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
 
 
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+def _warn_nothing_left(step: int, max_steps: int) -> None:
+    rank_zero_warn(
+        f"MetaTrainer: the run resumes at meta-step {step} and max_steps is {max_steps}: nothing is left "
+        "to run; raise --trainer.max_steps to continue it"
+    )
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a full checkpoint of another run; warn about settings that changed on resume."""
     if not saved:
         return

@@ -62,7 +62,7 @@ def _theta_of(light: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_meta_fit_ckpt_path_resumes_bit_exactly_from_the_command_line(tmp_path, monkeypatch):
+def test_meta_fit_ckpt_path_resumes_bit_exactly_from_the_command_line(tmp_path, monkeypatch, capsys):
     recipe = str(ROOT / "configs/meta/digits_tiny.yaml")
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
     (tmp_path / "straight").mkdir()
@@ -84,6 +84,11 @@ def test_meta_fit_ckpt_path_resumes_bit_exactly_from_the_command_line(tmp_path, 
         assert torch.equal(resumed[name], value), name
     assert any(not torch.equal(between[n], expected[n]) for n in expected)  # steps 3-4 moved θ
 
-    # A checkpoint of another run is refused, naming what differs.
-    with pytest.raises(ValueError, match="different run.*seed"):
+    # A checkpoint of another run is refused before any compute, in one line naming what differs.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         main(["meta-fit", "--config", recipe, "--trainer.max_steps", "5", "--model.seed", "1", "--ckpt_path", str(ckpt), *quiet])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: MetaTrainer: the checkpoint comes from a different run (seed: checkpoint 0, recipe 1)" in err
+    assert "Traceback" not in err
