@@ -248,6 +248,8 @@ def run_coord_sweep(
     if model not in MODELS:
         raise ValueError(f"--model: unknown model {model!r}; known models: {', '.join(MODELS)}")
     widths = sorted(set(int_list(widths, "--widths", minimum=1)))
+    if len(widths) < 2:
+        raise ValueError(f"--widths: a slope against width needs at least two distinct widths, got {widths}")
     runs = _parse_runs(optimizers, param)
     steps = sorted(set(int_list(steps, "--steps")))
     if steps[-1] == 0:

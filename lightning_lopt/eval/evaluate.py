@@ -32,6 +32,7 @@ Python::
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,7 +395,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(report.console_summary(result.tables))
             print(f"report: {result.report}")
 
-    run_command(parser, argv, run)
+    try:
+        run_command(parser, argv, run)
+    except KeyboardInterrupt:
+        # Every finished run is already in the cache (written when it ends): say so, without a traceback.
+        print(
+            "\ninterrupted: the runs that finished are cached; run the same command again to continue from them",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 __all__ = ["EvaluationResult", "Plan", "build_parser", "evaluate", "main", "plan_evaluation"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +48,7 @@ from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimize
 from lightning_lopt.eval.store import RunRecord
 from lightning_lopt.eval.tasks import CAP_FACTOR, DIVERGE_FACTOR, Task, build_model, held_out_batch, num_classes, reference_loss
 from lightning_lopt.optimizee import OptimizeeModule, objective_loss
+from lightning_lopt.progress_lines import ProgressLines
 
 #: Bumped whenever a change to the runner changes curves, so that old cache entries are not reused.
 RUNNER_VERSION = 1
@@ -231,8 +233,13 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    """The rich progress bar of every evaluation command: runs done, and the current run's loss."""
+def progress_bar(enabled: bool = True) -> Progress | ProgressLines:
+    """The rich progress bar of every evaluation command: runs done, and the current run's loss.
+
+    Plain lines (:class:`~lightning_lopt.progress_lines.ProgressLines`) when stdout is not a terminal.
+    """
+    if enabled and not sys.stdout.isatty():
+        return ProgressLines()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -277,8 +284,8 @@ def execute(
 
                 records[spec.key] = run_cached(spec, cache_dir, device, on_step)
                 bar.remove_task(current)
-                bar.advance(overall)
                 _report_last(bar, overall, spec, records[spec.key])
+                bar.advance(overall)
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
@@ -286,8 +293,8 @@ def execute(
                 for future in as_completed(futures):
                     spec = futures[future]
                     records[spec.key] = future.result()
-                    bar.advance(overall)
                     _report_last(bar, overall, spec, records[spec.key])
+                    bar.advance(overall)
     return records
 
 

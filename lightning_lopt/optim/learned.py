@@ -85,6 +85,7 @@ from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.fused import driver as fused_driver
 from lightning_lopt.optim.fused.build import Kernel
 from lightning_lopt.optim.scaling import scaled_param_groups
+from lightning_lopt.optim.stuck_tensors import StuckTensorCheck
 
 #: Key of the global (not per-tensor) state in ``optimizer.state``.
 GLOBAL_STATE_KEY = "learned_optimizer"
@@ -179,6 +180,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_loss: Tensor | None = None
         self._loss_hint: Tensor | None = None
         self._warned_nonfinite = False
+        self._stuck_check = StuckTensorCheck(type(self).__name__)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -313,6 +315,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         module = self._meta_weights_on(device)
         grads = [p.grad.to(self.compute_dtype) for p in params]
         self._init_missing_state(module, params)
+        self._stuck_check(module, params, grads)
         # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]

@@ -205,3 +205,16 @@ def test_warm_start_moves_the_learned_step_towards_adam_and_is_on_the_card(tmp_p
     meta.save_pretrained(tmp_path / "out")
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["recipe"]["warm_start"]["settings"]["teacher"] == "muadam"
+
+
+def test_loss_cap_is_inferred_from_the_loss_at_initialisation_when_no_class_count_is_declared():
+    # ½·(1·3² + 2·3²) = 13.5 at the start; no num_classes anywhere.
+    task = Task(Quadratic, ConstantData(), module_kwargs={"curvatures": (1.0, 2.0), "start": 3.0})
+    meta = MetaTrainer(LearnedSGD(), tasks=[task], **SMALL)
+    assert meta.instances[0].loss_cap == pytest.approx(1.5 * 13.5)
+    override = Task(Quadratic, ConstantData(), module_kwargs={"curvatures": (1.0, 2.0), "start": 3.0}, loss_cap=4.0)
+    assert MetaTrainer(LearnedSGD(), tasks=[override], **SMALL).instances[0].loss_cap == 4.0
+    # A loss that starts at 0 gives nothing to scale: the error says what to pass.
+    zero = Task(Quadratic, ConstantData(), module_kwargs={"curvatures": (1.0,), "start": 0.0})
+    with pytest.raises(ValueError, match=r"loss at initialisation \(0\) .*pass Task\(loss_cap=\.\.\.\)"):
+        MetaTrainer(LearnedSGD(), tasks=[zero], **SMALL)
