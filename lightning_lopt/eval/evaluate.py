@@ -326,6 +326,7 @@ def evaluate(
         plan.suite, [s.label for s in plan.optimizers], plan.seeds, records,
         reference=next((s.label for s in plan.optimizers if s.factory == "adamw" and is_tunable(s)), None),
         ema=ema, celo_ema=celo_ema, bootstrap_reps=bootstrap_reps,
+        baselines=[s.label for s in plan.optimizers if is_tunable(s)],
     )  # fmt: skip
     plan.out.mkdir(parents=True, exist_ok=True)
     summary.write_tables(tables, plan.out, paths)
