@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from lightning_lopt.eval import metrics
-from lightning_lopt.eval.optimizers import OptimizerSpec, Setting
+from lightning_lopt.eval.optimizers import COSINE_SUFFIX, OptimizerSpec, Setting
 from lightning_lopt.eval.runner import RunSpec, execute
 from lightning_lopt.eval.store import RunRecord
 from lightning_lopt.eval.suites import CONFIG_DIR, SIZES
@@ -53,7 +53,8 @@ MAX_EXTENSIONS = 6
 
 
 def is_tunable(spec: OptimizerSpec) -> bool:
-    """Whether ``spec`` is a baseline with tuned settings: AdamW on SP, μAdam on μP models."""
+    """Whether ``spec`` is a baseline with tuned settings: AdamW on SP, μAdam on μP models, with a
+    constant rate or the warmup + cosine schedule (tuned separately, on the same grid)."""
     return TUNABLE.get(spec.factory) == spec.param and spec.meta_weights is None
 
 
@@ -157,7 +158,7 @@ def load_tuned(tuned_dir: str | Path, size: str, family: Family, optimizer: str)
     section = data[optimizer]
     tuned_on = section.get("start_grid", section.get("grid"))
     try:
-        current = load_grids(source).get(family.grid, {}).get(optimizer)
+        current = load_grids(source).get(family.grid, {}).get(optimizer.removesuffix(COSINE_SUFFIX))
     except ValueError as err:
         raise ValueError(f"{path}: the grid these settings were tuned on cannot be read: {err}") from err
     if tuned_on != current:
@@ -232,7 +233,7 @@ def tune_family(
                 break
             extensions.append({name: rows[best][name] for name in edges})
             ran = extend_past_edges(ran, rows[best])
-        data[spec.factory] = {
+        data[spec.tuned_name] = {
             "chosen": settings[best],
             "final_loss": rows[best]["final_loss"],
             "at_grid_edge": edges,
@@ -249,7 +250,7 @@ def tune_family(
         "tuned_at": {"width": task.width, "depth": task.depth, "steps": task.steps, "seeds": tune_seeds},
         "command": command,
     }
-    optimizers_part = {k: v for k, v in data.items() if k in TUNABLE}
+    optimizers_part = {k: v for k, v in data.items() if k.removesuffix(COSINE_SUFFIX) in TUNABLE}
     path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         f"# Tuned baselines for family {family.name} at size {size}: written by lightning_lopt.eval.tuning.\n"

@@ -181,3 +181,29 @@ def test_committed_tuned_settings_are_current() -> None:
             for optimizer in ("adamw", "muadam"):
                 setting = load_tuned(DEFAULT_TUNED_DIR, size_dir.name, family, optimizer)
                 assert setting is not None, (path, optimizer)
+
+
+def test_the_cosine_variant_is_tuned_on_the_same_grid_under_its_own_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from lightning_lopt.eval import tuning
+    from lightning_lopt.eval.store import RunRecord
+
+    seen = []
+
+    def fake_execute(specs, *args, **kwargs):
+        seen.extend(s.optimizer.schedule for s in specs)
+        # constant rate: 1e-3 best; cosine: 1e-2 best (a schedule usually takes a larger peak rate)
+        best = 1e-2 if specs[0].optimizer.schedule else 1e-3
+        return {s.key: RunRecord(np.full(20, 1.0 + abs(np.log(s.setting.values["lr"] / best))), [], [], [], None, 10.0, 0.0, "cpu")
+                for s in specs}  # fmt: skip
+
+    monkeypatch.setattr(tuning, "execute", fake_execute)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"default": {"adamw": {"lr": [1e-4, 1e-3, 1e-2, 1e-1]}}}))
+    opts = [parse_optimizer("adamw"), parse_optimizer("adamw-cosine")]
+    path = tune_family(FAMILY, opts, size="cpu", grid=str(grid), tuned_dir=tmp_path / "tuned", cache_dir=tmp_path / "c", progress=False)
+    data = yaml.safe_load(path.read_text())
+    assert data["adamw"]["chosen"]["lr"] == 1e-3 and data["adamw-cosine"]["chosen"]["lr"] == 1e-2
+    assert set(seen) == {None, "cosine"}
+    assert load_tuned(tmp_path / "tuned", "cpu", FAMILY, "adamw-cosine").values == {"lr": 1e-2}
