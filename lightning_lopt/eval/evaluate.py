@@ -202,14 +202,14 @@ def plan_evaluation(
                 settings[key] = Setting(given[spec.label], "given")
             elif is_tunable(spec):
                 try:
-                    tuned = None if tune == "all" else load_tuned(tuned_dir, size, family, spec.factory)
+                    tuned = None if tune == "all" else load_tuned(tuned_dir, size, family, spec.tuned_name)
                 except ValueError as err:
                     raise UsageError(f"--tuned-dir: {err}") from err
                 if tuned is None and tune == "no":
                     raise UsageError(
-                        f"--optimizers: no tuned {spec.factory} settings for family {family.name!r} at size {size} "
+                        f"--optimizers: no tuned {spec.tuned_name} settings for family {family.name!r} at size {size} "
                         f"in {tuned_dir}; tune them with `python train.py evaluate --suite {suite} --size {size} "
-                        f"--optimizers {spec.factory} --tune missing --tune-only`, or give settings with "
+                        f"--optimizers {spec.label} --tune missing --tune-only`, or give settings with "
                         f"--optimizer-kwargs '{{\"{spec.label}\": {{\"lr\": ...}}}}'"
                     )
                 if tuned is None:
@@ -325,8 +325,9 @@ def evaluate(
     paths = {(r.task.id, r.optimizer.label, r.seed): r.directory(plan.cache_dir) for r in runs}
     tables = summary.summarize(
         plan.suite, [s.label for s in plan.optimizers], plan.seeds, records,
-        reference=next((s.label for s in plan.optimizers if s.factory == "adamw" and is_tunable(s)), None),
+        reference=next((s.label for s in plan.optimizers if s.tuned_name == "adamw" and is_tunable(s)), None),
         ema=ema, celo_ema=celo_ema, bootstrap_reps=bootstrap_reps,
+        baselines=[s.label for s in plan.optimizers if is_tunable(s)],
     )  # fmt: skip
     plan.out.mkdir(parents=True, exist_ok=True)
     summary.write_tables(tables, plan.out, paths)

@@ -44,7 +44,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lightning_lopt.eval import store
-from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimizer, weights_identity
+from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimizer, make_schedule, weights_identity
 from lightning_lopt.eval.store import RunRecord
 from lightning_lopt.eval.tasks import CAP_FACTOR, DIVERGE_FACTOR, Task, build_model, held_out_batch, num_classes, reference_loss
 from lightning_lopt.optimizee import OptimizeeModule, objective_loss
@@ -81,6 +81,8 @@ class RunSpec:
                 "param": self.optimizer.param,
                 "meta_weights": weights_identity(self.optimizer),
                 "setting": dict(self.setting.values),
+                # only when set: the constant-rate runs keep their cache keys
+                **({"schedule": self.optimizer.schedule} if self.optimizer.schedule else {}),
             },
             "seed": self.seed,
         }
@@ -150,6 +152,7 @@ def train(spec: RunSpec, device: str | torch.device = "cpu", on_step: StepCallba
             model = build_model(task, spec.optimizer.param, source, **spec.setting.model_kwargs)
         module = OptimizeeModule(model, family.objective, num_classes=num_classes(task, source)).to(device)
         optimizer = make_optimizer(spec.optimizer, spec.setting, module, task.steps)
+        schedule = make_schedule(spec.optimizer, optimizer, task.steps)
         reference = reference_loss(task, source)
         cap, limit = CAP_FACTOR * reference, DIVERGE_FACTOR * reference
         x_test, y_test = held_out_batch(task, source, device)
@@ -179,6 +182,8 @@ def train(spec: RunSpec, device: str | torch.device = "cpu", on_step: StepCallba
                 return loss
 
             optimizer.step(closure)
+            if schedule is not None:
+                schedule.step()
             losses[i] = last[-1]
             step = i + 1
             if step % CHECK_EVERY == 0 or step == task.steps:
