@@ -120,6 +120,7 @@ class _Celo2Optimizer(LearnedOptimizer):
         self.meta_weights.orthogonalize = self.orthogonalize
         self.meta_weights.adam_1d = self.adam_routing
         self.meta_weights.adam_mode, self.meta_weights.adam_lr_mult = adam_mode, float(adam_lr_mult)
+        self.meta_weights.step_mult = 1.0  # lr is the step's scale
 
     def _init_missing_state(self, module: Any, params: list[Tensor]) -> None:
         """Fresh state, routing each new tensor to Adam by its group's ``adam`` flag or its rank."""

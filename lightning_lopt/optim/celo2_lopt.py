@@ -41,6 +41,8 @@ class Celo2LOpt(LearnedOptimizerModule):
             (no bias correction, eps inside the sqrt), see :mod:`lightning_lopt.optim.functional.celo2`.
         adam_lr_mult: the Adam branch's multiplier of the learning rate; 1 at test time (the HF card),
             20 in the authors' meta-training.
+        step_mult: a constant learning rate multiplying every step: 1 under the optimizer classes
+            (their ``lr`` is the per-tensor scale), 1e-3 in meta-training (celo2_spec §3).
         layout: ``"torch"`` or ``"jax"`` tensors (see :mod:`lightning_lopt.optim.functional.accumulators`).
         generator: RNG for the meta-initialisation.
     """
@@ -55,6 +57,7 @@ class Celo2LOpt(LearnedOptimizerModule):
         adam_1d: bool = True,
         adam_mode: str = "adamw",
         adam_lr_mult: float = 1.0,
+        step_mult: float = 1.0,
         layout: str = "torch",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -63,6 +66,7 @@ class Celo2LOpt(LearnedOptimizerModule):
             raise ValueError(f"adam_mode must be one of {celo2.ADAM_MODES}, got {adam_mode!r}")
         self.orthogonalize, self.adam_1d = bool(orthogonalize), bool(adam_1d)
         self.adam_mode, self.adam_lr_mult = adam_mode, float(adam_lr_mult)
+        self.step_mult = float(step_mult)
         sizes = [celo2.NUM_INPUTS, celo2.HIDDEN_SIZE, celo2.HIDDEN_SIZE, celo2.NUM_OUTPUTS]
         self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.reset_parameters(generator)
@@ -74,8 +78,12 @@ class Celo2LOpt(LearnedOptimizerModule):
 
     @classmethod
     def meta_training(cls, **overrides: Any) -> Celo2LOpt:
-        """Celo2 with the Adam branch of the authors' meta-training (no bias correction, 20× lr)."""
-        config = {"adam_mode": "meta_training", "adam_lr_mult": celo2.META_TRAINING_ADAM_LR_MULT}
+        """Celo2 as the authors meta-trained it: inner lr 1e-3, Adam without bias correction at 20× lr."""
+        config = {
+            "adam_mode": "meta_training",
+            "adam_lr_mult": celo2.META_TRAINING_ADAM_LR_MULT,
+            "step_mult": celo2.META_TRAINING_STEP_MULT,
+        }
         return cls(**{**config, **overrides})
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -91,6 +99,7 @@ class Celo2LOpt(LearnedOptimizerModule):
             "adam_1d": self.adam_1d,
             "adam_mode": self.adam_mode,
             "adam_lr_mult": self.adam_lr_mult,
+            "step_mult": self.step_mult,
             "layout": self.layout,
         }
 
@@ -100,6 +109,7 @@ class Celo2LOpt(LearnedOptimizerModule):
             "orthogonalize": self.orthogonalize,
             "adam_mode": self.adam_mode,
             "adam_lr_mult": self.adam_lr_mult,
+            "step_mult": self.step_mult,
             "layout": self.layout,
         }
 

@@ -128,7 +128,7 @@ def run_reference(lopt, params, grads_per_step, lrs, torch_layout=True):
                 u = lopt.adam_lr_mult * u
             else:
                 u, states[i] = ref_learned(th, ps[i], g, states[i], lopt.orthogonalize)
-            ps[i] = ps[i] - lrs[i] * u
+            ps[i] = ps[i] - lopt.step_mult * lrs[i] * u
     return [view[1](p).reshape(orig.shape) for p, orig in zip(ps, params)]
 
 

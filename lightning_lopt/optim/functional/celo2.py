@@ -13,8 +13,9 @@ One update (celo2_spec §1.2), per tensor routed to the learned rule:
    slice of the other axes, then the 30→8→8→3 ReLU MLP gives d = channel 0 (§1.5);
 5. Celo2 only, rank ≥ 2: d ← NS(d), Newton–Schulz per matrix slice (:mod:`.newton_schulz`);
 6. u = d · rsqrt(1e-9 + mean(d²)) over the matrix axes, so that every matrix slice has RMS 1;
-7. p ← p − s · u, with s = ``ctx.scales[i]`` (the optimizer classes pass lr × μP scale; the
-   decoupled weight decay −lr·λ·p is theirs too, celo2_spec §1.2).
+7. p ← p − step_mult · s · u, with s = ``ctx.scales[i]``: the optimizer classes pass lr × μP scale
+   with ``step_mult=1`` (the decoupled weight decay −lr·λ·p is theirs too, celo2_spec §1.2);
+   meta-training passes s = 1 and ``step_mult`` = η = 1e-3, the reference's constant inner lr.
 
 **Matrix axes.** The reference is JAX and uses the *last two* axes of the JAX tensor. With
 ``layout="torch"`` (PyTorch ``[out, in]`` / ``OIHW`` tensors) the matrix of a Linear weight is the
@@ -28,7 +29,7 @@ use their one axis. The Adafactor axes follow the reference's size rule on the J
 
 **The Adam branch** (celo2_spec §1.7). Tensors whose state was created with ``adam=True`` (by
 default: rank ≤ 1 when ``adam_1d``; the optimizer classes add embeddings) take an Adam step from the
-raw (NaN-zeroed, unclipped) gradient with β = (0.9, 0.95), scaled by ``adam_lr_mult`` × s:
+raw (NaN-zeroed, unclipped) gradient with β = (0.9, 0.95), scaled by ``adam_lr_mult`` × step_mult × s:
 
 - ``adam_mode="adamw"`` (test time, optax.adamw): bias-corrected moments, m̂ / (sqrt(v̂) + 1e-8);
 - ``adam_mode="meta_training"`` (the authors' meta-training): no bias correction, m · rsqrt(v + 1e-8);
@@ -87,6 +88,8 @@ ADAM_EPS = 1e-8
 ADAM_MODES = ("adamw", "meta_training")
 #: The Adam branch's learning-rate multiplier in the authors' meta-training (celo2_spec §1.7).
 META_TRAINING_ADAM_LR_MULT = 20.0
+#: The constant inner learning rate of the authors' meta-training (celo2_spec §3).
+META_TRAINING_STEP_MULT = 1e-3
 
 State = dict[str, Any]
 
@@ -213,6 +216,7 @@ def step(
     orthogonalize: bool = True,
     adam_mode: str = "adamw",
     adam_lr_mult: float = 1.0,
+    step_mult: float = 1.0,
     layout: str = "torch",
 ) -> tuple[list[Tensor], State]:
     """One Celo2 (``orthogonalize=True``) or Celo2Base update; returns ``(new_params, new_state)``.
@@ -235,6 +239,6 @@ def step(
             u = adam_lr_mult * u
         else:
             u, acc = learned_direction(theta, p_w, g_w, acc, orthogonalize_matrices=orthogonalize, layout=layout)
-        new_params.append((p_w - scale * u).reshape(p.shape))
+        new_params.append((p_w - (step_mult * scale) * u).reshape(p.shape))
         new_tensors.append(acc)
     return new_params, {"iteration": iteration, "tensors": new_tensors}
