@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--init-seed", type=int, default=0, help="MetaTrainer's seed (its meta-initialisation)")
+    parser.add_argument("--no-init", action="store_true", help="skip the meta-initialisation")
     args = parser.parse_args()
 
     init = Celo2LOpt.meta_training()
     init.reset_parameters(torch.Generator().manual_seed(args.init_seed))
-    candidates = {"meta-init": init, **{w: from_pretrained(w) for w in args.weights}}
+    candidates = {} if args.no_init else {"meta-init": init}
+    candidates.update({w: from_pretrained(w) for w in args.weights})
     for module in candidates.values():
         module.requires_grad_(False)
     results: dict[str, dict[str, float]] = {name: {} for name in candidates}

@@ -267,3 +267,18 @@ def test_vmapped_particle_step_equals_each_particle_step():
         single, _ = celo2.step(thetas[i], params[i], grads[i], states[i], ctx, **lopt.step_config)
         for a, b in zip(single, stacked):
             torch.testing.assert_close(b[i], a, rtol=1e-5, atol=1e-6)
+
+
+def test_from_haiku_maps_the_authors_tree():
+    """``ff_mod_stack/~/w0__k`` blocks ([ch_k, 8], k order) stack into the first layer; (in, out) → [out, in]."""
+    rng = np.random.default_rng(4)
+    tree = {f"ff_mod_stack/~/w0__{k}": rng.standard_normal((c, 8)) for k, c in enumerate(celo2.GROUP_CHANNELS)}
+    tree.update({f"ff_mod_stack/~/{n}": rng.standard_normal(s) for n, s in
+                 [("b0", (8,)), ("w1", (8, 8)), ("b1", (8,)), ("w2", (8, 3)), ("b2", (3,))]})
+    lopt = Celo2LOpt.from_haiku(tree)
+    th = haiku_theta(lopt)
+    w0 = np.concatenate([tree[f"ff_mod_stack/~/w0__{k}"] for k in range(14)])
+    np.testing.assert_allclose(th["w0"], w0.astype(np.float32))
+    np.testing.assert_allclose(th["w2"], tree["ff_mod_stack/~/w2"].astype(np.float32))
+    with pytest.raises(KeyError, match="w0__13"):
+        Celo2LOpt.from_haiku({k: v for k, v in tree.items() if not k.endswith("w0__13")})
