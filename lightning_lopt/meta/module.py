@@ -74,6 +74,7 @@ LOPTS: dict[str, tuple[Callable[[int], LearnedOptimizerModule], bool]] = {
     "muvelo": (lambda stage: VeLOLOpt.mu(), True),
     "velo": (lambda stage: VeLOLOpt(), False),
     "celo2": (lambda stage: Celo2LOpt.meta_training(), False),
+    "celo2-base": (lambda stage: Celo2LOpt.base(step_mult=1e-3), False),
 }
 MetaOptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
@@ -101,7 +102,7 @@ class MetaTrainer(L.LightningModule):
     """Meta-train (or fine-tune) a learned optimizer with PES; fit it with ``lightning.Trainer``.
 
     Args:
-        lopt: ``"mulo"``, ``"lo"``, ``"celo"``, ``"muvelo"``, ``"velo"``, ``"celo2"`` or an architecture module
+        lopt: ``"mulo"``, ``"lo"``, ``"celo"``, ``"muvelo"``, ``"velo"``, ``"celo2"``, ``"celo2-base"`` or an architecture module
             (:mod:`lightning_lopt.optim.architectures`, or any module with ``pure_step`` /
             ``functional.init_state``).
         tasks: the meta-training tasks; every width of every task runs at every meta-step.

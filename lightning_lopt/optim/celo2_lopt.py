@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lopt.optim.architectures import LearnedOptimizerModule, _reset_linear
-from lightning_lopt.optim.functional import celo2
+from lightning_lopt.optim.functional import celo2, celo2_base
 from lightning_lopt.optim.pretrained import load_checked
 
 
@@ -48,7 +49,6 @@ class Celo2LOpt(LearnedOptimizerModule):
     """
 
     architecture = "celo2"
-    functional = celo2
 
     def __init__(
         self,
@@ -70,6 +70,11 @@ class Celo2LOpt(LearnedOptimizerModule):
         sizes = [celo2.NUM_INPUTS, celo2.HIDDEN_SIZE, celo2.HIDDEN_SIZE, celo2.NUM_OUTPUTS]
         self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.reset_parameters(generator)
+
+    @property
+    def functional(self) -> ModuleType:  # type: ignore[override]
+        """The functional module: Celo2's, or Celo2Base's (whose fresh state routes nothing to Adam)."""
+        return celo2 if self.adam_1d else celo2_base
 
     @classmethod
     def base(cls, **overrides: Any) -> Celo2LOpt:

@@ -29,3 +29,13 @@ def test_celo2_meta_trains_with_the_meta_training_inner_rule(tmp_path, fit_kwarg
     assert not torch.equal(after["mlp.0.weight"], before["mlp.0.weight"])
     meta.save_pretrained(tmp_path / "w")
     assert pretrained.from_pretrained(tmp_path / "w").config["adam_mode"] == "meta_training"
+
+
+def test_celo2_base_meta_trains_every_tensor_with_the_learned_rule():
+    task = ImageMLPTask("digits", widths=[16], depth=1, param="sp", batch_size=16)
+    meta = MetaTrainer("celo2-base", tasks=[task], estimator=PES(num_pairs=1, trunc_length=3))
+    assert (meta.lopt.orthogonalize, meta.lopt.adam_1d, meta.lopt.step_mult) == (False, False, 1e-3)
+    params = [torch.zeros(4, 3), torch.zeros(4)]
+    theta = dict(meta.lopt.state_dict())
+    assert all("adam_m" not in acc for acc in meta.lopt.functional.init_state(theta, params)["tensors"])
+    assert "adam_m" in Celo2LOpt().functional.init_state(theta, params)["tensors"][1]
