@@ -208,6 +208,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "mulo-bf16": OptimizerSpec("mulo", {"state_dtype": torch.bfloat16}),
     "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, capped=True),
     "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
+    # Celo2Base is Celo2's element-wise part alone (no Newton–Schulz): Celo2 minus it is the
+    # orthogonalisation's cost.
+    "celo2": OptimizerSpec("celo2"),
+    "celo2-base": OptimizerSpec("celo2-base"),
 }
 
 #: (cases, optimizers, warmup, repeats) per preset.

@@ -62,6 +62,7 @@ from lightning_lopt.meta.truncation import LogUniformLengthSchedule
 from lightning_lopt.meta.unroll import Particles, init_particles, make_loss_and_grad, unroll_window
 from lightning_lopt.meta.warm_start import WarmStart, warm_start
 from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt, VeLOLOpt
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.pretrained import from_pretrained, load_checked, save_pretrained
 
 META_STATE_TENSORS = "meta_state.safetensors"
@@ -74,6 +75,8 @@ LOPTS: dict[str, tuple[Callable[[int], LearnedOptimizerModule], bool]] = {
     "celo": (lambda stage: CeloLOpt(train_phase=stage), False),
     "muvelo": (lambda stage: VeLOLOpt.mu(), True),
     "velo": (lambda stage: VeLOLOpt(), False),
+    "celo2": (lambda stage: Celo2LOpt.meta_training(), False),
+    "celo2-base": (lambda stage: Celo2LOpt.base(step_mult=1e-3), False),
 }
 MetaOptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
@@ -101,7 +104,7 @@ class MetaTrainer(L.LightningModule):
     """Meta-train (or fine-tune) a learned optimizer with PES; fit it with ``lightning.Trainer``.
 
     Args:
-        lopt: ``"mulo"``, ``"lo"``, ``"celo"``, ``"muvelo"``, ``"velo"`` or an architecture module
+        lopt: ``"mulo"``, ``"lo"``, ``"celo"``, ``"muvelo"``, ``"velo"``, ``"celo2"``, ``"celo2-base"`` or an architecture module
             (:mod:`lightning_lopt.optim.architectures`, or any module with ``pure_step`` /
             ``functional.init_state``).
         tasks: the meta-training tasks; every width of every task runs at every meta-step.

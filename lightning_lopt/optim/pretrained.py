@@ -138,6 +138,7 @@ def from_pretrained(name_or_path: str | Path) -> nn.Module:
         ValueError: a pickle or non-safetensors file, or missing, extra or mis-shaped tensors.
     """
     from lightning_lopt.optim import architectures  # noqa: F401  (registers the architectures)
+    from lightning_lopt.optim import celo2_lopt  # noqa: F401  (registers Celo2's)
 
     text = str(name_or_path)
     path = Path(text).expanduser()
