@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lopt.optim import fused as fused_step
-from lightning_lopt.optim import pretrained
+from lightning_lopt.optim import pretrained, sharding
 from lightning_lopt.optim.architectures import (
     CeloLOpt,
     LearnedOptimizerModule,
@@ -168,6 +168,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         groups = self._scaled_groups(params)
         super().__init__(groups, {"lr": float(lr), "weight_decay": float(weight_decay)})
         all_params = [p for g in self.param_groups for p in g["params"]]
+        sharding.check_not_fsdp1(all_params, name)
         # float64 models keep float64 arithmetic; everything else computes in float32.
         float64 = all(p.dtype == torch.float64 for p in all_params)
         self.compute_dtype = torch.float64 if float64 else torch.float32
@@ -311,6 +312,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_loss = used_loss
 
         module = self._meta_weights_on(device)
+        if any(sharding.is_dtensor(p) for p in params):  # FSDP2: local blocks, statistics reduced over ranks
+            ctx = StepContext([g["update_scale"] * g["lr"] for g in groups], used_loss, self.num_steps or 0)
+            sharding.sharded_step(self, module, params, groups, ctx)
+            return closure_loss if closure is not None else used_loss
         grads = [p.grad.to(self.compute_dtype) for p in params]
         self._init_missing_state(module, params)
         # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
