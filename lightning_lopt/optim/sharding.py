@@ -118,6 +118,8 @@ def sharded_step(
             f"{owner}: sharded (DTensor) parameters are supported by LO, MuLO and Celo; "
             f"{type(module).__name__} is not (VeLO's per-tensor LSTM inputs are not reduced across shards)"
         )
+    if opt.fused:
+        raise NotImplementedError(f"{owner}(fused=True): the fused kernel does not run on sharded (DTensor) parameters")
     if opt.state_dtype != torch.float32:
         raise NotImplementedError(f"{owner}: sharded parameters need state_dtype=torch.float32")
     from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
