@@ -199,3 +199,18 @@ def test_fsdp2_equals_one_process_and_resumes_exactly(tmp_path, world):
             assert item["resume_error"] == 0.0, (name, item)
         if world == 2:
             assert "ModelParallelStrategy" in rank["fsdp1_error"]
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_strategy_trains_with_mulo(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    script = Path(__file__).with_name("_model_parallel_script.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["params_are_dtensor"] and rank["state_is_dtensor"]
+        assert rank["moved"] > 1e-4
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # one model, gathered identically on both ranks
