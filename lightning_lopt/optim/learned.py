@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lopt.optim import fused as fused_step
-from lightning_lopt.optim import pretrained
+from lightning_lopt.optim import pretrained, sharding
 from lightning_lopt.optim.architectures import (
     CeloLOpt,
     LearnedOptimizerModule,
@@ -169,6 +169,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         groups = self._scaled_groups(params)
         super().__init__(groups, {"lr": float(lr), "weight_decay": float(weight_decay)})
         all_params = [p for g in self.param_groups for p in g["params"]]
+        sharding.check_not_fsdp1(all_params, name)
         # float64 models keep float64 arithmetic; everything else computes in float32.
         float64 = all(p.dtype == torch.float64 for p in all_params)
         self.compute_dtype = torch.float64 if float64 else torch.float32
@@ -313,6 +314,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_loss = used_loss
 
         module = self._meta_weights_on(device)
+        if any(sharding.is_dtensor(p) for p in params):  # FSDP2: local blocks, statistics reduced over ranks
+            ctx = StepContext([g["update_scale"] * g["lr"] for g in groups], used_loss, self.num_steps or 0)
+            sharding.sharded_step(self, module, params, groups, ctx)
+            return closure_loss if closure is not None else used_loss
         grads = [p.grad.to(self.compute_dtype) for p in params]
         self._init_missing_state(module, params)
         self._stuck_check(module, params, grads)
@@ -320,7 +325,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]
         ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
-        kernel = self._fused_kernel(module, device)
+        kernel = self._fused_kernel(module, device, [*params, *grads])
         if kernel is not None:
             self._fused_step(kernel, module, params, grads, groups, ctx)
         else:
@@ -351,16 +356,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for index, (p, acc) in enumerate(zip(params, new_state["tensors"])):
             self.state[p] = round_accumulators(acc, iteration, index) if bf16 else acc
 
-    def _fused_kernel(self, module: LearnedOptimizerModule, device: torch.device) -> Kernel | None:
+    def _fused_kernel(
+        self, module: LearnedOptimizerModule, device: torch.device, tensors: Iterable[Tensor] = ()
+    ) -> Kernel | None:
         """The fused kernel if this step can use it (see ``fused``), else ``None``."""
         if self.fused is False:
             return None
+        # The kernel addresses raw memory: tensor subclasses, sparse and meta tensors take the pure step.
+        plain = all(fused_driver.is_plain_dense(t) for t in tensors)
         usable = (
-            device.type == "cpu" and self.compute_dtype == torch.float32 and fused_driver.architecture_supported(module)
+            device.type == "cpu"
+            and self.compute_dtype == torch.float32
+            and fused_driver.architecture_supported(module)
+            and plain
         )
         kernel = fused_step.kernel() if usable else None
         if kernel is None and self.fused:
-            reason = fused_step.build_error() or f"it runs on CPU float32 only (here {device.type}, {self.compute_dtype})"
+            reason = fused_step.build_error() or (
+                f"it runs on CPU float32 only (here {device.type}, {self.compute_dtype})"
+                if plain
+                else "it takes plain dense CPU tensors only (not DTensor, sparse or meta tensors)"
+            )
             raise RuntimeError(f"{type(self).__name__}(fused=True): the fused step cannot run: {reason}")
         return kernel
 

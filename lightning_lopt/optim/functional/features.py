@@ -32,17 +32,32 @@ def second_moment_rsqrt(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.rsqrt(eps + (x * x).mean(dim=axes))
 
 
+Factored = tuple[tuple[int, int], Tensor, Tensor]
+
+
 def adafactor_features(
-    acc: dict[str, Tensor], m: Tensor, *, layout: str, nonfactored_mom_eps: float
+    acc: dict[str, Tensor],
+    m: Tensor,
+    *,
+    layout: str,
+    nonfactored_mom_eps: float,
+    factored: Factored | None = None,
 ) -> list[Tensor]:
     """The 15 Adafactor channels, built from the *updated* accumulators.
 
     Factored (rank ≥ 2): v_row and v_col broadcast to full shape, their rsqrt(· + 1e-8), and
     m · row · col (momentum k paired with Adafactor decay k). Non-factored: v twice, rsqrt(v + 1e-8)
     twice, and m · (v + eps)^(-1/2), with eps = 1e-6 for small_fc_lopt and 0 for Celo/VeLO.
+
+    ``factored`` = ``(dims, row, col)`` supplies the factored axes and scalings instead of deriving
+    them from ``m``'s shape (the sharded step: ``m`` is a shard, the axes and the row statistic's
+    mean belong to the whole tensor).
     """
     shape = m.shape
-    dims = factored_dims(shape[:-1], layout)
+    if factored is None:
+        dims = factored_dims(shape[:-1], layout)
+    else:
+        dims = factored[0]
     if dims is None:
         v = acc["v"]
         inv = torch.rsqrt(v + 1e-8)
@@ -50,7 +65,10 @@ def adafactor_features(
     d1, d0 = dims
     row_feat = acc["v_row"].unsqueeze(d0).expand(shape)
     col_feat = acc["v_col"].unsqueeze(d1).expand(shape)
-    row, col = factored_scalings(acc["v_row"], acc["v_col"], dims)
+    if factored is None:
+        row, col = factored_scalings(acc["v_row"], acc["v_col"], dims)
+    else:
+        row, col = factored[1], factored[2]
     return [
         row_feat,
         col_feat,
@@ -60,11 +78,14 @@ def adafactor_features(
     ]
 
 
-def hyper_inputs(p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str) -> Tensor:
+def hyper_inputs(
+    p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str, factored: Factored | None = None
+) -> Tensor:
     """The 30 input channels of the Celo / VeLO per-parameter MLP (celo_spec §1.3), not yet normalised.
 
     Order: g, clip(g, ±0.1), p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1), fac_g(3),
-    g·rsqrt(rms+1e-6)(1), then the Adafactor groups (15). ``acc`` holds the updated accumulators.
+    g·rsqrt(rms+1e-6)(1), then the Adafactor groups (15). ``acc`` holds the updated accumulators;
+    ``factored`` as in :func:`adafactor_features`.
     """
     m, rms = acc["m"], acc["rms"]
     gx = g.unsqueeze(-1)
@@ -79,7 +100,7 @@ def hyper_inputs(p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *,
         rsqrt,
         fac_g,
         gx * rsqrt,
-        *adafactor_features(acc, m, layout=layout, nonfactored_mom_eps=0.0),
+        *adafactor_features(acc, m, layout=layout, nonfactored_mom_eps=0.0, factored=factored),
     ]
     # Each channel is second-moment normalised over the tensor by the MLP (normalized_mlp_forward);
     # normalising the concatenation per channel equals normalising each group, the reference's way.

@@ -39,6 +39,7 @@ from lightning_lopt.optim.functional.accumulators import (
 )
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import (
+    Factored,
     adafactor_features,
     time_embedding,
 )
@@ -69,6 +70,31 @@ def init_state(theta: dict[str, Tensor], params: Sequence[Tensor], *, layout: st
         "iteration": torch.zeros((), dtype=torch.int64, device=device),
         "tensors": [init_accumulators(p, layout) for p in params],
     }
+
+
+def tensor_features(
+    p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str, factored: Factored | None = None
+) -> Tensor:
+    """The 28 per-element channels of lo_spec §1.5 (not yet normalised) from the *updated* accumulators.
+
+    Order: g, p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1), fac_g(3), then the
+    Adafactor groups (15); ``factored`` as in :func:`~.features.adafactor_features`.
+    """
+    m, v = acc["m"], acc["rms"]
+    rsqrt = torch.rsqrt(v + 1e-6)
+    return torch.cat(
+        [
+            g.unsqueeze(-1),
+            p.unsqueeze(-1),
+            m,
+            v,
+            m * rsqrt,
+            rsqrt,
+            fac_g,
+            *adafactor_features(acc, m, layout=layout, nonfactored_mom_eps=1e-6, factored=factored),
+        ],
+        dim=-1,
+    )
 
 
 def step(
@@ -103,21 +129,7 @@ def step(
         # lo_spec §1.3 step 2: NaN → 0, ±inf → ±max before anything else sees the gradient.
         g_w = torch.nan_to_num(g.reshape(shape).to(p.dtype))
         acc, fac_g = update_accumulators(acc, g_w, momentum, rms, adafactor, layout)
-        m, v = acc["m"], acc["rms"]
-        rsqrt = torch.rsqrt(v + 1e-6)
-        features = torch.cat(
-            [
-                g_w.unsqueeze(-1),
-                p_w.unsqueeze(-1),
-                m,
-                v,
-                m * rsqrt,
-                rsqrt,
-                fac_g,
-                *adafactor_features(acc, m, layout=layout, nonfactored_mom_eps=1e-6),
-            ],
-            dim=-1,
-        )
+        features = tensor_features(p_w, g_w, acc, fac_g, layout=layout)
         # The 28 channels are normalised per channel (§1.5); the time features are not (b0_time).
         out = normalized_mlp_forward(features, [(w0_features, b0_time), *hidden])
         delta = step_mult * out[..., 0] * torch.exp(exp_mult * out[..., 1]) * scale

@@ -195,6 +195,49 @@ class _Job:
         return [*_view(self.shape, self.layout), *(t.data_ptr() for t in tensors), *ptrs, self.index]
 
 
+def is_plain_dense(t: object) -> bool:
+    """Whether ``t`` is memory the kernel can address: a plain strided CPU tensor (not a DTensor or
+    other subclass, not sparse, not meta)."""
+    return type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type == "cpu"
+
+
+def _dense_contiguous(t: Tensor) -> Tensor:
+    """``t.contiguous()`` for strided tensors; others are passed on for :func:`_check_job` to refuse."""
+    return t.contiguous() if t.layout == torch.strided else t
+
+
+def _check_job(job: _Job, n_particles: int) -> None:
+    """Raise ``TypeError`` / ``ValueError`` unless every buffer of ``job`` is what kernel.c reads and
+    writes (it trusts the descriptor's sizes and raw pointers, so a wrong tensor would crash the
+    interpreter rather than fail)."""
+    n = n_particles * math.prod(job.shape)
+    sizes = {"m": n * len(MOMENTUM_DECAYS), "rms": n * len(RMS_DECAYS)}
+    dims = factored_dims(job.shape, job.layout)
+    if dims is None:
+        sizes["v"] = n * len(ADAFACTOR_DECAYS)
+    else:
+        d1, d0 = dims
+        for key, axis in (("v_row", d0), ("v_col", d1)):  # v_row drops d0, v_col drops d1
+            kept = math.prod(s for i, s in enumerate(job.shape) if i != axis)
+            sizes[key] = n_particles * kept * len(ADAFACTOR_DECAYS)
+    buffers = [("parameter", job.p_in, n), ("parameter output", job.p_out, n), ("gradient", job.g, n)]
+    for which, acc in (("state", job.acc_in), ("state output", job.acc_out)):
+        if set(acc) != set(sizes):
+            raise ValueError(f"the fused step: {which} keys {sorted(acc)} do not match the tensor's {sorted(sizes)}")
+        buffers += [(f"{which} '{key}'", acc[key], sizes[key]) for key in sizes]
+    for name, t, numel in buffers:
+        if not is_plain_dense(t):
+            kind = type(t).__name__ if type(t) not in (Tensor, torch.nn.Parameter) else f"{t.layout} on {t.device}"
+            raise TypeError(f"the fused step takes plain dense CPU tensors; the {name} is a {kind}")
+        allowed = (torch.float32, torch.bfloat16) if name.endswith(("'m'", "'rms'")) else (torch.float32,)
+        if t.dtype not in allowed:
+            raise TypeError(f"the fused step: the {name} is {t.dtype}, expected {' or '.join(map(str, allowed))}")
+        if not t.is_contiguous():
+            raise ValueError("the fused step needs contiguous parameters, gradients and state")
+        if t.numel() != numel:
+            raise ValueError(f"the fused step: the {name} has {t.numel()} elements, expected {numel} for shape {list(job.shape)}")
+
+
 def _state_is_bf16(jobs: Sequence[_Job]) -> bool:
     dtypes = {t.dtype for job in jobs for key in ("m", "rms") for t in (job.acc_in[key], job.acc_out[key])}
     if not dtypes <= {torch.float32, torch.bfloat16} or len(dtypes) != 1:
@@ -234,13 +277,12 @@ def _launch(kernel: Kernel, module: LearnedOptimizerModule, nets: _Nets, jobs: S
 
     Empty tensors are left out (their outputs are empty too).
     """
+    n_particles = nets.w0.shape[0]
+    for job in jobs:
+        _check_job(job, n_particles)
     jobs = [job for job in jobs if job.p_in.numel() > 0]
     if not jobs:
         return
-    for job in jobs:
-        tensors = [job.p_in, job.p_out, job.g, *job.acc_in.values(), *job.acc_out.values()]
-        if not all(t.is_contiguous() for t in tensors):
-            raise ValueError("the fused step needs contiguous parameters, gradients and state")
     descriptors = np.asarray([job.descriptor() for job in jobs], dtype=np.int64)
     scalars = np.asarray([[job.scale, job.weight_decay] for job in jobs], dtype=np.float32)
     call = _call(module, nets, descriptors, scalars, nets.w0.shape[0], _state_is_bf16(jobs))
@@ -298,7 +340,7 @@ def step_in_place(
         nets = _celo_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, eta, iteration.reshape(1))
         new_global = {"iteration": iteration + 1, **scheduler_state}
     jobs = [
-        _Job(work_shape(p.shape), module.layout, p, p, g.contiguous(), acc, acc, float(scale), float(wd), index)
+        _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index)
         for index, (p, g, acc, scale, wd) in enumerate(zip(params, grads, state["tensors"], ctx.scales, weight_decays))
     ]
     _launch(kernel, module, nets, jobs)

@@ -1,0 +1,167 @@
+"""The learned optimizers' step on FSDP2-sharded parameters (``DTensor`` with ``Shard(0)``).
+
+:meth:`LearnedOptimizer.step <lightning_lopt.optim.learned.LearnedOptimizer.step>` calls
+:func:`sharded_step` when any parameter is a ``DTensor``. It unwraps every parameter, gradient and
+accumulator to its local block, runs the pure sharded core
+(:mod:`lightning_lopt.optim.functional.sharded`) with ``reduce`` = one ``all_reduce`` over the
+parameters' mesh (two per step, each carrying every tensor's statistics), writes the local results
+back, and keeps the per-tensor state as ``DTensor`` sharded like the parameter (accumulators
+reduced over axis 0 are ``Replicate``), so ``state_dict()`` works with
+``torch.distributed.checkpoint``. The sharded step runs the pure core, not the fused CPU kernel.
+
+Supported: ``LO``, ``MuLO`` and ``Celo``; a 1-D device mesh with ``Shard(0)`` or ``Replicate``
+placements (what ``fully_shard`` makes), uneven and empty local shards, float32 state. FSDP1
+(``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) hands the optimizer flattened 1-D
+shards, on which per-tensor statistics and μP scales would be silently wrong: it is refused by
+:func:`check_not_fsdp1`.
+
+Example::
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    opt = lightning_lopt.MuLO(model.parameters(), scales=scales)   # scales from the unsharded names
+    loss.backward(); opt.step(loss=loss)                             # every rank
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt
+from lightning_lopt.optim.functional import StepContext
+from lightning_lopt.optim.functional import sharded as core
+
+if TYPE_CHECKING:
+    from lightning_lopt.optim.learned import LearnedOptimizer
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+_FSDP1_FIX = (
+    "FSDP1 (FullyShardedDataParallel, Lightning's strategy='fsdp' / FSDPStrategy) gives the optimizer "
+    "flattened 1-D shards, on which the per-tensor statistics and μP scales of a learned optimizer "
+    "would be silently wrong. Shard with FSDP2 instead: torch.distributed.fsdp.fully_shard, or "
+    "Lightning's ModelParallelStrategy (which uses it)."
+)
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def check_not_fsdp1(params: list[Tensor], owner: str) -> None:
+    """Raise ``TypeError`` (naming ``ModelParallelStrategy``) for parameters managed by FSDP1."""
+    for p in params:
+        if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
+            raise TypeError(f"{owner}: {_FSDP1_FIX}")
+
+
+def _spec(p: Tensor, owner: str) -> tuple[core.ShardSpec, Any]:
+    """The core's view of one parameter, and its mesh (``None`` for a plain tensor)."""
+    if not is_dtensor(p):
+        return core.ShardSpec(core.work_shape(p.shape), split=False), None
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
+        raise NotImplementedError(
+            f"{owner}: sharded parameters are supported on a 1-D device mesh with Shard(0) or Replicate "
+            f"placements (what fully_shard makes); got mesh of {mesh.ndim} dims, placements {placements}"
+        )
+    split = isinstance(placements[0], Shard)
+    if split and (placements[0].dim != 0 or p.dim() == 0):
+        raise NotImplementedError(f"{owner}: only Shard(0) placements are supported, got {placements}")
+    return core.ShardSpec(core.work_shape(p.shape), split=split), mesh
+
+
+def _all_reduce(group: Any) -> core.Reduce:
+    def reduce(flat: Tensor) -> Tensor:
+        flat = flat.contiguous()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        return flat
+
+    return reduce
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _wrap(local: Tensor, mesh: Any, spec: core.ShardSpec, keeps_axis0: bool, global_shape: tuple[int, ...]) -> Tensor:
+    """``local`` as a DTensor of ``global_shape``: Shard(0) when it keeps the split axis 0, else Replicate."""
+    if mesh is None:
+        return local
+    placement = Shard(0) if spec.split and keeps_axis0 else Replicate()
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, [placement], run_check=False, shape=torch.Size(global_shape), stride=stride)
+
+
+def _global_accumulator_shapes(spec: core.ShardSpec, layout: str) -> dict[str, tuple[tuple[int, ...], bool]]:
+    return core.accumulator_shapes(spec._replace(split=False), spec.shape[0], layout)
+
+
+def sharded_step(
+    opt: LearnedOptimizer,
+    module: LearnedOptimizerModule,
+    params: list[Tensor],
+    groups: list[dict[str, Any]],
+    ctx: StepContext,
+) -> None:
+    """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
+    owner = type(opt).__name__
+    if type(module) not in (SmallFCLOpt, CeloLOpt):
+        raise NotImplementedError(
+            f"{owner}: sharded (DTensor) parameters are supported by LO, MuLO and Celo; "
+            f"{type(module).__name__} is not (VeLO's per-tensor LSTM inputs are not reduced across shards)"
+        )
+    if opt.fused:
+        raise NotImplementedError(f"{owner}(fused=True): the fused kernel does not run on sharded (DTensor) parameters")
+    if opt.state_dtype != torch.float32:
+        raise NotImplementedError(f"{owner}: sharded parameters need state_dtype=torch.float32")
+    from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+
+    specs, meshes = zip(*(_spec(p, owner) for p in params))
+    distinct = {id(m): m for m in meshes if m is not None}
+    if len(distinct) > 1:
+        raise NotImplementedError(f"{owner}: all sharded parameters must live on one device mesh")
+    mesh = next(iter(distinct.values()))
+    dtype = opt.compute_dtype
+    local_params = [_local(p) for p in params]
+    device = local_params[0].device
+    grads = [_local(p.grad).to(dtype) for p in params]
+    work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
+
+    if GLOBAL_STATE_KEY not in opt.state:
+        init = module.init_state([])
+        opt.state[GLOBAL_STATE_KEY] = {k: v for k, v in init.items() if k != "tensors"}
+    accumulators = []
+    for p, lp, spec, m in zip(params, local_params, specs, meshes):
+        if not opt.state.get(p):
+            rows = lp.shape[0] if spec.split else spec.shape[0]
+            local = core.init_accumulators(spec, rows, dtype, device, module.layout)
+            opt.state[p] = {
+                k: _wrap(v, m, spec, keeps, shape)
+                for (k, v), (shape, keeps) in zip(local.items(), _global_accumulator_shapes(spec, module.layout).values())
+            }
+        accumulators.append({k: _local(v).to(dtype) for k, v in opt.state[p].items()})
+
+    global_state = {k: v.to(device) for k, v in opt.state[GLOBAL_STATE_KEY].items()}
+    state = {**global_state, "tensors": accumulators}
+    reduce = _all_reduce(mesh.get_group())
+    core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
+    new_params, new_state = core_step(module.theta(), work, grads, state, ctx, specs, reduce, **module.step_config)
+
+    for lp, old, new, group in zip(local_params, work, new_params, groups):
+        decay = group["lr"] * group["weight_decay"]
+        lp.copy_(new - decay * old if decay else new)
+    opt.state[GLOBAL_STATE_KEY] = {k: v for k, v in new_state.items() if k != "tensors"}
+    for p, spec, m, acc in zip(params, specs, meshes, new_state["tensors"]):
+        shapes = _global_accumulator_shapes(spec, module.layout)
+        opt.state[p] = {k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}
+
+
+__all__ = ["check_not_fsdp1", "is_dtensor", "sharded_step"]
