@@ -73,6 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lopt.optim import fused as fused_step
+from lightning_lopt.optim import gpu
 from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.architectures import (
     CeloLOpt,
@@ -129,6 +130,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     mu: ClassVar[bool] = False
     #: Whether the step needs the loss and a horizon (Celo, VeLO).
     needs_loss: ClassVar[bool] = False
+    #: Numerics of the GPU step (:mod:`lightning_lopt.optim.gpu`): ``"fast"`` (tensor cores) or ``"exact"``.
+    gpu_numerics: str = "fast"
 
     def __init__(
         self,
@@ -311,12 +314,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_loss = used_loss
 
         module = self._meta_weights_on(device)
-        grads = [p.grad.to(self.compute_dtype) for p in params]
         self._init_missing_state(module, params)
         # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]
         ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
+        if self.fused is not False and gpu.supports(module, params):
+            # The GPU step reads the gradients as they are (no float32 copy of bf16 gradients).
+            self._gpu_step(module, params, groups, ctx)
+            return closure_loss if closure is not None else used_loss
+        grads = [p.grad.to(self.compute_dtype) for p in params]
         kernel = self._fused_kernel(module, device)
         if kernel is not None:
             self._fused_step(kernel, module, params, grads, groups, ctx)
@@ -385,6 +392,29 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for p, w in zip(params, work):
             if w is p:
                 # Written behind autograd's back: bump the version so that a graph that saved p fails loudly.
+                torch.autograd.graph.increment_version(p)
+            else:
+                p.copy_(w)
+
+    def _gpu_step(
+        self, module: LearnedOptimizerModule, params: list[Tensor], groups: list[dict[str, Any]], ctx: StepContext
+    ) -> None:
+        """The step through the GPU kernels (:mod:`lightning_lopt.optim.gpu`), in place, no host sync."""
+        from lightning_lopt.optim.gpu.step import step_in_place
+
+        work = [p if p.is_contiguous() else p.detach().contiguous() for p in params]
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        for p in params:
+            self.state[p] = self._kernel_layout(self.state[p])
+        device = params[0].device
+        global_state = self.state[GLOBAL_STATE_KEY]
+        if any(v.device != device for v in global_state.values()):
+            self.state[GLOBAL_STATE_KEY] = global_state = {k: v.to(device) for k, v in global_state.items()}
+        state = {**global_state, "tensors": [self.state[p] for p in params]}
+        weight_decays = [g["lr"] * g["weight_decay"] for g in groups]
+        step_in_place(module, work, grads, state, ctx, weight_decays, numerics=self.gpu_numerics)
+        for p, w in zip(params, work):
+            if w is p:
                 torch.autograd.graph.increment_version(p)
             else:
                 p.copy_(w)
