@@ -82,7 +82,7 @@ from lightning_lopt.optim.architectures import (
     VeLOLOpt,
 )
 from lightning_lopt.optim.bf16_state import round_accumulators, widen_accumulators
-from lightning_lopt.optim.functional import StepContext
+from lightning_lopt.optim.functional import StepContext, chunked
 from lightning_lopt.optim.fused import driver as fused_driver
 from lightning_lopt.optim.fused.build import Kernel
 from lightning_lopt.optim.scaling import scaled_param_groups
@@ -319,9 +319,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]
         ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
-        if self.fused is not False and gpu.supports(module, params):
-            # The GPU step reads the gradients as they are (no float32 copy of bf16 gradients).
-            self._gpu_step(module, params, groups, ctx)
+        cuda_step = self._cuda_step(module, params)
+        if cuda_step is not None:
+            # In place on CUDA, reading the gradients as they are (no float32 copy of bf16 gradients).
+            self._step_in_place(cuda_step, module, params, groups, ctx)
             return closure_loss if closure is not None else used_loss
         grads = [p.grad.to(self.compute_dtype) for p in params]
         kernel = self._fused_kernel(module, device)
@@ -396,13 +397,37 @@ class LearnedOptimizer(torch.optim.Optimizer):
             else:
                 p.copy_(w)
 
-    def _gpu_step(
-        self, module: LearnedOptimizerModule, params: list[Tensor], groups: list[dict[str, Any]], ctx: StepContext
-    ) -> None:
-        """The step through the GPU kernels (:mod:`lightning_lopt.optim.gpu`), in place, no host sync."""
-        from lightning_lopt.optim.gpu.step import step_in_place
+    def _cuda_step(self, module: LearnedOptimizerModule, params: list[Tensor]) -> Callable[..., None] | None:
+        """On CUDA, LO / MuLO / Celo step in place: the Triton kernels (:mod:`lightning_lopt.optim.gpu`),
+        else (``fused=False``, no Triton) the pure step evaluated in chunks (bounded scratch memory)."""
+        if self.fused is not False and gpu.supports(module, params):
+            from lightning_lopt.optim.gpu.step import step_in_place
 
-        work = [p if p.is_contiguous() else p.detach().contiguous() for p in params]
+            return functools.partial(step_in_place, numerics=self.gpu_numerics)
+        if (
+            params[0].device.type == "cuda"
+            and self.compute_dtype == torch.float32
+            and self.state_dtype == torch.float32
+            and fused_driver.architecture_supported(module)
+        ):
+            return chunked.step_in_place
+        return None
+
+    def _step_in_place(
+        self,
+        step_fn: Callable[..., None],
+        module: LearnedOptimizerModule,
+        params: list[Tensor],
+        groups: list[dict[str, Any]],
+        ctx: StepContext,
+    ) -> None:
+        """``step_fn(module, params, grads, state, ctx, weight_decays)`` on the optimizer's tensors."""
+        chunked_step = step_fn is chunked.step_in_place  # float32 only: bf16 parameters via a float32 copy
+        work = [
+            p if p.is_contiguous() and (p.dtype == torch.float32 or not chunked_step)
+            else p.detach().to(torch.float32 if chunked_step else p.dtype).contiguous()
+            for p in params
+        ]
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         for p in params:
             self.state[p] = self._kernel_layout(self.state[p])
@@ -412,7 +437,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state[GLOBAL_STATE_KEY] = global_state = {k: v.to(device) for k, v in global_state.items()}
         state = {**global_state, "tensors": [self.state[p] for p in params]}
         weight_decays = [g["lr"] * g["weight_decay"] for g in groups]
-        step_in_place(module, work, grads, state, ctx, weight_decays, numerics=self.gpu_numerics)
+        step_fn(module, work, grads, state, ctx, weight_decays)
         for p, w in zip(params, work):
             if w is p:
                 torch.autograd.graph.increment_version(p)
