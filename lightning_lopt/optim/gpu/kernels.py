@@ -6,8 +6,9 @@ post]`` around the two factored axes ``a < b`` and raw pointers to its parameter
 accumulators; a *block map* sends each program of a 1-D grid to its job and block. Phases (one
 launch each, in this order):
 
-1. :func:`reduce_kernel` (factored tensors): sums of G = g² + 1e-30 over axis a and over axis b
-   into the workspace (atomics);
+1. :func:`reduce_matrix_kernel` (plain matrices, in 2-D tiles) and :func:`reduce_kernel` (other
+   factored tensors, per element): sums of G = g² + 1e-30 over axis a and over axis b into the
+   workspace (atomics);
 2. :func:`tables_kernel`: the new ``v_row`` / ``v_col`` (written to the state), per entry
    ``[v, rsqrt(v + 1e-8), factor]`` x 3 decays into the workspace, and the sums of ``v_row`` over
    its d1 axis; :func:`row_factor_kernel`: the row factors, which need those sums;
@@ -276,6 +277,27 @@ def reduce_kernel(jobs_ptr, block_job_ptr, first_block_ptr, ws_ptr, BLOCK: tl.co
 
 
 @triton.jit
+def reduce_matrix_kernel(jobs_ptr, tile_job_ptr, first_tile_ptr, ws_ptr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                         CELO: tl.constexpr, G_BF16: tl.constexpr):
+    """Phase 1 for plain matrices ``[A, B]`` (pre = mid = post = 1): a ``[ROWS, COLS]`` tile sums
+    over its rows into SUM_A (one atomic per column) and over its columns into SUM_B (one per row)."""
+    pid = tl.program_id(0)
+    job = tl.load(tile_job_ptr + pid)
+    tile = pid - tl.load(first_tile_ptr + job)
+    job_row = jobs_ptr + job * J_COUNT
+    n_rows = tl.load(job_row + J_A)
+    n_cols = tl.load(job_row + J_B)
+    tiles_per_row = (n_cols + COLS - 1) // COLS
+    rows = (tile // tiles_per_row) * ROWS + tl.arange(0, ROWS)
+    cols = (tile % tiles_per_row) * COLS + tl.arange(0, COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    g = _load_grad(job_row, rows[:, None] * n_cols + cols[None, :], mask, CELO, G_BF16)
+    gsq = tl.where(mask, g * g + 1e-30, 0.0)
+    tl.atomic_add(ws_ptr + tl.load(job_row + J_SUM_A) + cols, tl.sum(gsq, axis=0), mask=cols < n_cols)
+    tl.atomic_add(ws_ptr + tl.load(job_row + J_SUM_B) + rows, tl.sum(gsq, axis=1), mask=rows < n_rows)
+
+
+@triton.jit
 def _batch_of_row_entry(e, job_row):
     """The (pre, mid, post) batch index of entry e of the row statistic (its mean over d1 is per batch)."""
     a_ = tl.load(job_row + J_A)
@@ -343,17 +365,27 @@ def row_factor_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, ws_pt
 
 @triton.jit
 def stats_kernel(jobs_ptr, block_job_ptr, first_block_ptr, decays_ptr, ws_ptr, stats_ptr,
-                 BLOCK: tl.constexpr, CELO: tl.constexpr, STATE_BF16: tl.constexpr, P_BF16: tl.constexpr,
-                 G_BF16: tl.constexpr):
-    """Phase 3: stats[job, c] += Σ over the block of channel c squared (channels in spec order)."""
-    job, e = _block(block_job_ptr, first_block_ptr, BLOCK)
+                 BLOCK: tl.constexpr, ITERS: tl.constexpr, CELO: tl.constexpr, STATE_BF16: tl.constexpr,
+                 P_BF16: tl.constexpr, G_BF16: tl.constexpr):
+    """Phase 3: stats[job, c] += Σ over ITERS blocks of channel c squared (channels in spec order).
+
+    A program sums ITERS consecutive blocks before its one atomic add per channel.
+    """
+    pid = tl.program_id(0)
+    job = tl.load(block_job_ptr + pid)
+    start = (pid - tl.load(first_block_ptr + job)) * (BLOCK * ITERS)
     job_row = jobs_ptr + job * J_COUNT
-    mask = e < tl.load(job_row + J_N)
+    n = tl.load(job_row + J_N)
     decays_row = decays_ptr + tl.load(job_row + J_PARTICLE) * N_DECAYS
-    x, p, m0, m1, m2, rms, v0, v1, v2 = _features(job_row, e, mask, decays_row, ws_ptr, BLOCK, CELO, STATE_BF16,
-                                                  P_BF16, G_BF16)
+    acc = tl.zeros([WIDTH], dtype=tl.float32)
+    for it in range(0, tl.minimum(ITERS, (n - start + BLOCK - 1) // BLOCK)):
+        e = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = e < n
+        x, p, m0, m1, m2, rms, v0, v1, v2 = _features(job_row, e, mask, decays_row, ws_ptr, BLOCK, CELO, STATE_BF16,
+                                                      P_BF16, G_BF16)
+        acc += tl.sum(x * x, axis=0)
     cols = tl.arange(0, WIDTH)
-    tl.atomic_add(stats_ptr + job * WIDTH + _leaf_of_column(cols), tl.sum(x * x, axis=0))
+    tl.atomic_add(stats_ptr + job * WIDTH + _leaf_of_column(cols), acc)
 
 
 @triton.jit

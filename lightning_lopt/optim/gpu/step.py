@@ -58,9 +58,15 @@ def _nets(module: LearnedOptimizerModule, theta: dict[str, Tensor], state: State
 
 
 def _run(module: LearnedOptimizerModule, jobs: list[table.Job], nets: PackedNets, numerics: str) -> None:
-    plan = table.plan_for(jobs, module.layout, isinstance(module, CeloLOpt))
-    stats, workspace = table.statistics(plan, nets)
-    table.apply(plan, nets, stats, workspace, numerics=numerics)
+    """Both passes, one plan per (parameter dtype, gradient dtype): a plan's kernels are compiled for one."""
+    groups: dict[tuple[torch.dtype, torch.dtype], list[table.Job]] = {}
+    for job in jobs:
+        if job.p.numel() > 0:
+            groups.setdefault((job.p.dtype, job.g.dtype), []).append(job)
+    for group in groups.values():
+        plan = table.plan_for(group, module.layout, isinstance(module, CeloLOpt))
+        stats, workspace = table.statistics(plan, nets)
+        table.apply(plan, nets, stats, workspace, numerics=numerics)
 
 
 def step_in_place(

@@ -34,7 +34,9 @@ from lightning_lopt.optim.gpu.theta import PackedNets
 
 #: Elements per program: the element passes, the apply pass (a [BLOCK, 32] MLP tile) and tables.
 REDUCE_BLOCK = 1024
-STATS_BLOCK = 256
+MATRIX_TILE = (32, 128)  # rows x columns of a plain matrix per program of the factored reduction
+STATS_BLOCK = 128
+STATS_ITERS = 8  # blocks per program of the statistics pass (one atomic add per channel each)
 APPLY_BLOCK = 128
 TABLE_BLOCK = 256
 NUMERICS = {"exact": "ieee", "fast": "tf32"}
@@ -130,16 +132,25 @@ class Plan:
             [u for u in units if (u[1] == 0) == bool(rows[u[0]][K.J_D0_IS_A])] or [[0, 0, 0]], torch.int64, device
         )
         n_row_units = len(units) // 2
+        # Plain matrices (the two factored axes are the only ones) reduce in 2-D tiles.
+        matrix = [bool(r[K.J_FACTORED]) and r[K.J_PRE] == r[K.J_MID] == r[K.J_POST] == 1 for r in rows]
         self.maps = {
-            "reduce": _block_map([numels[i] if i in set(factored) else 0 for i in range(len(jobs))], REDUCE_BLOCK, device),
+            "reduce": _block_map(
+                [numels[i] if i in factored and not matrix[i] else 0 for i in range(len(jobs))], REDUCE_BLOCK, device
+            ),
+            "reduce_matrix": _block_map(
+                [math.ceil(r[K.J_A] / MATRIX_TILE[0]) * math.ceil(r[K.J_B] / MATRIX_TILE[1]) if m else 0
+                 for r, m in zip(rows, matrix)],
+                1,
+                device,
+            ),
             "tables": _block_map([u[2] for u in units], TABLE_BLOCK, device),
             "rows": _block_map([u[2] for u in units if (u[1] == 0) == bool(rows[u[0]][K.J_D0_IS_A])], TABLE_BLOCK, device)
             if n_row_units
             else None,
-            "stats": _block_map(numels, STATS_BLOCK, device),
+            "stats": _block_map(numels, STATS_BLOCK * STATS_ITERS, device),
             "apply": _block_map(numels, APPLY_BLOCK, device),
         }
-        self._keep = jobs  # the table holds raw pointers: keep the tensors alive
 
     def scratch_bytes(self) -> int:
         """Bytes the step allocates besides the outputs: workspace, statistics, per-step tables."""
@@ -161,7 +172,12 @@ _MAX_PLANS = 8
 
 
 def plan_for(jobs: Sequence[Job], layout: str, celo: bool) -> Plan:
-    """The cached :class:`Plan` of these tensors (rebuilt when an address, shape or scalar changes)."""
+    """The cached :class:`Plan` of these tensors (rebuilt when an address, shape or scalar changes).
+
+    The key holds everything the plan's tables encode, so a plan whose tensors were freed is
+    reused only for tensors at the same addresses with the same shapes, dtypes and scalars, for
+    which its tables are exactly right; plans hold no references to the tensors.
+    """
     key = (
         layout,
         celo,
@@ -190,14 +206,20 @@ def statistics(plan: Plan, nets: PackedNets) -> tuple[Tensor, Tensor]:
     stats = torch.zeros(plan.n_jobs, K.WIDTH, dtype=torch.float32, device=plan.device)
     if plan.factored_jobs:
         owner, first, n = plan.maps["reduce"]
-        K.reduce_kernel[(n,)](plan.jobs, owner, first, ws, BLOCK=REDUCE_BLOCK, CELO=plan.celo, G_BF16=plan.g_bf16)
+        if n:
+            K.reduce_kernel[(n,)](plan.jobs, owner, first, ws, BLOCK=REDUCE_BLOCK, CELO=plan.celo, G_BF16=plan.g_bf16)
+        owner, first, n = plan.maps["reduce_matrix"]
+        if n:
+            K.reduce_matrix_kernel[(n,)](
+                plan.jobs, owner, first, ws, ROWS=MATRIX_TILE[0], COLS=MATRIX_TILE[1], CELO=plan.celo, G_BF16=plan.g_bf16
+            )
         owner, first, n = plan.maps["tables"]
         K.tables_kernel[(n,)](plan.jobs, plan.units, owner, first, nets.decays, ws, BLOCK=TABLE_BLOCK)
         owner, first, n = plan.maps["rows"]
         K.row_factor_kernel[(n,)](plan.jobs, plan.row_units, owner, first, ws, BLOCK=TABLE_BLOCK)
     owner, first, n = plan.maps["stats"]
     K.stats_kernel[(n,)](
-        plan.jobs, owner, first, nets.decays, ws, stats, BLOCK=STATS_BLOCK, CELO=plan.celo,
+        plan.jobs, owner, first, nets.decays, ws, stats, BLOCK=STATS_BLOCK, ITERS=STATS_ITERS, CELO=plan.celo,
         STATE_BF16=plan.state_bf16, P_BF16=plan.p_bf16, G_BF16=plan.g_bf16,
     )
     return stats, ws
