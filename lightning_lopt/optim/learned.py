@@ -36,7 +36,9 @@ the scheduler's loss statistics and LSTM state unchanged for that step (warned o
 with bounded transient memory), which updates parameters and state in place and matches the pure
 step to float32 rounding. ``fused=None`` (default) uses it where available and otherwise the pure
 step (one warning if the kernel cannot be built); ``fused=False`` always runs the pure step;
-``fused=True`` fails instead of falling back.
+``fused=True`` fails instead of falling back. On CUDA they run the Triton step of
+:mod:`lightning_lopt.optim.gpu` (in place, no host sync; ``gpu_numerics`` ``"fast"`` or
+``"exact"``), and with ``fused=False`` the pure step evaluated in chunks (bounded scratch memory).
 
 **State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,
 loss buffer, Celo's LSTM state) lives under ``self.state["learned_optimizer"]``. Both hold only
