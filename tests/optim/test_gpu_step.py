@@ -1,16 +1,17 @@
 """The GPU step (lightning_lopt/optim/gpu) against the pure functional step.
 
-Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter
-(``TRITON_INTERPRET=1``, set below before the kernels are defined); with one, the same tests run on
-CUDA, plus the CUDA-only ones (the optimizers' default dispatch, CUDA-graph capture). Shapes are
-tiny: the interpreter runs every program in numpy.
+With a GPU these tests run on CUDA, plus the CUDA-only ones (the optimizers' default dispatch,
+CUDA-graph capture, the TF32 error bound). Without one, the Triton kernels run on CPU tensors
+through Triton's interpreter, which must be on before Triton is first imported (importing
+lightning imports it), so ``test_gpu_step_interpreter.py`` runs this file in a fresh process with
+``TRITON_INTERPRET=1``; in any other CPU process it is skipped. Shapes are tiny: the interpreter
+runs every program in numpy.
 
 Comparisons are in lockstep as in ``test_fused.py``: every step starts both implementations from
 the pure step's parameters and state. Tolerances, beyond one ulp of p (the output is p − Δ rounded to
 float32): ``exact`` numerics, 1e-5 of the tensor's largest update (as the CPU kernel); ``fast``
-numerics (TF32 tensor cores on a GPU; the interpreter computes every ``tl.dot`` in float32, so only
-a GPU run tests the TF32 error: that test is CUDA-only), 1e-2 of the update's RMS per tensor (the
-issue's bound).
+numerics (TF32 tensor cores; CUDA only, since the interpreter computes every ``tl.dot`` in
+float32), 1e-2 of the update's RMS per tensor (the issue's bound).
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import pytest
 import torch
 
 ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
+if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU: run by test_gpu_step_interpreter.py under the interpreter", allow_module_level=True)
 triton = pytest.importorskip("triton")
 
 from lightning_lopt.optim import bf16_state  # noqa: E402
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt  # noqa: E402
 from lightning_lopt.optim.functional import StepContext  # noqa: E402
 from lightning_lopt.optim.functional.accumulators import (  # noqa: E402
-    initial_decays,
     update_accumulators,
     work_shape,
 )
@@ -37,15 +37,12 @@ from lightning_lopt.optim.functional.features import adafactor_features  # noqa:
 from lightning_lopt.optim.gpu import kernels, step, table  # noqa: E402
 from lightning_lopt.optim.particle_step import stack_state, vmapped_pure_step  # noqa: E402
 
-if not ON_CUDA and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("no GPU and the Triton interpreter is off", allow_module_level=True)
-
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 # Ranks 0-4, square and non-square, conv kernels (OIHW); (5, 300) spans several element blocks.
 SHAPES = [(), (7,), (6, 6), (5, 8), (3, 4, 5), (4, 3, 3, 3), (5, 300)]
 SCALES = [1.0, 1.0, 1 / 6, 0.25, 0.3, 0.5, 0.1]
 P = 2
-N_STEPS = 3
+N_STEPS = 2
 NUM_STEPS = 40
 
 CONFIGS = {

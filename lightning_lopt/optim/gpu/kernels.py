@@ -33,22 +33,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Job table fields (int64), mirrored by table.py.
-J_N, J_FACTORED, J_PRE, J_A, J_MID, J_B, J_POST, J_D0_IS_A = range(8)
-J_P, J_G, J_M, J_RMS, J_VROW, J_VCOL = range(8, 14)  # pointers; non-factored: v in J_VROW
-J_SUM_A, J_SUM_B, J_TAB_A, J_TAB_B, J_RBAR = range(14, 19)  # float offsets into the workspace
-J_INDEX, J_PARTICLE = 19, 20
-J_COUNT = 21
+# Job table fields (int64), mirrored by table.py. Globals a kernel reads must be tl.constexpr.
+_c = tl.constexpr
+J_N, J_FACTORED, J_PRE, J_A, J_MID, J_B, J_POST, J_D0_IS_A = (_c(i) for i in range(8))
+J_P, J_G, J_M, J_RMS, J_VROW, J_VCOL = (_c(i) for i in range(8, 14))  # pointers; non-factored: v in J_VROW
+J_SUM_A, J_SUM_B, J_TAB_A, J_TAB_B, J_RBAR = (_c(i) for i in range(14, 19))  # float offsets into the workspace
+J_INDEX, J_PARTICLE = _c(19), _c(20)
+J_COUNT = _c(21)
 #: Per table unit (int64): job, side (0: the statistic without axis a, 1: without axis b), entries.
-U_JOB, U_SIDE, U_ENTRIES = range(3)
-U_COUNT = 3
+U_JOB, U_SIDE, U_ENTRIES = (_c(i) for i in range(3))
+U_COUNT = _c(3)
 #: Padded MLP widths: inputs and hidden units (tl.dot needs ≥ 16 per side), outputs.
-WIDTH = 32
-OUT_WIDTH = 16
+WIDTH = _c(32)
+OUT_WIDTH = _c(16)
 #: Per-particle decays: momentum (3), rms (1), Adafactor (3).
-N_DECAYS = 7
-HI_SMALL_FC = 3.4028234663852886e38  # nan_to_num's ±inf → ±max
-HI_CELO = 1000.0  # Celo's gradient clip
+N_DECAYS = _c(7)
+HI_SMALL_FC = _c(3.4028234663852886e38)  # nan_to_num's ±inf → ±max
+HI_CELO = _c(1000.0)  # Celo's gradient clip
 
 
 def bit_reverse5(c: int) -> int:
@@ -80,8 +81,10 @@ def _clean_grad(g, HI: tl.constexpr):
 @triton.jit
 def _param_ptr(job_row, P_BF16: tl.constexpr):
     if P_BF16:
-        return tl.load(job_row + J_P).to(tl.pointer_type(tl.bfloat16))
-    return tl.load(job_row + J_P).to(tl.pointer_type(tl.float32))
+        ptr = tl.load(job_row + J_P).to(tl.pointer_type(tl.bfloat16))
+    else:
+        ptr = tl.load(job_row + J_P).to(tl.pointer_type(tl.float32))
+    return ptr
 
 
 @triton.jit
@@ -93,8 +96,10 @@ def _load_grad(job_row, e, mask, CELO: tl.constexpr, G_BF16: tl.constexpr):
         g_ptr = tl.load(job_row + J_G).to(tl.pointer_type(tl.float32))
     g = tl.load(g_ptr + e, mask=mask, other=0.0).to(tl.float32)
     if CELO:
-        return _clean_grad(g, HI_CELO)
-    return _clean_grad(g, HI_SMALL_FC)
+        g = _clean_grad(g, HI_CELO)
+    else:
+        g = _clean_grad(g, HI_SMALL_FC)
+    return g
 
 
 @triton.jit
