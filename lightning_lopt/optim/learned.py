@@ -407,7 +407,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
             return functools.partial(step_in_place, numerics=self.gpu_numerics)
         if (
-            params[0].device.type == "cuda"
+            self.fused is not True  # fused=True and no GPU step: _fused_kernel raises
+            and params[0].device.type == "cuda"
             and self.compute_dtype == torch.float32
             and self.state_dtype == torch.float32
             and fused_driver.architecture_supported(module)

@@ -350,4 +350,4 @@ def test_step_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert int(opts[1].state["learned_optimizer"]["iteration"]) == 4
     for a, b in zip(eager, graphed):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b)  # float atomics: the sums' order may differ between runs

@@ -47,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Sequence
 
@@ -62,18 +63,29 @@ PARTICLE_NUMERICS = "fast"
 NUMERIC_MODES = ("fast", "exact")
 
 
+#: The least CUDA compute capability the kernels are built for (TF32 and bf16 need Ampere).
+MIN_CAPABILITY = (8, 0)
+
+
 def available() -> bool:
     """Whether Triton is importable (the kernels are compiled at first use)."""
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
 def supports(module: LearnedOptimizerModule, params: Sequence[Tensor]) -> bool:
-    """Whether the GPU step runs this step: CUDA, float32 / bf16 parameters, a supported configuration."""
+    """Whether the GPU step runs this step: CUDA (compute capability ≥ 8.0), float32 / bf16
+    parameters, a supported configuration, Triton installed."""
     from lightning_lopt.optim.gpu.step import architecture_supported
 
     return (
         bool(params)
         and all(p.device.type == "cuda" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+        and _capable(params[0].device)
         and architecture_supported(module)
         and available()
     )
@@ -95,29 +107,23 @@ def _particle_step(
     return step.particle_step(module, theta, params, grads, state, ctx, numerics=PARTICLE_NUMERICS)
 
 
-def _supports_or_cpu(fallback):
-    """CUDA parameters go to the GPU step; everything else to the previously registered form."""
-
-    def supports_either(module: LearnedOptimizerModule, params: Sequence[Tensor]) -> bool:
-        return supports(module, params) or (fallback is not None and fallback[1](module, params))
-
-    return supports_either
-
-
 def _register() -> None:
-    from lightning_lopt.optim import fused  # registers the CPU kernel first
+    """Register the GPU form for CUDA parameters in front of the CPU kernel's registration."""
+    import lightning_lopt.optim.fused  # noqa: F401  (registers the CPU kernel first)
     from lightning_lopt.optim import particle_step
 
     for cls in (SmallFCLOpt, CeloLOpt):
-        cpu = particle_step._IMPLEMENTATIONS.get(cls)
+        cpu_step, cpu_supports = particle_step._IMPLEMENTATIONS[cls]
 
-        def run(module, theta, params, grads, state, ctx, _cpu=cpu):
+        def run(module, theta, params, grads, state, ctx, _cpu_step=cpu_step):
             if supports(module, params):
                 return _particle_step(module, theta, params, grads, state, ctx)
-            return _cpu[0](module, theta, params, grads, state, ctx)
+            return _cpu_step(module, theta, params, grads, state, ctx)
 
-        register_particle_step(cls, run, _supports_or_cpu(cpu))
-    del fused
+        def either(module, params, _cpu_supports=cpu_supports):
+            return supports(module, params) or _cpu_supports(module, params)
+
+        register_particle_step(cls, run, either)
 
 
 _register()
