@@ -70,24 +70,21 @@ def _view(shape: tuple[int, ...], layout: str) -> tuple[list[int], int, int, int
 
 def _block_map(counts: Sequence[int], block: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
     """(program → unit, unit → first program, number of programs) for units of ``counts`` items."""
-    blocks = [math.ceil(c / block) for c in counts]
-    first = [0]
-    for b in blocks[:-1]:
-        first.append(first[-1] + b)
-    owner = [u for u, b in enumerate(blocks) for _ in range(b)]
-    return (
-        torch.tensor(owner, dtype=torch.int32, device=device),
-        torch.tensor(first, dtype=torch.int64, device=device),
-        sum(blocks),
-    )
+    blocks = torch.tensor([math.ceil(c / block) for c in counts], dtype=torch.int64)
+    first = torch.cumsum(blocks, 0) - blocks
+    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), blocks)
+    return _staged(owner, device), _staged(first, device), int(blocks.sum())
 
 
-def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list on ``device`` without a blocking copy (pinned staging on CUDA)."""
-    host = torch.tensor(data, dtype=dtype)
+def _staged(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without a blocking copy (pinned staging on CUDA)."""
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _staged(torch.tensor(data, dtype=dtype), device)
 
 
 class Plan:
@@ -124,7 +121,7 @@ class Plan:
         device = self.device
         self.jobs = _to_device(rows, torch.int64, device)
         self.scalars = _to_device([[j.scale, j.weight_decay] for j in jobs], torch.float32, device)
-        self.numels = torch.tensor(numels, dtype=torch.float32, device=device)
+        self.numels = _to_device(numels, torch.float32, device)
         self.workspace_floats = offset
         self.factored_jobs = factored
         self.units = _to_device(units or [[0, 0, 0]], torch.int64, device)
