@@ -198,11 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = PRESETS["quick" if args.quick else "full"]
     started = datetime.datetime.now(datetime.timezone.utc)
     log = lambda line: print(line, flush=True)  # noqa: E731
-    cases = []
-    if "lm" in args.cases:
-        cases.append(run_lm(args.lm_optimizers, preset["lm"], device, log))
-    if "vit" in args.cases:
-        cases.append(run_vit(args.vit_optimizers, preset["vit"], device, log))
     record = {
         "benchmark": BENCHMARK,
         "schema_version": SCHEMA_VERSION,
@@ -210,13 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(device),
         "versions": version_info(),
         "config": {"device": args.device, "quick": args.quick, "argv": list(sys.argv[1:] if argv is None else argv)},
-        "cases": cases,
+        "cases": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{BENCHMARK}-quick" if args.quick else BENCHMARK
     path = args.out / f"{name}-{args.device}-{started.date().isoformat()}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {path}", flush=True)
+    runs = {"lm": (run_lm, args.lm_optimizers), "vit": (run_vit, args.vit_optimizers)}
+    for case in args.cases:
+        run, optimizers = runs[case]
+        record["cases"].append(run(optimizers, preset[case], device, log))
+        # Written after every case, so that a run stopped by a time limit keeps what it measured.
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path}", flush=True)
     return 0
 
 
