@@ -28,6 +28,8 @@ missing = [m for m in ("mup", "jsonargparse", "docstring_parser", "typeshed_clie
 print("missing:", missing or "none")
 sys.exit(1 if missing else 0)
 PY
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu_check.sh: no CUDA device here" >&2; exit 2; }
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee "$RESULTS/gpu_check-versions.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$RESULTS/gpu_check-versions.txt" 2>&1
