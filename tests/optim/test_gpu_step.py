@@ -249,6 +249,21 @@ def test_in_place_step_with_bf16_params_or_state(param_dtype, state_dtype):
                 torch.testing.assert_close(acc[key], expected[key], rtol=1e-5, atol=1e-12)
 
 
+def test_the_plan_is_reused_when_the_lr_changes():
+    """An lr schedule changes the per-tensor scales every step: same plan, new scalars."""
+    module, params, grads, state = _in_place_problem(torch.float32, torch.float32)
+    wds = [0.0] * len(SHAPES)
+    step.step_in_place(module, params, grads, state, StepContext(SCALES, None, 1), wds, numerics="exact")
+    plans = dict(table._PLANS)
+    halved = [s / 2 for s in SCALES]
+    with torch.no_grad():
+        ref, _ = module.step(params, grads, state, StepContext(halved, None, 1))
+    old = [p.clone() for p in params]
+    step.step_in_place(module, params, grads, state, StepContext(halved, None, 1), wds, numerics="exact")
+    assert table._PLANS == plans
+    assert_step_close(params, ref, old, "halved lr")
+
+
 def test_non_contiguous_inputs_are_refused():
     module, params, grads, state = _in_place_problem(torch.float32, torch.float32)
     grads[2] = grads[2].t()

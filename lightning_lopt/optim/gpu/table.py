@@ -120,7 +120,8 @@ class Plan:
             numels.append(view[0])
         device = self.device
         self.jobs = _to_device(rows, torch.int64, device)
-        self.scalars = _to_device([[j.scale, j.weight_decay] for j in jobs], torch.float32, device)
+        self._scalars: dict[tuple[float, ...], Tensor] = {}
+        self.set_scalars(jobs)
         self.numels = _to_device(numels, torch.float32, device)
         self.workspace_floats = offset
         self.factored_jobs = factored
@@ -149,9 +150,18 @@ class Plan:
             "apply": _block_map(numels, APPLY_BLOCK, device),
         }
 
-    def scratch_bytes(self) -> int:
-        """Bytes the step allocates besides the outputs: workspace, statistics, per-step tables."""
-        return 4 * self.workspace_floats + 4 * K.WIDTH * self.n_jobs
+    def set_scalars(self, jobs: Sequence[Job]) -> None:
+        """The per-tensor update scale and weight decay for this step (they follow lr schedules).
+
+        Cached by value, so a constant lr copies nothing after the first step (and a CUDA graph
+        replays the same table); a changing lr costs one small non-blocking copy per step.
+        """
+        values = tuple(x for job in jobs if job.p.numel() > 0 for x in (job.scale, job.weight_decay))
+        if values not in self._scalars:
+            if len(self._scalars) >= 4:
+                self._scalars.pop(next(iter(self._scalars)))
+            self._scalars[values] = _to_device(list(values), torch.float32, self.device)
+        self.scalars = self._scalars[values]
 
 
 def _single_dtype(tensors: Sequence[Tensor], what: str) -> torch.dtype:
@@ -172,14 +182,15 @@ def plan_for(jobs: Sequence[Job], layout: str, celo: bool) -> Plan:
     """The cached :class:`Plan` of these tensors (rebuilt when an address, shape or scalar changes).
 
     The key holds everything the plan's tables encode, so a plan whose tensors were freed is
-    reused only for tensors at the same addresses with the same shapes, dtypes and scalars, for
-    which its tables are exactly right; plans hold no references to the tensors.
+    reused only for tensors at the same addresses with the same shapes and dtypes, for which its
+    tables are exactly right; plans hold no references to the tensors. The per-tensor scalars (lr
+    times the update scale, the weight decay) are set on the plan at every call.
     """
     key = (
         layout,
         celo,
         tuple(
-            (job.shape, job.index, job.particle, job.scale, job.weight_decay, job.p.dtype, job.g.dtype)
+            (job.shape, job.index, job.particle, job.p.dtype, job.g.dtype)
             + tuple(t.data_ptr() for t in (job.p, job.g, *job.acc.values()))
             + tuple(t.dtype for t in job.acc.values())
             for job in jobs
@@ -190,6 +201,8 @@ def plan_for(jobs: Sequence[Job], layout: str, celo: bool) -> Plan:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.pop(next(iter(_PLANS)))
         plan = _PLANS[key] = Plan(jobs, layout, celo)
+    else:
+        plan.set_scalars(jobs)
     return plan
 
 
