@@ -178,8 +178,9 @@ def test_statistics_pass_returns_the_channel_sums():
     """The contract the sharded step relies on: stats[i, c] = Σ_elements (channel c)², spec order."""
     module = SmallFCLOpt()
     g = torch.Generator().manual_seed(3)
-    params = [torch.randn(s, generator=g).to(DEVICE) for s in SHAPES]
-    grads = [torch.randn(s, generator=g).to(DEVICE) for s in SHAPES]
+    shapes = [*SHAPES, (36, 140)]  # several 2-D reduction tiles along both axes
+    params = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
     state = module.init_state(params)
     # Non-zero accumulators, so every channel is exercised.
     state["tensors"] = [{k: (v + 0.1 * torch.rand(v.shape, generator=g).to(DEVICE)) for k, v in acc.items()} for acc in state["tensors"]]
@@ -191,7 +192,7 @@ def test_statistics_pass_returns_the_channel_sums():
     jobs = [table.Job(work_shape(p.shape), p.clone(), gr, acc, 1.0, 0.0, i) for i, (p, gr, acc) in enumerate(zip(params, grads, acc_copy))]
     plan = table.Plan(jobs, module.layout, celo=False)
     stats, _ = table.statistics(plan, nets)
-    assert stats.shape == (len(SHAPES), kernels.WIDTH) and stats.dtype == torch.float32
+    assert stats.shape == (len(shapes), kernels.WIDTH) and stats.dtype == torch.float32
     torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-30)
     torch.testing.assert_close(plan.numels, torch.tensor([max(1, p.numel()) for p in params], dtype=torch.float32, device=DEVICE))
 
