@@ -73,6 +73,8 @@ def test_noise_filters_are_narrow():
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)  # other tests quieten Lightning's loggers
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -80,6 +82,7 @@ def test_noise_filters_are_narrow():
                 _emit_noise_and_a_real_warning(rank_zero_info, rank_zero_warn)
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     assert records == ["💡 Tip: something else"]
     assert [str(w.message) for w in caught] == ["a real warning"]
 
@@ -90,3 +93,19 @@ def _emit_noise_and_a_real_warning(rank_zero_info, rank_zero_warn):
     rank_zero_warn("LightningCLI's args parameter is intended to run from within Python like ...")
     warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
     warnings.warn("a real warning", UserWarning)
+
+
+def test_the_terminal_bar_and_the_lines_count_meta_steps_of_the_whole_run():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_lopt.meta.progress import MetaStepBar, MetaStepLines
+
+    trainer = SimpleNamespace(max_steps=300, global_step=40, callback_metrics={"meta/loss": torch.tensor(1.8734)})
+    bar = MetaStepBar()
+    bar._trainer = trainer
+    assert (bar.train_batch_idx, bar.total_train_batches, bar._get_train_description(0)) == (40, 300, "meta-steps")
+    lines = MetaStepLines()
+    lines._start = (100.0, 30)  # resumed at meta-step 30, 10 steps in 5 s
+    assert lines.line(trainer, 105.0) == "meta-step 40/300 | meta/loss 1.873 | 2 steps/s | ETA 2m10s"

@@ -55,10 +55,10 @@ def test_every_recipe_writes_periodic_full_checkpoints():
         assert full[0]["init_args"].get("save_last"), path.name
 
 
-def _theta_of(light: Path) -> dict:
+def _theta_of(light: Path, name: str = "model.safetensors") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(light / "model.safetensors"))
+    return load_file(str(light / name))
 
 
 @pytest.mark.slow
@@ -83,6 +83,10 @@ def test_meta_fit_ckpt_path_resumes_bit_exactly_from_the_command_line(tmp_path, 
     for name, value in expected.items():
         assert torch.equal(resumed[name], value), name
     assert any(not torch.equal(between[n], expected[n]) for n in expected)  # steps 3-4 moved θ
+    # The meta-optimizer (AdamW's moments and step) continued exactly too.
+    moments = _theta_of(tmp_path / "straight" / "runs" / "digits_tiny" / "light", "meta_state.safetensors")
+    resumed_moments = _theta_of(light, "meta_state.safetensors")
+    assert set(moments) == set(resumed_moments) and all(torch.equal(resumed_moments[k], v) for k, v in moments.items())
 
     # A checkpoint of another run is refused before any compute, in one line naming what differs.
     capsys.readouterr()
