@@ -3,7 +3,8 @@
 - LightningCLI's warning that it got both ``args`` and ``sys.argv``: our commands pass the arguments
   they parsed on purpose;
 - Lightning's ``isinstance(treespec, LeafSpec)`` FutureWarning (Lightning's own use of a torch API);
-- Lightning's "💡 Tip: ... litlogger" advertisement, logged at the start of every fit.
+- Lightning's "💡 Tip: ... litlogger" and "... litmodels" advertisements, logged at the start of
+  every fit.
 
 Every other warning, including Lightning's other tips, still shows. The filters hold only inside
 :func:`known_noise_filtered`, so importing the library changes nothing.
@@ -27,7 +28,7 @@ NOISE_WARNINGS = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
 )
 #: Start of the log messages silenced (Lightning's rank-zero messages).
-NOISE_LOG_PREFIXES = ("💡 Tip: For seamless cloud logging",)
+NOISE_LOG_PREFIXES = ("💡 Tip: For seamless cloud logging", "💡 Tip: For seamless cloud uploads and versioning")
 
 
 class _DropPrefixes(logging.Filter):

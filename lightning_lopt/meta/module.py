@@ -508,7 +508,7 @@ class LightCheckpoint(L.Callback):
     """Write a light checkpoint every ``every_n_steps`` meta-steps and at the end of the fit (rank 0).
 
     Args:
-        dirpath: the directory (overwritten each time; it always holds the latest step).
+        dirpath: the directory (replaced atomically each time; it always holds the latest step).
         every_n_steps: how often.
 
     Example::

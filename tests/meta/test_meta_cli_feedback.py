@@ -94,6 +94,7 @@ def test_noise_filters_are_narrow(monkeypatch):
 
 def _emit_noise_and_a_real_warning(rank_zero_info, rank_zero_warn):
     rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](...)")
+    rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)")
     rank_zero_info("💡 Tip: something else")
     rank_zero_warn("LightningCLI's args parameter is intended to run from within Python like ...")
     warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)

@@ -23,7 +23,8 @@ def _steps(model, opt, n=3):
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step(loss=loss)
-    return [w for w in caught if issubclass(w.category, RuntimeWarning) and ("cannot move" in str(w.message) or "rounding noise" in str(w.message))]
+    ours = ("cannot move", "rounding noise")
+    return [w for w in caught if issubclass(w.category, RuntimeWarning) and any(o in str(w.message) for o in ours)]
 
 
 def _mlp(param):
