@@ -39,6 +39,7 @@ step (one warning if the kernel cannot be built); ``fused=False`` always runs th
 ``fused=True`` fails instead of falling back. On CUDA they run the Triton step of
 :mod:`lightning_lopt.optim.gpu` (in place, no host sync; ``gpu_numerics`` ``"fast"`` or
 ``"exact"``), and with ``fused=False`` the pure step evaluated in chunks (bounded scratch memory).
+The choice among these is :mod:`lightning_lopt.optim.tensor_step`'s, behind one call.
 
 **State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,
 loss buffer, Celo's LSTM state) lives under ``self.state["learned_optimizer"]``. Both hold only
