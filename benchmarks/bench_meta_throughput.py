@@ -160,7 +160,7 @@ def measure(case: Case, device: torch.device, rounds: int) -> dict[str, Any]:
 
 
 def _implementation(meta: MetaTrainer, device: torch.device) -> str:
-    entry = seam._IMPLEMENTATIONS.get(type(meta.lopt))
+    entry = seam.implementation(type(meta.lopt))
     params = [torch.zeros(2, *s, device=device) for s in meta.instances[0].shapes]
     if entry is not None and entry[1](meta.lopt, params):
         return getattr(entry[0], "__qualname__", "registered")

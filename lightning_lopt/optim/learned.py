@@ -39,6 +39,7 @@ step (one warning if the kernel cannot be built); ``fused=False`` always runs th
 ``fused=True`` fails instead of falling back. On CUDA they run the Triton step of
 :mod:`lightning_lopt.optim.gpu` (in place, no host sync; ``gpu_numerics`` ``"fast"`` or
 ``"exact"``), and with ``fused=False`` the pure step evaluated in chunks (bounded scratch memory).
+The choice among these is :mod:`lightning_lopt.optim.tensor_step`'s, behind one call.
 
 **State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,
 loss buffer, Celo's LSTM state) lives under ``self.state["learned_optimizer"]``. Both hold only
@@ -74,18 +75,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lopt.optim import fused as fused_step
-from lightning_lopt.optim import gpu, pretrained, sharding
+from lightning_lopt.optim import pretrained, sharding, tensor_step
 from lightning_lopt.optim.architectures import (
     CeloLOpt,
     LearnedOptimizerModule,
     SmallFCLOpt,
     VeLOLOpt,
 )
-from lightning_lopt.optim.bf16_state import round_accumulators, widen_accumulators
-from lightning_lopt.optim.functional import StepContext, chunked
+from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.fused import driver as fused_driver
-from lightning_lopt.optim.fused.build import Kernel
 from lightning_lopt.optim.scaling import scaled_param_groups
 from lightning_lopt.optim.stuck_tensors import StuckTensorCheck
 
@@ -323,155 +321,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
             sharding.sharded_step(self, module, params, groups, ctx)
             return closure_loss if closure is not None else used_loss
         self._init_missing_state(module, params)
-        self._stuck_check(module, params, [p.grad for p in params])
+        grads = [p.grad for p in params]
+        self._stuck_check(module, params, grads)
         # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]
         ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
-        cuda_step = self._cuda_step(module, params)
-        if cuda_step is not None:
-            # In place on CUDA, reading the gradients as they are (no float32 copy of bf16 gradients).
-            self._step_in_place(cuda_step, module, params, groups, ctx)
-            return closure_loss if closure is not None else used_loss
-        grads = [p.grad.to(self.compute_dtype) for p in params]
-        kernel = self._fused_kernel(module, device, [*params, *grads])
-        if kernel is not None:
-            self._fused_step(kernel, module, params, grads, groups, ctx)
-        else:
-            self._pure_step(module, params, grads, groups, ctx)
-        return closure_loss if closure is not None else used_loss
-
-    def _pure_step(
-        self,
-        module: LearnedOptimizerModule,
-        params: list[Tensor],
-        grads: list[Tensor],
-        groups: list[dict[str, Any]],
-        ctx: StepContext,
-    ) -> None:
-        """The step through the pure functional core (new tensors, written back)."""
-        device = params[0].device
-        work = [p if p.dtype == self.compute_dtype else p.to(self.compute_dtype) for p in params]
-        global_state = {k: v.to(device) for k, v in self.state[GLOBAL_STATE_KEY].items()}
-        accumulators = [widen_accumulators(self.state[p], self.compute_dtype) for p in params]
-        new_params, new_state = module.step(work, grads, {**global_state, "tensors": accumulators}, ctx)
-
-        for p, old, new, group in zip(params, work, new_params, groups):
-            decay = group["lr"] * group["weight_decay"]
-            p.copy_(new - decay * old if decay else new)
-        self.state[GLOBAL_STATE_KEY] = {k: v for k, v in new_state.items() if k != "tensors"}
-        bf16 = self.state_dtype == torch.bfloat16
-        iteration = int(global_state["iteration"]) if bf16 else 0
-        for index, (p, acc) in enumerate(zip(params, new_state["tensors"])):
-            self.state[p] = round_accumulators(acc, iteration, index) if bf16 else acc
-
-    def _fused_kernel(
-        self, module: LearnedOptimizerModule, device: torch.device, tensors: Iterable[Tensor] = ()
-    ) -> Kernel | None:
-        """The fused kernel if this step can use it (see ``fused``), else ``None``."""
-        if self.fused is False:
-            return None
-        # The kernel addresses raw memory: tensor subclasses, sparse and meta tensors take the pure step.
-        plain = all(fused_driver.is_plain_dense(t) for t in tensors)
-        usable = (
-            device.type == "cpu"
-            and self.compute_dtype == torch.float32
-            and fused_driver.architecture_supported(module)
-            and plain
-        )
-        kernel = fused_step.kernel() if usable else None
-        if kernel is None and self.fused:
-            reason = fused_step.build_error() or (
-                f"it runs on CPU float32 only (here {device.type}, {self.compute_dtype})"
-                if plain
-                else "it takes plain dense CPU tensors only (not DTensor, sparse or meta tensors)"
-            )
-            raise RuntimeError(f"{type(self).__name__}(fused=True): the fused step cannot run: {reason}")
-        return kernel
-
-    def _fused_step(
-        self,
-        kernel: Kernel,
-        module: LearnedOptimizerModule,
-        params: list[Tensor],
-        grads: list[Tensor],
-        groups: list[dict[str, Any]],
-        ctx: StepContext,
-    ) -> None:
-        """The step through the fused kernel, in place on the parameters and their accumulators."""
-        # The kernel reads and writes raw contiguous float32 memory: other parameters go through a
-        # contiguous float32 copy that is written back.
-        work = [
-            p if p.dtype == torch.float32 and p.is_contiguous() else p.detach().to(torch.float32).contiguous()
-            for p in params
-        ]
-        for p in params:
-            self.state[p] = self._kernel_layout(self.state[p])
         state = {**self.state[GLOBAL_STATE_KEY], "tensors": [self.state[p] for p in params]}
         weight_decays = [g["lr"] * g["weight_decay"] for g in groups]
-        self.state[GLOBAL_STATE_KEY] = fused_driver.step_in_place(kernel, module, work, grads, state, ctx, weight_decays)
-        for p, w in zip(params, work):
-            if w is p:
-                # Written behind autograd's back: bump the version so that a graph that saved p fails loudly.
-                torch.autograd.graph.increment_version(p)
-            else:
-                p.copy_(w)
+        new_state = tensor_step.step_in_place(module, params, grads, state, ctx, weight_decays, self._step_options())
+        self.state[GLOBAL_STATE_KEY] = {k: v for k, v in new_state.items() if k != "tensors"}
+        for p, accumulators in zip(params, new_state["tensors"]):
+            self.state[p] = accumulators
+        return closure_loss if closure is not None else used_loss
 
-    def _cuda_step(self, module: LearnedOptimizerModule, params: list[Tensor]) -> Callable[..., None] | None:
-        """On CUDA, LO / MuLO / Celo step in place: the Triton kernels (:mod:`lightning_lopt.optim.gpu`),
-        else (``fused=False``, no Triton) the pure step evaluated in chunks (bounded scratch memory)."""
-        if self.fused is not False and gpu.supports(module, params):
-            from lightning_lopt.optim.gpu.step import step_in_place
-
-            return functools.partial(step_in_place, numerics=self.gpu_numerics)
-        if (
-            self.fused is not True  # fused=True and no GPU step: _fused_kernel raises
-            and params[0].device.type == "cuda"
-            and self.compute_dtype == torch.float32
-            and self.state_dtype == torch.float32
-            and fused_driver.architecture_supported(module)
-        ):
-            return chunked.step_in_place
-        return None
-
-    def _step_in_place(
-        self,
-        step_fn: Callable[..., None],
-        module: LearnedOptimizerModule,
-        params: list[Tensor],
-        groups: list[dict[str, Any]],
-        ctx: StepContext,
-    ) -> None:
-        """``step_fn(module, params, grads, state, ctx, weight_decays)`` on the optimizer's tensors."""
-        chunked_step = step_fn is chunked.step_in_place  # float32 only: bf16 parameters via a float32 copy
-        work = [
-            p if p.is_contiguous() and (p.dtype == torch.float32 or not chunked_step)
-            else p.detach().to(torch.float32 if chunked_step else p.dtype).contiguous()
-            for p in params
-        ]
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-        for p in params:
-            self.state[p] = self._kernel_layout(self.state[p])
-        device = params[0].device
-        global_state = self.state[GLOBAL_STATE_KEY]
-        if any(v.device != device for v in global_state.values()):
-            self.state[GLOBAL_STATE_KEY] = global_state = {k: v.to(device) for k, v in global_state.items()}
-        state = {**global_state, "tensors": [self.state[p] for p in params]}
-        weight_decays = [g["lr"] * g["weight_decay"] for g in groups]
-        step_fn(module, work, grads, state, ctx, weight_decays)
-        for p, w in zip(params, work):
-            if w is p:
-                torch.autograd.graph.increment_version(p)
-            else:
-                p.copy_(w)
-
-    def _kernel_layout(self, acc: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``acc`` contiguous, ``m`` / ``rms`` in ``state_dtype`` and the rest float32 (usually as is)."""
-        out = {}
-        for key, value in acc.items():
-            dtype = self.state_dtype if key in ("m", "rms") else torch.float32
-            out[key] = value if value.dtype == dtype and value.is_contiguous() else value.to(dtype).contiguous()
-        return out
+    def _step_options(self) -> tensor_step.StepOptions:
+        """What this optimizer asks of :func:`lightning_lopt.optim.tensor_step.step_in_place`."""
+        return tensor_step.StepOptions(
+            type(self).__name__, self.fused, self.compute_dtype, self.state_dtype, self.gpu_numerics
+        )
 
     def _params_with_grads(self) -> tuple[list[Tensor], list[dict[str, Any]]]:
         """The parameters to update and their groups; parameters without a gradient are skipped."""

@@ -3,7 +3,9 @@
 The meta-trainer holds P particles of one task (PES's ± pairs), each with its own θ, parameters,
 gradients and optimizer state, all stacked on a leading axis of size P. It steps them with
 :func:`particle_step` and nothing else, so a faster implementation of the step (a fused kernel)
-drops in by registering itself here, without touching the meta-trainer.
+drops in by registering itself here, without touching the meta-trainer. The built-in ones (the
+fused CPU kernel, the GPU kernels for CUDA parameters) are registered by
+:func:`register_default_particle_steps`, called once on first use, not by importing their modules.
 
 The default implementation is the pure functional step (:mod:`lightning_lopt.optim.functional`)
 mapped over the particle axis with ``torch.func.vmap``; it is the reference every registered
@@ -47,16 +49,37 @@ ParticleStepFn = Callable[
 Supports = Callable[[LearnedOptimizerModule, Sequence[Tensor]], bool]
 
 _IMPLEMENTATIONS: dict[type[LearnedOptimizerModule], tuple[ParticleStepFn, Supports]] = {}
+_DEFAULTS_REGISTERED: list[bool] = []
+
+
+def register_default_particle_steps() -> None:
+    """Register the built-in fast paths once: the fused CPU kernel, then the GPU kernels in front of
+    it for CUDA parameters (:mod:`lightning_lopt.optim.fused`, :mod:`lightning_lopt.optim.gpu`)."""
+    if _DEFAULTS_REGISTERED:
+        return
+    _DEFAULTS_REGISTERED.append(True)
+    from lightning_lopt.optim import fused, gpu
+
+    fused.register_particle_steps()
+    gpu.register_particle_steps()
 
 
 def register_particle_step(
     module_class: type[LearnedOptimizerModule], fn: ParticleStepFn, supports: Supports
 ) -> None:
-    """Use ``fn`` for ``module_class`` wherever ``supports(module, params)`` holds.
+    """Use ``fn`` for ``module_class`` wherever ``supports(module, params)`` holds (replacing the
+    built-in one, if any).
 
     ``fn`` must return what :func:`vmapped_pure_step` returns, within the tolerance its tests set.
     """
+    register_default_particle_steps()
     _IMPLEMENTATIONS[module_class] = (fn, supports)
+
+
+def implementation(module_class: type[LearnedOptimizerModule]) -> tuple[ParticleStepFn, Supports] | None:
+    """The registered ``(fn, supports)`` for ``module_class``, or ``None`` (the reference runs)."""
+    register_default_particle_steps()
+    return _IMPLEMENTATIONS.get(module_class)
 
 
 def particle_step(
@@ -71,7 +94,7 @@ def particle_step(
 
     No gradient flows through the step (PES needs none), so it runs under ``torch.no_grad``.
     """
-    entry = _IMPLEMENTATIONS.get(type(module))
+    entry = implementation(type(module))
     with torch.no_grad():
         if entry is not None and entry[1](module, params):
             return entry[0](module, theta, params, grads, state, ctx)
@@ -109,4 +132,12 @@ def unstack_state(state: State, index: int) -> State:
     return tree_map(lambda x: x[index], state)
 
 
-__all__ = ["particle_step", "register_particle_step", "stack_state", "unstack_state", "vmapped_pure_step"]
+__all__ = [
+    "implementation",
+    "particle_step",
+    "register_default_particle_steps",
+    "register_particle_step",
+    "stack_state",
+    "unstack_state",
+    "vmapped_pure_step",
+]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lopt.optim import bf16_state, fused
+from lightning_lopt.optim import bf16_state, fast_steps, fused, tensor_step
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.fused import build
 from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LO, Celo, MuLO, VeLO
@@ -103,7 +103,9 @@ def test_fused_is_the_default_on_cpu_float32():
     params = make_params()
     opt = build_opt("mulo", params)
     step(opt, params, 0)
-    assert opt._fused_kernel(opt.meta_weights, params[0].device) is not None
+    grads = [p.grad for p in params]
+    chosen = tensor_step.resolve(opt.meta_weights, params, grads, tensor_step.StepOptions("MuLO"))
+    assert chosen is fast_steps.FUSED_CPU
     # In place: the accumulators are the same tensors after the next step.
     before = opt.state[params[2]]["m"]
     step(opt, params, 1)

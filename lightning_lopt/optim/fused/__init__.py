@@ -10,7 +10,7 @@ fallback: the tests hold the fused step to it within 1e-5 relative.
 - The ``torch.optim`` wrappers (:mod:`lightning_lopt.optim.learned`) use it automatically on CPU in
   float32 (``fused=None``); ``fused=False`` forces the pure step.
 - Meta-training reaches it through :func:`lightning_lopt.optim.particle_step.particle_step`, where
-  this module registers it for :class:`SmallFCLOpt` and :class:`CeloLOpt`.
+  :func:`register_particle_steps` registers it for :class:`SmallFCLOpt` and :class:`CeloLOpt`.
 - If the kernel cannot be built (no C compiler, say), :func:`kernel` warns once and returns
   ``None``, and both fall back to the pure step.
 
@@ -86,7 +86,11 @@ def _particle_step(
     return driver.particle_step(kernel(), module, theta, params, grads, state, ctx)
 
 
-register_particle_step(SmallFCLOpt, _particle_step, _supports)
-register_particle_step(CeloLOpt, _particle_step, _supports)
+def register_particle_steps() -> None:
+    """Register the kernel's particle form for :class:`SmallFCLOpt` and :class:`CeloLOpt` (called by
+    :func:`lightning_lopt.optim.particle_step.register_default_particle_steps`)."""
+    register_particle_step(SmallFCLOpt, _particle_step, _supports)
+    register_particle_step(CeloLOpt, _particle_step, _supports)
 
-__all__ = ["BuildError", "build_error", "kernel"]
+
+__all__ = ["BuildError", "build_error", "kernel", "register_particle_steps"]

@@ -3,8 +3,8 @@
 ``LO``, ``MuLO`` and ``Celo`` use it by default when their parameters are on a CUDA device and
 Triton is installed (``fused=None``; ``fused=False`` forces the pure step, ``fused=True`` fails
 where neither fused step can run). Meta-training reaches it through
-:func:`lightning_lopt.optim.particle_step.particle_step`, where this module registers the stacked
-particle form for CUDA parameters.
+:func:`lightning_lopt.optim.particle_step.particle_step`, where :func:`register_particle_steps`
+registers the stacked particle form for CUDA parameters.
 
 Structure (one concept per file): :mod:`.kernels` (the Triton kernels), :mod:`.theta` (θ → packed
 per-particle kernel inputs, in torch), :mod:`.table` (the tensor table, block maps, workspace and
@@ -107,13 +107,13 @@ def _particle_step(
     return step.particle_step(module, theta, params, grads, state, ctx, numerics=PARTICLE_NUMERICS)
 
 
-def _register() -> None:
-    """Register the GPU form for CUDA parameters in front of the CPU kernel's registration."""
-    import lightning_lopt.optim.fused  # noqa: F401  (registers the CPU kernel first)
+def register_particle_steps() -> None:
+    """Register the GPU form for CUDA parameters in front of the CPU kernel's registration (called by
+    :func:`lightning_lopt.optim.particle_step.register_default_particle_steps`, after the CPU kernel's)."""
     from lightning_lopt.optim import particle_step
 
     for cls in (SmallFCLOpt, CeloLOpt):
-        cpu_step, cpu_supports = particle_step._IMPLEMENTATIONS[cls]
+        cpu_step, cpu_supports = particle_step.implementation(cls)
 
         def run(module, theta, params, grads, state, ctx, _cpu_step=cpu_step):
             if supports(module, params):
@@ -126,6 +126,4 @@ def _register() -> None:
         register_particle_step(cls, run, either)
 
 
-_register()
-
-__all__ = ["NUMERIC_MODES", "PARTICLE_NUMERICS", "available", "supports"]
+__all__ = ["NUMERIC_MODES", "PARTICLE_NUMERICS", "available", "register_particle_steps", "supports"]
