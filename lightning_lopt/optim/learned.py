@@ -38,6 +38,11 @@ step to float32 rounding. ``fused=None`` (default) uses it where available and o
 step (one warning if the kernel cannot be built); ``fused=False`` always runs the pure step;
 ``fused=True`` fails instead of falling back.
 
+**Sharded parameters.** ``LO``, ``MuLO`` and ``Celo`` step FSDP2 (``DTensor``) parameters with the
+per-tensor statistics reduced across ranks, so the step equals one process's; their state is then
+sharded ``DTensor``s. FSDP1 parameters are refused. See :mod:`lightning_lopt.optim.sharding` and
+``docs/sharding.md``.
+
 **State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,
 loss buffer, Celo's LSTM state) lives under ``self.state["learned_optimizer"]``. Both hold only
 tensors, so ``state_dict()`` loads with ``torch.load(..., weights_only=True)``, and a run resumed from
