@@ -42,6 +42,11 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
+#: Prefix of the global state's entries, which the sharded step keeps in every parameter's state:
+#: ``torch.distributed.checkpoint``'s optimizer state dicts (Lightning's ModelParallelStrategy
+#: checkpoints) accept parameter entries only, not the ``"learned_optimizer"`` entry of one process.
+GLOBAL_PREFIX = "learned_optimizer."
+
 _FSDP1_FIX = (
     "FSDP1 (FullyShardedDataParallel, Lightning's strategy='fsdp' / FSDPStrategy) gives the optimizer "
     "flattened 1-D shards, on which the per-tensor statistics and μP scales of a learned optimizer "
@@ -135,9 +140,9 @@ def sharded_step(
     grads = [_local(p.grad).to(dtype) for p in params]
     work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
 
-    if GLOBAL_STATE_KEY not in opt.state:
-        init = module.init_state([])
-        opt.state[GLOBAL_STATE_KEY] = {k: v for k, v in init.items() if k != "tensors"}
+    global_state = _global_state(opt, params)
+    if global_state is None:
+        global_state = {k: v for k, v in module.init_state([]).items() if k != "tensors"}
     accumulators = []
     for p, lp, spec, m in zip(params, local_params, specs, meshes):
         if not opt.state.get(p):
@@ -147,9 +152,10 @@ def sharded_step(
                 k: _wrap(v, m, spec, keeps, shape)
                 for (k, v), (shape, keeps) in zip(local.items(), _global_accumulator_shapes(spec, module.layout).values())
             }
-        accumulators.append({k: _local(v).to(dtype) for k, v in opt.state[p].items()})
+        acc = {k: v for k, v in opt.state[p].items() if not k.startswith(GLOBAL_PREFIX)}
+        accumulators.append({k: _local(v).to(dtype) for k, v in acc.items()})
 
-    global_state = {k: v.to(device) for k, v in opt.state[GLOBAL_STATE_KEY].items()}
+    global_state = {k: v.to(device) for k, v in global_state.items()}
     state = {**global_state, "tensors": accumulators}
     reduce = _all_reduce(mesh.get_group())
     core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
@@ -158,10 +164,25 @@ def sharded_step(
     for lp, old, new, group in zip(local_params, work, new_params, groups):
         decay = group["lr"] * group["weight_decay"]
         lp.copy_(new - decay * old if decay else new)
-    opt.state[GLOBAL_STATE_KEY] = {k: v for k, v in new_state.items() if k != "tensors"}
+    new_global = {GLOBAL_PREFIX + k: v for k, v in new_state.items() if k != "tensors"}
+    opt.state.pop(GLOBAL_STATE_KEY, None)
     for p, spec, m, acc in zip(params, specs, meshes, new_state["tensors"]):
         shapes = _global_accumulator_shapes(spec, module.layout)
-        opt.state[p] = {k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}
+        opt.state[p] = {**{k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}, **new_global}
+
+
+def _global_state(opt: LearnedOptimizer, params: list[Tensor]) -> dict[str, Tensor] | None:
+    """The global state (iteration, loss buffer, Celo's LSTM), kept under every parameter's state."""
+    from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+
+    if GLOBAL_STATE_KEY in opt.state:  # from a step on plain tensors
+        return dict(opt.state[GLOBAL_STATE_KEY])
+    for p in params:
+        entry = opt.state.get(p, {})
+        found = {k[len(GLOBAL_PREFIX) :]: v for k, v in entry.items() if k.startswith(GLOBAL_PREFIX)}
+        if found:
+            return found
+    return None
 
 
 __all__ = ["check_not_fsdp1", "is_dtensor", "sharded_step"]

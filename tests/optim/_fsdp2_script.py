@@ -96,7 +96,7 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
             "moved": max_error(expected, start),
             "local_rows": [p.to_local().shape[0] for p in model.parameters()],
             "state_is_dtensor": all(
-                type(v).__name__ == "DTensor" for k, s in state.items() if k != "learned_optimizer" for v in s.values()
+                type(v).__name__ == "DTensor" for s in state.values() for k, v in s.items() if not k.startswith("learned_optimizer.")
             ),
         }
 

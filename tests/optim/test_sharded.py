@@ -213,4 +213,5 @@ def test_lightning_model_parallel_strategy_trains_with_mulo(tmp_path):
     for rank in ranks:
         assert rank["params_are_dtensor"] and rank["state_is_dtensor"]
         assert rank["moved"] > 1e-4
+        assert rank["resumed_iterations"] == [5]  # 3 restored from the checkpoint, then 2 steps
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # one model, gathered identically on both ranks
