@@ -181,6 +181,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta_weights = self._load_meta_weights(meta_weights).requires_grad_(False)
         if fused and not fused_driver.architecture_supported(self.meta_weights):
             raise ValueError(f"{name}: fused=True, but the fused kernel does not implement this configuration")
+        if any(sharding.is_dtensor(p) for p in all_params):  # FSDP2: the state exists before any step
+            sharding.init_state(self, all_params)
         #: The loss the last step used (after the DDP average where the architecture uses it).
         self.last_loss: Tensor | None = None
         self._loss_hint: Tensor | None = None

@@ -109,14 +109,7 @@ def _global_accumulator_shapes(spec: core.ShardSpec, layout: str) -> dict[str, t
     return core.accumulator_shapes(spec._replace(split=False), spec.shape[0], layout)
 
 
-def sharded_step(
-    opt: LearnedOptimizer,
-    module: LearnedOptimizerModule,
-    params: list[Tensor],
-    groups: list[dict[str, Any]],
-    ctx: StepContext,
-) -> None:
-    """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
+def _check(opt: LearnedOptimizer, module: LearnedOptimizerModule) -> None:
     owner = type(opt).__name__
     if type(module) not in (SmallFCLOpt, CeloLOpt):
         raise NotImplementedError(
@@ -127,35 +120,63 @@ def sharded_step(
         raise NotImplementedError(f"{owner}(fused=True): the fused kernel does not run on sharded (DTensor) parameters")
     if opt.state_dtype != torch.float32:
         raise NotImplementedError(f"{owner}: sharded parameters need state_dtype=torch.float32")
+
+
+def _specs(params: list[Tensor], owner: str) -> tuple[list[core.ShardSpec], list[Any]]:
+    specs, meshes = zip(*(_spec(p, owner) for p in params))
+    if len({id(m) for m in meshes if m is not None}) > 1:
+        raise NotImplementedError(f"{owner}: all sharded parameters must live on one device mesh")
+    return list(specs), list(meshes)
+
+
+def init_state(opt: LearnedOptimizer, params: list[Tensor]) -> None:
+    """Create the (zero) state of ``params`` that have none, and the global state if missing.
+
+    Called when the optimizer is built, so that ``state_dict()`` has its final structure before the
+    first step: ``torch.distributed.checkpoint`` loads into it, and its optimizer state-dict helpers
+    (Lightning's ModelParallelStrategy) would otherwise run a step without a loss to create it.
+    """
+    module = opt.meta_weights
+    _check(opt, module)
+    specs, meshes = _specs(params, type(opt).__name__)
+    dtype = opt.compute_dtype
+    global_state = _global_state(opt, params)
+    if global_state is None:
+        global_state = {k: v for k, v in module.init_state([]).items() if k != "tensors"}
+    entries = {GLOBAL_PREFIX + k: v.to(dtype) if v.is_floating_point() else v for k, v in global_state.items()}
+    for p, spec, mesh in zip(params, specs, meshes):
+        if opt.state.get(p):
+            continue
+        local_param = _local(p)
+        rows = local_param.shape[0] if spec.split else spec.shape[0]
+        local = core.init_accumulators(spec, rows, dtype, local_param.device, module.layout)
+        shapes = _global_accumulator_shapes(spec, module.layout)
+        opt.state[p] = {**{k: _wrap(v, mesh, spec, shapes[k][1], shapes[k][0]) for k, v in local.items()}, **entries}
+
+
+def sharded_step(
+    opt: LearnedOptimizer,
+    module: LearnedOptimizerModule,
+    params: list[Tensor],
+    groups: list[dict[str, Any]],
+    ctx: StepContext,
+) -> None:
+    """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
     from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
 
-    specs, meshes = zip(*(_spec(p, owner) for p in params))
-    distinct = {id(m): m for m in meshes if m is not None}
-    if len(distinct) > 1:
-        raise NotImplementedError(f"{owner}: all sharded parameters must live on one device mesh")
-    mesh = next(iter(distinct.values()))
+    _check(opt, module)
+    init_state(opt, params)  # parameters added since (add_param_group)
+    specs, meshes = _specs(params, type(opt).__name__)
+    mesh = next(m for m in meshes if m is not None)
     dtype = opt.compute_dtype
     local_params = [_local(p) for p in params]
     device = local_params[0].device
     grads = [_local(p.grad).to(dtype) for p in params]
     work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
-
-    global_state = _global_state(opt, params)
-    if global_state is None:
-        global_state = {k: v for k, v in module.init_state([]).items() if k != "tensors"}
-    accumulators = []
-    for p, lp, spec, m in zip(params, local_params, specs, meshes):
-        if not opt.state.get(p):
-            rows = lp.shape[0] if spec.split else spec.shape[0]
-            local = core.init_accumulators(spec, rows, dtype, device, module.layout)
-            opt.state[p] = {
-                k: _wrap(v, m, spec, keeps, shape)
-                for (k, v), (shape, keeps) in zip(local.items(), _global_accumulator_shapes(spec, module.layout).values())
-            }
-        acc = {k: v for k, v in opt.state[p].items() if not k.startswith(GLOBAL_PREFIX)}
-        accumulators.append({k: _local(v).to(dtype) for k, v in acc.items()})
-
-    global_state = {k: v.to(device) for k, v in global_state.items()}
+    global_state = {k: v.to(device) for k, v in _global_state(opt, params).items()}
+    accumulators = [
+        {k: _local(v).to(dtype) for k, v in opt.state[p].items() if not k.startswith(GLOBAL_PREFIX)} for p in params
+    ]
     state = {**global_state, "tensors": accumulators}
     reduce = _all_reduce(mesh.get_group())
     core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
@@ -166,6 +187,10 @@ def sharded_step(
         lp.copy_(new - decay * old if decay else new)
     new_global = {GLOBAL_PREFIX + k: v for k, v in new_state.items() if k != "tensors"}
     opt.state.pop(GLOBAL_STATE_KEY, None)
+    # Every parameter of the optimizer carries the global state, also those without a gradient now.
+    for p in opt.state:
+        if isinstance(p, Tensor):
+            opt.state[p].update(new_global)
     for p, spec, m, acc in zip(params, specs, meshes, new_state["tensors"]):
         shapes = _global_accumulator_shapes(spec, module.layout)
         opt.state[p] = {**{k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}, **new_global}
@@ -185,4 +210,4 @@ def _global_state(opt: LearnedOptimizer, params: list[Tensor]) -> dict[str, Tens
     return None
 
 
-__all__ = ["check_not_fsdp1", "is_dtensor", "sharded_step"]
+__all__ = ["check_not_fsdp1", "init_state", "is_dtensor", "sharded_step"]

@@ -107,10 +107,7 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
         path = Path(out_dir) / f"checkpoint-{name}"
         dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=path)
         resumed = shard(make_model(), mesh)
-        resumed_opt = make_optimizer(name, resumed)
-        for group in resumed_opt.param_groups:  # a step with lr 0 creates the state to load into
-            group["lr"] = 0.0
-        train(resumed, resumed_opt, range(1))
+        resumed_opt = make_optimizer(name, resumed)  # its state exists already: dcp loads into it
         template = {"model": resumed.state_dict(), "optim": resumed_opt.state_dict()}
         dcp.load(template, checkpoint_id=path)
         resumed.load_state_dict(template["model"])
