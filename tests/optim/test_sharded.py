@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt
+from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.functional import StepContext, celo, sharded, small_fc
 from lightning_lopt.optim.fused import build, driver
 
@@ -170,6 +170,36 @@ def test_optimizers_fall_back_from_the_kernel_for_tensors_it_cannot_address():
     with pytest.raises(RuntimeError, match="plain dense|CPU float32"):
         llo.LO([p], fused=True).step()
     llo.LO([p]).step()  # fused=None: the pure step, on meta tensors
+
+
+def test_dtensor_parameters_on_one_rank_step_like_plain_ones_and_refuse_what_is_unsupported(one_rank_group):
+    import lightning_lopt as llo
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    values = [torch.randn(5, 3), torch.randn(4)]
+    grads = [torch.randn(5, 3), torch.randn(4)]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    sharded_params = [torch.nn.Parameter(DTensor.from_local(v.clone(), mesh, [Shard(0)])) for v in values]
+    plain_opt = llo.Celo(plain, num_steps=10, fused=False)
+    sharded_opt = llo.Celo(sharded_params, num_steps=10)
+    assert sharded_opt.state_dict()["state"]  # created when built (distributed checkpoints load into it)
+    for _ in range(2):
+        for p, q, g in zip(plain, sharded_params, grads):
+            p.grad = g.clone()
+            q.grad = DTensor.from_local(g.clone(), mesh, [Shard(0)])
+        plain_opt.step(loss=torch.tensor(1.0))
+        sharded_opt.step(loss=torch.tensor(1.0))
+    for p, q in zip(plain, sharded_params):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="fused=True"):
+        llo.LO(sharded_params, fused=True)
+    with pytest.raises(NotImplementedError, match="LO, MuLO and Celo"):
+        llo.VeLO(sharded_params, num_steps=10, meta_weights=VeLOLOpt())
+    with pytest.raises(NotImplementedError, match="float32"):
+        llo.LO(sharded_params, state_dtype=torch.bfloat16)
 
 
 def _free_port() -> int:
