@@ -33,6 +33,7 @@ from torch import Tensor
 from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt
 from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.functional import sharded as core
+from lightning_lopt.optim.functional.accumulators import work_shape
 
 if TYPE_CHECKING:
     from lightning_lopt.optim.learned import LearnedOptimizer
@@ -70,7 +71,7 @@ def check_not_fsdp1(params: list[Tensor], owner: str) -> None:
 def _spec(p: Tensor, owner: str) -> tuple[core.ShardSpec, Any]:
     """The core's view of one parameter, and its mesh (``None`` for a plain tensor)."""
     if not is_dtensor(p):
-        return core.ShardSpec(core.work_shape(p.shape), split=False), None
+        return core.ShardSpec(work_shape(p.shape), split=False), None
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
         raise NotImplementedError(
@@ -80,7 +81,7 @@ def _spec(p: Tensor, owner: str) -> tuple[core.ShardSpec, Any]:
     split = isinstance(placements[0], Shard)
     if split and (placements[0].dim != 0 or p.dim() == 0):
         raise NotImplementedError(f"{owner}: only Shard(0) placements are supported, got {placements}")
-    return core.ShardSpec(core.work_shape(p.shape), split=split), mesh
+    return core.ShardSpec(work_shape(p.shape), split=split), mesh
 
 
 def _all_reduce(group: Any) -> core.Reduce:

@@ -12,7 +12,6 @@ continues bit-exactly, and (2 ranks) that FSDP1 parameters are refused. Each ran
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys

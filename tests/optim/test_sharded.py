@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.functional import StepContext, celo, sharded, small_fc
+from lightning_lopt.optim.functional.accumulators import work_shape
 from lightning_lopt.optim.fused import build, driver
 
 SCRIPT = Path(__file__).with_name("_fsdp2_script.py")
@@ -61,7 +62,7 @@ def _sharded_run(kind: str, world: int, reduce_across: bool = True) -> list[torc
     theta, params, grads, scales = _problem(kind)
     core = sharded.small_fc_step if kind == "lo" else sharded.celo_step
     functional = small_fc if kind == "lo" else celo
-    specs = [sharded.ShardSpec(sharded.work_shape(s), split=len(s) > 0) for s in SHAPES]
+    specs = [sharded.ShardSpec(work_shape(s), split=len(s) > 0) for s in SHAPES]
     barrier, parts, results = threading.Barrier(world), {}, [None] * world
 
     def reduce_for(rank):
