@@ -35,9 +35,17 @@ Parameter sets ("cases"):
   :func:`lightning_lopt.optim.particle_step.particle_step` (the meta-trainer's seam), as one call
   for all 16; AdamW steps the same stacked tensors.
 
-Learned optimizers: ``lo``, ``mulo`` and ``celo`` use the fused CPU kernel where it runs (the
-default, ``fused=None``); ``lo-pure``, ``mulo-pure`` and ``celo-pure`` force the pure functional
-step (``fused=False``); ``mulo-bf16`` keeps bf16 state. On a particle case the ``-pure`` variants
+- ``vit-b16``: the tensor list of torchvision's ViT-B/16 (patch-embedding conv, class token,
+  position embedding, 12 encoder blocks with fused in-projection, 1000-class head); μP scales
+  1/fan_in on hidden matrices.
+
+Learned optimizers: ``lo``, ``mulo`` and ``celo`` use the fused CPU kernel on CPU and the Triton GPU
+step on CUDA (:mod:`lightning_lopt.optim.gpu`, fast numerics) where they run (the default,
+``fused=None``); ``mulo-exact`` is the GPU step in exact numerics; ``lo-pure``, ``mulo-pure`` and
+``celo-pure`` force the pure functional step (``fused=False``; on CUDA it is evaluated in chunks,
+in place); ``mulo-bf16`` keeps bf16 state. On CUDA each result records ``peak_step_extra_bytes``
+(the scratch memory of one step: ``torch.cuda.max_memory_allocated`` during the step minus the
+memory allocated before it) and that as a fraction of the parameters' bytes. On a particle case the ``-pure`` variants
 run the vmapped pure step (``vmapped_pure_step``) and the others the registered fused step.
 
 Threads: ``--threads 1 2`` repeats the whole run at each intra-op thread count (the fused kernel
@@ -50,7 +58,7 @@ Usage::
 
     python -m benchmarks.bench_optimizer_step                 # CPU default suite (< 5 min)
     python -m benchmarks.bench_optimizer_step --quick         # tiny smoke configuration
-    python -m benchmarks.bench_optimizer_step --device cuda   # adds GPT-2 124M/355M, fused AdamW
+    python -m benchmarks.bench_optimizer_step --device cuda   # GPT-2 124M/355M/1.3B, ViT-B/16, fused AdamW
 
 Each run writes ``benchmarks/results/<name>-<device>-<date>.json`` (see ``--out`` and ``--name``).
 """
@@ -126,6 +134,8 @@ class OptimizerSpec:
     #: Skipped on cases with more than ``--velo-max-params`` parameters (VeLO's LSTM state and
     #: per-element work are the largest).
     capped: bool = False
+    #: Attributes set on the optimizer after it is built (e.g. ``gpu_numerics``).
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def mlp_specs(width: int, depth: int = 3, in_features: int = 784, num_classes: int = 10) -> list[TensorSpec]:
@@ -161,6 +171,44 @@ def gpt2_specs(d_model: int, n_layer: int, vocab: int, n_ctx: int) -> list[Tenso
     return specs + [TensorSpec("ln_f.weight", (d,), 1.0), TensorSpec("ln_f.bias", (d,), 1.0)]
 
 
+def vit_specs(width: int = 768, depth: int = 12, mlp_dim: int = 3072, patch: int = 16, image: int = 224,
+              num_classes: int = 1000) -> list[TensorSpec]:
+    """The tensors of torchvision's ``vit_b_16`` (its parameter names and shapes).
+
+    μP scales: 1/fan_in on the hidden matrices (attention in/out projections, MLP), 1 elsewhere.
+    """
+    d = width
+    tokens = (image // patch) ** 2 + 1
+    specs = [
+        TensorSpec("class_token", (1, 1, d), 1.0),
+        TensorSpec("conv_proj.weight", (d, 3, patch, patch), 1.0),
+        TensorSpec("conv_proj.bias", (d,), 1.0),
+        TensorSpec("encoder.pos_embedding", (1, tokens, d), 1.0),
+    ]
+    for i in range(depth):
+        layer = f"encoder.layers.encoder_layer_{i}"
+        specs += [
+            TensorSpec(f"{layer}.ln_1.weight", (d,), 1.0),
+            TensorSpec(f"{layer}.ln_1.bias", (d,), 1.0),
+            TensorSpec(f"{layer}.self_attention.in_proj_weight", (3 * d, d), 1.0 / d),
+            TensorSpec(f"{layer}.self_attention.in_proj_bias", (3 * d,), 1.0),
+            TensorSpec(f"{layer}.self_attention.out_proj.weight", (d, d), 1.0 / d),
+            TensorSpec(f"{layer}.self_attention.out_proj.bias", (d,), 1.0),
+            TensorSpec(f"{layer}.ln_2.weight", (d,), 1.0),
+            TensorSpec(f"{layer}.ln_2.bias", (d,), 1.0),
+            TensorSpec(f"{layer}.mlp.0.weight", (mlp_dim, d), 1.0 / d),
+            TensorSpec(f"{layer}.mlp.0.bias", (mlp_dim,), 1.0),
+            TensorSpec(f"{layer}.mlp.3.weight", (d, mlp_dim), 1.0 / mlp_dim),
+            TensorSpec(f"{layer}.mlp.3.bias", (d,), 1.0),
+        ]
+    return specs + [
+        TensorSpec("encoder.ln.weight", (d,), 1.0),
+        TensorSpec("encoder.ln.bias", (d,), 1.0),
+        TensorSpec("heads.head.weight", (num_classes, d), 1.0),
+        TensorSpec("heads.head.bias", (num_classes,), 1.0),
+    ]
+
+
 CASES: dict[str, Case] = {
     case.name: case
     for case in [
@@ -192,6 +240,9 @@ CASES: dict[str, Case] = {
         Case("gpt2-124m", "GPT-2 small: d_model 768, 12 layers, vocab 50257, context 1024", lambda: gpt2_specs(768, 12, 50257, 1024)),
         Case("gpt2-355m", "GPT-2 medium: d_model 1024, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(1024, 24, 50257, 1024)),
         Case("gpt2-1.3b", "1.3B decoder: d_model 2048, 24 layers, vocab 50257, context 1024", lambda: gpt2_specs(2048, 24, 50257, 1024)),
+        Case("vit-b16", "torchvision ViT-B/16: width 768, 12 layers, 224x224, 1000 classes", vit_specs),
+        Case("vit-tiny", "ViT-shaped, width 32, 1 layer, 32x32 images, 10 classes (smoke test)",
+             lambda: vit_specs(32, 1, 64, 16, 32, 10)),
     ]
 }
 
@@ -206,13 +257,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "mulo-pure": OptimizerSpec("mulo", {"fused": False}),
     "celo-pure": OptimizerSpec("celo", {"num_steps": NUM_STEPS, "fused": False}),
     "mulo-bf16": OptimizerSpec("mulo", {"state_dtype": torch.bfloat16}),
+    "mulo-exact": OptimizerSpec("mulo", attributes={"gpu_numerics": "exact"}),
     "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, capped=True),
     "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
+    # Celo2Base is Celo2's element-wise part alone (no Newton–Schulz): Celo2 minus it is the
+    # orthogonalisation's cost.
+    "celo2": OptimizerSpec("celo2"),
+    "celo2-base": OptimizerSpec("celo2-base"),
 }
 
 #: (cases, optimizers, warmup, repeats) per preset.
 PRESETS: dict[str, tuple[list[str], list[str], int, int]] = {
-    "quick": (["mlp-w32", "gpt2-tiny"], ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"], 1, 3),
+    "quick": (["mlp-w32", "gpt2-tiny", "vit-tiny"], ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"], 1, 3),
     "cpu": (
         ["mlp-w256", "mlp-w1024", "gpt2-cpu", "many-small"],
         ["adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"],
@@ -220,8 +276,8 @@ PRESETS: dict[str, tuple[list[str], list[str], int, int]] = {
         5,
     ),
     "cuda": (
-        ["mlp-w256", "mlp-w1024", "mlp-w2048", "gpt2-124m", "gpt2-355m", "many-small"],
-        ["adamw-fused", "adamw-foreach", "muadam", "lo", "mulo", "celo", "velo", "muvelo"],
+        ["gpt2-124m", "gpt2-355m", "gpt2-1.3b", "vit-b16", "many-small", "mlp-particles16"],
+        ["adamw-fused", "muadam", "lo", "mulo", "celo", "mulo-exact", "mulo-bf16", "mulo-pure"],
         3,
         10,
     ),
@@ -425,6 +481,8 @@ def build_runner(name: str, params: list[torch.nn.Parameter], particles: int = 0
             optimizer = ParticleStepper(spec.registry_name, spec.kwargs, params, particles)
         else:
             optimizer = build(spec.registry_name, params, **spec.kwargs)
+            for key, value in spec.attributes.items():
+                setattr(optimizer, key, value)
     random_meta = isinstance(optimizer, ParticleStepper) or any(
         "RANDOM meta-initialisation" in str(w.message) for w in caught
     )
@@ -460,7 +518,7 @@ def _error_result(name: str, err: BaseException) -> dict[str, Any]:
     return {"optimizer": name, "status": "error", "error": f"{type(err).__name__}: {err}"[:500]}
 
 
-def _ok_result(runner: Runner, num_params: int) -> dict[str, Any]:
+def _ok_result(runner: Runner, num_params: int, param_bytes: int) -> dict[str, Any]:
     nbytes = state_nbytes(runner.optimizer)
     spec = OPTIMIZERS[runner.name]
     return {
@@ -477,6 +535,9 @@ def _ok_result(runner: Runner, num_params: int) -> dict[str, Any]:
         "state_bytes": nbytes,
         "state_bytes_per_param": nbytes / num_params,
         "peak_step_extra_bytes": runner.peak_extra_bytes,
+        "peak_step_extra_fraction_of_param_bytes": (
+            None if runner.peak_extra_bytes is None else runner.peak_extra_bytes / param_bytes
+        ),
     }
 
 
@@ -534,7 +595,9 @@ def run_batch(
         gc.enable()
     for runner in runners:
         if runner.name not in results:
-            results[runner.name] = _ok_result(runner, sum(p.numel() for p in params))
+            results[runner.name] = _ok_result(
+                runner, sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+            )
     return results
 
 
@@ -591,6 +654,11 @@ def run_case(
                 f"[p10 {r['p10_ms']:.2f}, p90 {r['p90_ms']:.2f}]  "
                 f"x{r['ratio_vs_adamw'] or float('nan'):8.1f} vs {reference['optimizer'] if reference else '-'}  "
                 f"state {r['state_bytes_per_param']:.2f} B/param"
+                + (
+                    f"  scratch {r['peak_step_extra_fraction_of_param_bytes']:.1%} of the params"
+                    if r["peak_step_extra_fraction_of_param_bytes"] is not None
+                    else ""
+                )
             )
     return {
         "name": case.name,

@@ -29,6 +29,9 @@ _EXPORTS = {
     "Celo": "lightning_lopt.optim.learned",
     "VeLO": "lightning_lopt.optim.learned",
     "MuVeLO": "lightning_lopt.optim.learned",
+    "Celo2": "lightning_lopt.optim.celo2",
+    "Celo2Base": "lightning_lopt.optim.celo2",
+    "MuCelo2": "lightning_lopt.optim.celo2",
     "CoordCheck": "lightning_lopt.callbacks",
 }
 _SUBPACKAGES = ("models", "datamodules", "optim", "callbacks", "meta", "eval")

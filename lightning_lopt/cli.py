@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_lopt.quiet import known_noise_filtered
 from lightning_lopt.trainer import Trainer
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fit_digits_mlp.yaml"
@@ -47,9 +48,34 @@ commands:
 """
 
 
+class OneLineErrors:
+    """A LightningCLI mixin: a bad argument found while building the model, data or trainer (before
+    any compute) is one line on stderr and exit status 2, not a traceback through jsonargparse."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()  # type: ignore[misc]
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise usage_error(err) from None
+        config = self.config.get(str(self.subcommand), {})  # type: ignore[attr-defined]
+        ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+            raise usage_error(FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file ({Path(ckpt_path).resolve()})"))
+
+
+def usage_error(err: BaseException) -> SystemExit:
+    """Print ``error: <message>`` to stderr; the SystemExit (status 2) to raise."""
+    print(f"error: {err}", file=sys.stderr)
+    return SystemExit(2)
+
+
+class _LightningCLI(OneLineErrors, LightningCLI):
+    pass
+
+
 def lightning_cli(args: Sequence[str]) -> LightningCLI:
     """Run LightningCLI on ``args`` (``[subcommand, ...]``) with our Trainer and default config."""
-    return LightningCLI(
+    return _LightningCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -73,13 +99,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command in ("-h", "--help"):
         print(USAGE)
         return
-    if command in LIGHTNING_COMMANDS:
-        lightning_cli(args)
-        return
-    if command not in EXTRA_COMMANDS:
+    if command not in (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS):
         raise SystemExit(f"unknown command {command!r}\n\n{USAGE}")
-    target = EXTRA_COMMANDS[command]
-    if target is None:
-        raise SystemExit(f"`{command}` is not available in this version of lightning_lopt yet.")
-    module, function = target.split(":")
-    getattr(importlib.import_module(module), function)(args[1:])
+    with known_noise_filtered():
+        if command in LIGHTNING_COMMANDS:
+            lightning_cli(args)
+            return
+        target = EXTRA_COMMANDS[command]
+        if target is None:
+            raise SystemExit(f"`{command}` is not available in this version of lightning_lopt yet.")
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(args[1:])

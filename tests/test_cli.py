@@ -68,5 +68,6 @@ def test_train_py_without_arguments_runs_the_main_job(tmp_path):
         [sys.executable, str(ROOT / "train.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "val acc" in result.stdout
+    assert "val" in result.stdout and "acc" in result.stdout  # the summary table's header
+    assert "weights=mulo-fmnist8-w32-128" in result.stdout  # its settings, whole at 80 columns
     assert (tmp_path / "outputs" / "default" / "loss_curve.png").exists()

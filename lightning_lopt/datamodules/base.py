@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lopt.checks import check_positive_int
+from lightning_lopt.datamodules.resumable import ResumableDataLoader, ResumableRandomSampler
 
 Split = tuple[Tensor, Tensor]
 SPLITS = ("train", "val", "test")
@@ -117,7 +118,8 @@ class CachedDataModule(L.LightningDataModule):
 
     Args:
         batch_size: batch size of the dataloaders.
-        seed: seeds the train/val(/test) split and the training dataloader's shuffling.
+        seed: seeds the train/val(/test) split and the training dataloader's shuffling (resumable
+            mid-epoch from a Lightning checkpoint: :mod:`~lightning_lopt.datamodules.resumable`).
         num_workers: dataloader worker processes. Tensors already in memory need none; workers only
             pay pickling costs, and must stay 0 when the tensors live on a GPU.
         device: where the cached tensors live (``"cpu"``, ``"cuda"``, ...); :meth:`to` changes it.
@@ -158,16 +160,27 @@ class CachedDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        # A plain batch_size/shuffle DataLoader, so Lightning can swap in a DistributedSampler
-        # under DDP; BatchTensorDataset still gathers each batch with one index per tensor.
-        return DataLoader(
-            BatchTensorDataset(*self.split(name)),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=batch_as_is,
+        # A batch_size DataLoader, so Lightning can swap in a DistributedSampler under DDP;
+        # BatchTensorDataset still gathers each batch with one index per tensor. Shuffled, it is a
+        # ResumableDataLoader: the order of a plain seeded shuffle, resumable mid-epoch.
+        dataset = BatchTensorDataset(*self.split(name))
+        common = {"batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": batch_as_is}
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **common)
+        return ResumableDataLoader(
+            dataset,
+            sampler=ResumableRandomSampler(dataset, self.seed),
+            generator=torch.Generator().manual_seed(self.seed),  # workers' base seeds, as before
+            position=self._train_position,
+            **common,
         )
+
+    def _train_position(self) -> tuple[int, int] | None:
+        """``(epoch, batches trained in it)`` of the fit this data module serves, or ``None``."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of the training split (seeded by ``seed``)."""

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -86,11 +87,23 @@ def new_parser(prog: str, description: str) -> ArgumentParser:
 def run_command(parser: ArgumentParser, argv: Sequence[str] | None, run: Callable[[Any], None]) -> None:
     """Parse ``argv`` and call ``run(namespace)``; a ``ValueError`` raised by the argument checks
     before any work starts becomes a usage error naming the flag (exit status 2)."""
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))  # type errors exit with 2 here
+    args = parser.parse_args(_inline_dash_values(sys.argv[1:] if argv is None else argv))  # type errors exit 2
     try:
         run(args)
     except UsageError as err:
         parser.error(str(err))
+
+
+def _inline_dash_values(argv: Sequence[str]) -> list[str]:
+    """``--flag -64,128`` → ``--flag=-64,128``: argparse takes a value that starts with ``-`` and a digit
+    for an option and reports "expected one argument"; inlined, it reaches the flag's own check."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 class UsageError(ValueError):

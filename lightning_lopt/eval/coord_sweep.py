@@ -525,6 +525,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run(args: Any) -> None:
         try:
+            # The command prints slopes against width: one width gives none (the Python API still
+            # records the statistics of a single width).
+            widths = sorted(set(int_list(args.widths, "--widths", minimum=1)))
+            if len(widths) < 2:
+                raise ValueError(f"--widths: a slope against width needs at least two distinct widths, got {widths}")
             result = run_coord_sweep(
                 model=args.model,
                 widths=args.widths,

@@ -32,6 +32,7 @@ Python::
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,14 +202,14 @@ def plan_evaluation(
                 settings[key] = Setting(given[spec.label], "given")
             elif is_tunable(spec):
                 try:
-                    tuned = None if tune == "all" else load_tuned(tuned_dir, size, family, spec.factory)
+                    tuned = None if tune == "all" else load_tuned(tuned_dir, size, family, spec.tuned_name)
                 except ValueError as err:
                     raise UsageError(f"--tuned-dir: {err}") from err
                 if tuned is None and tune == "no":
                     raise UsageError(
-                        f"--optimizers: no tuned {spec.factory} settings for family {family.name!r} at size {size} "
+                        f"--optimizers: no tuned {spec.tuned_name} settings for family {family.name!r} at size {size} "
                         f"in {tuned_dir}; tune them with `python train.py evaluate --suite {suite} --size {size} "
-                        f"--optimizers {spec.factory} --tune missing --tune-only`, or give settings with "
+                        f"--optimizers {spec.label} --tune missing --tune-only`, or give settings with "
                         f"--optimizer-kwargs '{{\"{spec.label}\": {{\"lr\": ...}}}}'"
                     )
                 if tuned is None:
@@ -324,8 +325,9 @@ def evaluate(
     paths = {(r.task.id, r.optimizer.label, r.seed): r.directory(plan.cache_dir) for r in runs}
     tables = summary.summarize(
         plan.suite, [s.label for s in plan.optimizers], plan.seeds, records,
-        reference=next((s.label for s in plan.optimizers if s.factory == "adamw" and is_tunable(s)), None),
+        reference=next((s.label for s in plan.optimizers if s.tuned_name == "adamw" and is_tunable(s)), None),
         ema=ema, celo_ema=celo_ema, bootstrap_reps=bootstrap_reps,
+        baselines=[s.label for s in plan.optimizers if is_tunable(s)],
     )  # fmt: skip
     plan.out.mkdir(parents=True, exist_ok=True)
     summary.write_tables(tables, plan.out, paths)
@@ -394,7 +396,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(report.console_summary(result.tables))
             print(f"report: {result.report}")
 
-    run_command(parser, argv, run)
+    try:
+        run_command(parser, argv, run)
+    except KeyboardInterrupt:
+        # Every finished run is already in the cache (written when it ends): say so, without a traceback.
+        print(
+            "\ninterrupted: the runs that finished are cached; run the same command again to continue from them",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 __all__ = ["EvaluationResult", "Plan", "build_parser", "evaluate", "main", "plan_evaluation"]

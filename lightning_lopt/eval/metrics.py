@@ -13,6 +13,8 @@ every number in a report can be recomputed from the stored curves.
   reaches ``L_ref`` (0 when it never does).
 * :func:`iqm`, :func:`median_of_means`, :func:`optimality_gap`: rliable's ``aggregate_iqm``,
   ``aggregate_median`` and ``aggregate_optimality_gap`` over a ``[runs, tasks]`` score matrix.
+* :func:`paired_comparison`: two optimizers on the same seeds (same initialisations and batches):
+  the mean per-seed difference, its paired standard error and how many seeds each wins.
 * :func:`interval_estimate`: rliable's ``get_interval_estimates``: the statistic on the scores and a
   95% percentile confidence interval from a stratified bootstrap (runs resampled within each task,
   tasks kept fixed).
@@ -250,3 +252,26 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 2 or any(not (y > 0 and math.isfinite(y)) for y in ys):
         return math.nan
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def paired_comparison(losses: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """Per-seed comparison of final losses (lower is better) run on the same seeds.
+
+    Returns ``mean_diff`` (mean of ``losses − baseline``; negative: ``losses`` is lower),
+    ``paired_se`` (standard error of that mean, ``std(diff, ddof=1) / √n``; 0 for one seed),
+    ``wins`` (seeds where ``losses`` is strictly lower), ``ties`` and ``n``. Seeds share
+    initialisations and batches, so the paired s.e. removes the seed-to-seed variation that
+    the two s.e.m.s of the means both carry; a difference inside about two paired s.e. is noise.
+
+    Example::
+
+        paired_comparison([0.40, 0.41, 0.39], [0.41, 0.40, 0.42])
+        # {"mean_diff": -0.01, "paired_se": 0.0115..., "wins": 2, "ties": 0, "n": 3}
+    """
+    a = np.asarray(losses, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_comparison: need two equal-length, non-empty 1-d sequences, got {a.shape} and {b.shape}")
+    diff = a - b
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else 0.0
+    return {"mean_diff": float(diff.mean()), "paired_se": se, "wins": int((diff < 0).sum()), "ties": int((diff == 0).sum()), "n": int(diff.size)}

@@ -7,7 +7,10 @@ An entry of ``--optimizers`` is one of
   name or a hub id, passed as ``meta_weights`` (``mulo:runs/my-mulo``);
 * an optimizer class by import path, ``package.module:Class`` or ``package.module.Class``;
 
-optionally followed by ``@mup`` or ``@sp`` to pin the parametrization of the models it trains. By
+a hand-designed registry name may end in ``-cosine`` (``adamw-cosine``, ``muadam-cosine``): the same
+optimizer under a linear warmup (the first 5% of the run) and a cosine decay to zero over the run's
+length, the schedule a practitioner would use; it is tuned separately from the constant-rate one.
+Any entry is optionally followed by ``@mup`` or ``@sp`` to pin the parametrization of the models it trains. By
 default the μ optimizers (``muadam``, ``mulo``, ``muvelo``, and classes that take ``scales``) train
 μP models and the others standard-parametrized ones, as in μLO's evaluation.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,9 @@ MODEL_KEYS = ("input_mult", "output_mult")
 #: Setting key of the learning-rate multiplier on hidden matrices.
 HIDDEN_LR_MULT = "hidden_lr_mult"
 PARAMS = ("mup", "sp")
+#: Suffix of a hand-designed optimizer's warmup + cosine variant, and its warmup fraction.
+COSINE_SUFFIX = "-cosine"
+WARMUP_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,19 @@ class OptimizerSpec:
         factory: a registry name or a ``module:attr`` import path.
         param: the parametrization of the models it trains, ``"mup"`` or ``"sp"``.
         meta_weights: learned-optimizer weights (``name:weights``), or ``None``.
+        schedule: ``"cosine"`` for the warmup + cosine variant (``adamw-cosine``), else ``None``.
     """
 
     label: str
     factory: str
     param: str
     meta_weights: str | None = None
+    schedule: str | None = None
+
+    @property
+    def tuned_name(self) -> str:
+        """The name its tuned settings are stored under: ``adamw``, ``adamw-cosine``, ..."""
+        return self.factory + (COSINE_SUFFIX if self.schedule == "cosine" else "")
 
     def resolve(self) -> Callable[..., torch.optim.Optimizer]:
         """The optimizer class or factory."""
@@ -126,6 +140,11 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         "import path package.module:Class; optionally @mup or @sp"
     )
     meta_weights = None
+    schedule = None
+    if not sep and name.lower().endswith(COSINE_SUFFIX) and name.lower()[: -len(COSINE_SUFFIX)] in known:
+        name, schedule = name[: -len(COSINE_SUFFIX)], "cosine"
+        if issubclass_safe(optim.resolve(name.lower()), LearnedOptimizer):
+            raise ValueError(f"{label!r}: a learned optimizer sets its own step sizes; {COSINE_SUFFIX} is for hand-designed ones")
     if name.lower() in known:
         factory = name.lower()
         if sep:
@@ -147,7 +166,38 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         param = "mup" if accepts(_import(factory), "scales") else "sp"
     else:
         param = "mup" if factory in MU_OPTIMIZERS else "sp"
-    return OptimizerSpec(label=label, factory=factory, param=param, meta_weights=meta_weights)
+    return OptimizerSpec(label=label, factory=factory, param=param, meta_weights=meta_weights, schedule=schedule)
+
+
+def issubclass_safe(obj: Any, cls: type) -> bool:
+    return isinstance(obj, type) and issubclass(obj, cls)
+
+
+def warmup_cosine(steps: int, warmup_fraction: float = WARMUP_FRACTION) -> Callable[[int], float]:
+    """The learning-rate multiplier after ``t`` optimizer steps: linear from 1/w to 1 over the first
+    ``w = max(1, round(warmup_fraction · steps))`` steps, then a cosine from 1 to 0 at ``steps``.
+
+    Example::
+
+        f = warmup_cosine(100)             # warmup 5 steps
+        f(0), f(4), f(5), f(100)           # 0.2, 1.0, 1.0, 0.0
+    """
+    warmup = max(1, round(warmup_fraction * steps))
+
+    def multiplier(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        progress = min(1.0, (t - warmup) / max(1, steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def make_schedule(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The run's learning-rate schedule (stepped once after every optimizer step), or ``None``."""
+    if spec.schedule is None:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
 
 
 def weights_identity(spec: OptimizerSpec) -> str | None:

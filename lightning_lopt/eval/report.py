@@ -3,7 +3,8 @@ and their settings, and every group's tables and figures.
 
 Tables follow the papers: final losses (mean ± standard error over seeds, diverged runs counted at
 the cap and marked), μLO's Table 2 (average rank; the best of each column in bold, the second
-underlined, the third in italics) and Celo's aggregates with 95% intervals.
+underlined, the third in italics), Celo's aggregates with 95% intervals, and paired per-seed
+comparisons against the tuned baselines ("wins k of n", the mean difference and its paired s.e.).
 
 Example::
 
@@ -91,6 +92,23 @@ def aggregate_table(g: GroupTables, optimizers: Sequence[str]) -> list[str]:
     return _table(header, rows)
 
 
+def paired_table(g: GroupTables) -> list[str]:
+    """Tasks × (optimizer vs baseline): mean per-seed difference ± paired s.e., and wins k of n.
+
+    A difference inside two paired s.e. is marked "(noise)": no claim either way."""
+    pairs = list(dict.fromkeys((r["optimizer"], r["baseline"]) for r in g.paired))
+    by = {(r["task"], r["optimizer"], r["baseline"]): r for r in g.paired}
+    rows = []
+    for task in g.group.tasks:
+        cells = [f"`{task.id}`"]
+        for opt, base in pairs:
+            r = by[(task.id, opt, base)]
+            noise = " (noise)" if abs(r["mean_diff"]) <= 2 * r["paired_se"] else ""
+            cells.append(f"{r['mean_diff']:+.3g} ± {_num(r['paired_se'], 2)}, wins {r['wins']} of {r['n']}{noise}")
+        rows.append(cells)
+    return _table(["task", *(f"{o} − {b}" for o, b in pairs)], rows)
+
+
 def write_report(
     plan: Plan,
     tables: Summary,
@@ -153,6 +171,15 @@ def write_report(
         lines += [f"{len(group.tasks)} tasks: " + ", ".join(f"`{t.id}`" for t in group.tasks) + ".", ""]
         lines += [f"### Final training loss (mean ± s.e.m. over {len(tables.seeds)} seeds)", ""]
         lines += final_loss_table(g, opts) + [""]
+        if g.paired:
+            lines += [
+                "### Paired per-seed comparisons with the tuned baselines", "",
+                f"Each cell: the mean over the {len(tables.seeds)} seeds of (optimizer − baseline) final loss "
+                "(negative: the optimizer is lower), its paired standard error, and on how many seeds the optimizer "
+                "is strictly lower. Every optimizer sees the same initialisations and batches on a seed, so the "
+                "paired s.e. is the one that decides; \"(noise)\": inside two paired s.e.", "",
+            ]  # fmt: skip
+            lines += paired_table(g) + [""]
         lines += ["### Average rank (μLO Table 2)", ""]
         if group.kind == "width":
             lines += ["Per family, optimizers are ranked by the seed-mean loss at each horizon; ranks are averaged over "

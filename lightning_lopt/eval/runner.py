@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,10 +44,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lightning_lopt.eval import store
-from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimizer, weights_identity
+from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimizer, make_schedule, weights_identity
 from lightning_lopt.eval.store import RunRecord
 from lightning_lopt.eval.tasks import CAP_FACTOR, DIVERGE_FACTOR, Task, build_model, held_out_batch, num_classes, reference_loss
 from lightning_lopt.optimizee import OptimizeeModule, objective_loss
+from lightning_lopt.progress_lines import ProgressLines
 
 #: Bumped whenever a change to the runner changes curves, so that old cache entries are not reused.
 RUNNER_VERSION = 1
@@ -79,6 +81,8 @@ class RunSpec:
                 "param": self.optimizer.param,
                 "meta_weights": weights_identity(self.optimizer),
                 "setting": dict(self.setting.values),
+                # only when set: the constant-rate runs keep their cache keys
+                **({"schedule": self.optimizer.schedule} if self.optimizer.schedule else {}),
             },
             "seed": self.seed,
         }
@@ -148,6 +152,7 @@ def train(spec: RunSpec, device: str | torch.device = "cpu", on_step: StepCallba
             model = build_model(task, spec.optimizer.param, source, **spec.setting.model_kwargs)
         module = OptimizeeModule(model, family.objective, num_classes=num_classes(task, source)).to(device)
         optimizer = make_optimizer(spec.optimizer, spec.setting, module, task.steps)
+        schedule = make_schedule(spec.optimizer, optimizer, task.steps)
         reference = reference_loss(task, source)
         cap, limit = CAP_FACTOR * reference, DIVERGE_FACTOR * reference
         x_test, y_test = held_out_batch(task, source, device)
@@ -177,6 +182,8 @@ def train(spec: RunSpec, device: str | torch.device = "cpu", on_step: StepCallba
                 return loss
 
             optimizer.step(closure)
+            if schedule is not None:
+                schedule.step()
             losses[i] = last[-1]
             step = i + 1
             if step % CHECK_EVERY == 0 or step == task.steps:
@@ -231,8 +238,13 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    """The rich progress bar of every evaluation command: runs done, and the current run's loss."""
+def progress_bar(enabled: bool = True) -> Progress | ProgressLines:
+    """The rich progress bar of every evaluation command: runs done, and the current run's loss.
+
+    Plain lines (:class:`~lightning_lopt.progress_lines.ProgressLines`) when stdout is not a terminal.
+    """
+    if enabled and not sys.stdout.isatty():
+        return ProgressLines()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -277,8 +289,8 @@ def execute(
 
                 records[spec.key] = run_cached(spec, cache_dir, device, on_step)
                 bar.remove_task(current)
-                bar.advance(overall)
                 _report_last(bar, overall, spec, records[spec.key])
+                bar.advance(overall)
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
@@ -286,8 +298,8 @@ def execute(
                 for future in as_completed(futures):
                     spec = futures[future]
                     records[spec.key] = future.result()
-                    bar.advance(overall)
                     _report_last(bar, overall, spec, records[spec.key])
+                    bar.advance(overall)
     return records
 
 

@@ -14,7 +14,10 @@ For every group of a suite:
   final loss ``L_ref / L_opt`` and the speedup ``T / t*`` (0 when the reference's final loss is
   never reached), both on curves smoothed with ``celo_ema``, with ``L_ref`` the reference's final
   loss averaged over seeds; and over the group's tasks, IQM, median and optimality gap of each with
-  95% stratified-bootstrap intervals.
+  95% stratified-bootstrap intervals;
+* **paired comparisons**, when ``baselines`` are given: per task, every other optimizer against each
+  baseline on the same seeds: the mean per-seed difference of final losses, its paired standard
+  error and "wins k of n" (:func:`metrics.paired_comparison`).
 
 Example::
 
@@ -53,6 +56,7 @@ class GroupTables:
     ranks: list[dict[str, Any]] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
     aggregates: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -106,13 +110,19 @@ def _final(record: RunRecord, ema: float, at_step: int | None = None) -> float:
 
 def _group_tables(
     name: str, group: Group, optimizers: Sequence[str], seeds: Sequence[int], records: Records,
-    reference: str | None, ema: float, celo_ema: float, reps: int,
+    reference: str | None, ema: float, celo_ema: float, reps: int, baselines: Sequence[str] = (),
 ) -> GroupTables:  # fmt: skip
     out = GroupTables(name, group)
     for task in group.tasks:
+        per_seed = {o: [_final(records[(task.id, o, s)], ema) for s in seeds] for o in optimizers}
+        for base in baselines:
+            for opt in optimizers:
+                if opt != base:
+                    out.paired.append({"group": name, "task": task.id, "optimizer": opt, "baseline": base,
+                                       **metrics.paired_comparison(per_seed[opt], per_seed[base])})  # fmt: skip
         for opt in optimizers:
             recs = [records[(task.id, opt, s)] for s in seeds]
-            finals = np.array([_final(r, ema) for r in recs])
+            finals = np.array(per_seed[opt])
             acc = [r.test_acc[-1] for r in recs]
             out.final.append(
                 {
@@ -175,10 +185,15 @@ def summarize(
     ema: float = 0.0,
     celo_ema: float = 0.9,
     bootstrap_reps: int = metrics.BOOTSTRAP_REPS,
+    baselines: Sequence[str] = (),
 ) -> Summary:
-    """All tables of an evaluation; ``records[(task id, optimizer label, seed)]`` must be complete."""
+    """All tables of an evaluation; ``records[(task id, optimizer label, seed)]`` must be complete.
+    ``baselines``: the optimizers every other one is compared with seed by seed (the tuned ones)."""
+    unknown = [b for b in baselines if b not in optimizers]
+    if unknown:
+        raise ValueError(f"baselines {unknown} are not among the optimizers {list(optimizers)}")
     groups = [
-        _group_tables(name, g, optimizers, seeds, records, reference, ema, celo_ema, bootstrap_reps)
+        _group_tables(name, g, optimizers, seeds, records, reference, ema, celo_ema, bootstrap_reps, baselines)
         for name, g in zip(group_names(suite), suite.groups)
     ]
     runs = [
@@ -210,11 +225,11 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_tables(tables: Summary, out: Path, run_paths: Mapping[tuple[str, str, int], Path]) -> list[Path]:
-    """Write ``final_losses.csv``, ``ranks.csv``, ``scores.csv``, ``aggregates.csv``, ``runs.csv``
+    """Write ``final_losses.csv``, ``ranks.csv``, ``scores.csv``, ``aggregates.csv``, ``paired.csv``, ``runs.csv``
     (with each run's cache directory) and ``summary.json`` to ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in ("final", "ranks", "scores", "aggregates"):
+    for name in ("final", "ranks", "scores", "aggregates", "paired"):
         rows = [r for g in tables.groups for r in getattr(g, name)]
         if rows:
             path = out / f"{'final_losses' if name == 'final' else name}.csv"
@@ -225,7 +240,8 @@ def write_tables(tables: Summary, out: Path, run_paths: Mapping[tuple[str, str, 
     payload = {
         "optimizers": tables.optimizers, "seeds": tables.seeds, "reference": tables.reference,
         "ema": tables.ema, "celo_ema": tables.celo_ema, "bootstrap_reps": tables.bootstrap_reps,
-        "groups": [{"name": g.name, "kind": g.group.kind, "final": g.final, "ranks": g.ranks, "aggregates": g.aggregates}
+        "groups": [{"name": g.name, "kind": g.group.kind, "final": g.final, "ranks": g.ranks, "aggregates": g.aggregates,
+                    "paired": g.paired}
                    for g in tables.groups],
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")

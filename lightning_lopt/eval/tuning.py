@@ -10,8 +10,14 @@ the lowest final training loss (mean of the last 10 batches, capped, averaged ov
 Tuning seeds start at :data:`TUNE_SEED` so that tuning never sees the initialisations and batches of
 the evaluation seeds ``0..N-1``. Every grid run is an ordinary cached run, so an interrupted tuning
 resumes. The chosen settings and the whole grid's results are written to
-``configs/eval/tuned/<size>/<family>.yaml`` (committed), together with the family definition they
-were tuned on: a changed family makes them stale, and evaluation then asks for a re-tune.
+``configs/eval/tuned/<size>/<family>.yaml`` (committed), together with the family definition and
+the grid they were tuned on: a changed family or a changed grid makes them stale, and evaluation
+then asks for a re-tune.
+
+A winner on the edge of a numeric axis (three or more values) may have its optimum outside the grid,
+so the axis is extended geometrically past that edge and the new points are run, until the winner
+is interior (at most :data:`MAX_EXTENSIONS` times; the file records the extensions and any edge
+that remains).
 
 Example::
 
@@ -30,7 +36,7 @@ import numpy as np
 import yaml
 
 from lightning_lopt.eval import metrics
-from lightning_lopt.eval.optimizers import OptimizerSpec, Setting
+from lightning_lopt.eval.optimizers import COSINE_SUFFIX, OptimizerSpec, Setting
 from lightning_lopt.eval.runner import RunSpec, execute
 from lightning_lopt.eval.store import RunRecord
 from lightning_lopt.eval.suites import CONFIG_DIR, SIZES
@@ -42,10 +48,13 @@ TUNABLE = {"adamw": "sp", "muadam": "mup"}
 TUNE_SEED = 1000
 GRIDS_FILE = CONFIG_DIR / "tuning.yaml"
 DEFAULT_TUNED_DIR = CONFIG_DIR / "tuned"
+#: How many times one optimizer's grid may be extended past an edge winner.
+MAX_EXTENSIONS = 6
 
 
 def is_tunable(spec: OptimizerSpec) -> bool:
-    """Whether ``spec`` is a baseline with tuned settings: AdamW on SP, μAdam on μP models."""
+    """Whether ``spec`` is a baseline with tuned settings: AdamW on SP, μAdam on μP models, with a
+    constant rate or the warmup + cosine schedule (tuned separately, on the same grid)."""
     return TUNABLE.get(spec.factory) == spec.param and spec.meta_weights is None
 
 
@@ -100,6 +109,26 @@ def grid_edges(axes: dict[str, list[Any]], row: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def extend_past_edges(axes: dict[str, list[Any]], row: dict[str, Any]) -> dict[str, list[Any]]:
+    """``axes`` with one more value past each edge that ``row`` lies on (:func:`grid_edges`), at the
+    geometric step of the two values nearest that edge; unchanged when ``row`` is interior.
+
+    Example::
+
+        extend_past_edges({"lr": [1e-3, 3e-3, 1e-2]}, {"lr": 1e-2})     # {"lr": [0.001, 0.003, 0.01, 0.0333...]}
+    """
+    out = {name: list(values) for name, values in axes.items()}
+    for name in grid_edges(axes, row):
+        values = sorted(axes[name])
+        if values[0] <= 0:
+            raise ValueError(f"grid axis {name!r}: cannot extend {values} geometrically past an edge (values must be > 0)")
+        if row[name] == values[-1]:
+            out[name].append(float(values[-1] * values[-1] / values[-2]))
+        else:
+            out[name].insert(0, float(values[0] * values[0] / values[1]))
+    return out
+
+
 def base_task(family: Family) -> Task:
     """The task a family is tuned on."""
     return Task(family, family.base_width, family.depth, family.tune_steps)
@@ -125,7 +154,19 @@ def load_tuned(tuned_dir: str | Path, size: str, family: Family, optimizer: str)
             f"{path}: these settings were tuned on a different definition of family {family.name!r} "
             f"({data.get('family_config')}); re-tune with --tune all, or restore the family"
         )
-    return Setting(dict(data[optimizer]["chosen"]), f"tuned: {path}")
+    source = data.get("grid_file", size)
+    section = data[optimizer]
+    tuned_on = section.get("start_grid", section.get("grid"))
+    try:
+        current = load_grids(source).get(family.grid, {}).get(optimizer.removesuffix(COSINE_SUFFIX))
+    except ValueError as err:
+        raise ValueError(f"{path}: the grid these settings were tuned on cannot be read: {err}") from err
+    if tuned_on != current:
+        raise ValueError(
+            f"{path}: {optimizer} was tuned on the grid {tuned_on}, but grid {family.grid!r} of {source} is now "
+            f"{current}; re-tune with --tune all, or restore the grid"
+        )
+    return Setting(dict(section["chosen"]), f"tuned: {path}")
 
 
 def _rows(settings: list[dict[str, Any]], runs: dict[int, list[RunSpec]], records: dict[str, RunRecord]) -> list[dict[str, Any]]:
@@ -179,26 +220,37 @@ def tune_family(
         axes = grids[family.grid].get(spec.factory)
         if axes is None:
             raise ValueError(f"grid {family.grid!r} has no {spec.factory} axes")
-        settings = grid_settings(axes)
-        runs = {i: [RunSpec(task, spec, Setting(v, "grid"), s) for s in tune_seeds] for i, v in enumerate(settings)}
-        records = execute([r for rs in runs.values() for r in rs], cache_dir, device=device, workers=workers, progress=progress)
-        rows = _rows(settings, runs, records)
-        best = min(range(len(rows)), key=lambda i: rows[i]["final_loss"])  # first of equals: grid order
-        data[spec.factory] = {
+        ran, extensions = axes, []
+        while True:
+            settings = grid_settings(ran)
+            runs = {i: [RunSpec(task, spec, Setting(v, "grid"), s) for s in tune_seeds] for i, v in enumerate(settings)}
+            # Cached: after an extension only the new grid points run.
+            records = execute([r for rs in runs.values() for r in rs], cache_dir, device=device, workers=workers, progress=progress)
+            rows = _rows(settings, runs, records)
+            best = min(range(len(rows)), key=lambda i: rows[i]["final_loss"])  # first of equals: grid order
+            edges = grid_edges(ran, rows[best])
+            if not edges or len(extensions) == MAX_EXTENSIONS:
+                break
+            extensions.append({name: rows[best][name] for name in edges})
+            ran = extend_past_edges(ran, rows[best])
+        data[spec.tuned_name] = {
             "chosen": settings[best],
             "final_loss": rows[best]["final_loss"],
-            "at_grid_edge": grid_edges(axes, rows[best]),
-            "grid": axes,
+            "at_grid_edge": edges,
+            "start_grid": axes,
+            "extended_past": extensions,
+            "grid": ran,
             "results": sorted(rows, key=lambda r: r["final_loss"]),
         }
     header = {
         "family": family.name,
         "size": size,
         "family_config": family.training_config(),
+        "grid_file": grid or size,
         "tuned_at": {"width": task.width, "depth": task.depth, "steps": task.steps, "seeds": tune_seeds},
         "command": command,
     }
-    optimizers_part = {k: v for k, v in data.items() if k in TUNABLE}
+    optimizers_part = {k: v for k, v in data.items() if k.removesuffix(COSINE_SUFFIX) in TUNABLE}
     path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         f"# Tuned baselines for family {family.name} at size {size}: written by lightning_lopt.eval.tuning.\n"

@@ -47,10 +47,12 @@ from typing import Any
 
 import lightning as L
 import safetensors.torch
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_lopt.meta import light_files
 from lightning_lopt.meta.augmentation import ReparamAugmentation
 from lightning_lopt.meta.meta_optim import WarmupCosine, clipped_step, default_meta_optimizer
 from lightning_lopt.meta.pes import PES, pes_gradient, sample_perturbations, window_meta_loss
@@ -60,11 +62,12 @@ from lightning_lopt.meta.truncation import LogUniformLengthSchedule
 from lightning_lopt.meta.unroll import Particles, init_particles, make_loss_and_grad, unroll_window
 from lightning_lopt.meta.warm_start import WarmStart, warm_start
 from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt, VeLOLOpt
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.pretrained import from_pretrained, load_checked, save_pretrained
 
 META_STATE_TENSORS = "meta_state.safetensors"
 META_STATE_JSON = "meta_state.json"
-LIGHT_FORMAT_VERSION = 1
+LIGHT_FORMAT_VERSION = 2  # 2: meta_state.json records a digest of the other files
 #: name -> (factory(stage), μ scales?)
 LOPTS: dict[str, tuple[Callable[[int], LearnedOptimizerModule], bool]] = {
     "mulo": (lambda stage: SmallFCLOpt(step_mult=0.01), True),
@@ -72,6 +75,8 @@ LOPTS: dict[str, tuple[Callable[[int], LearnedOptimizerModule], bool]] = {
     "celo": (lambda stage: CeloLOpt(train_phase=stage), False),
     "muvelo": (lambda stage: VeLOLOpt.mu(), True),
     "velo": (lambda stage: VeLOLOpt(), False),
+    "celo2": (lambda stage: Celo2LOpt.meta_training(), False),
+    "celo2-base": (lambda stage: Celo2LOpt.base(step_mult=1e-3), False),
 }
 MetaOptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
@@ -99,7 +104,7 @@ class MetaTrainer(L.LightningModule):
     """Meta-train (or fine-tune) a learned optimizer with PES; fit it with ``lightning.Trainer``.
 
     Args:
-        lopt: ``"mulo"``, ``"lo"``, ``"celo"``, ``"muvelo"``, ``"velo"`` or an architecture module
+        lopt: ``"mulo"``, ``"lo"``, ``"celo"``, ``"muvelo"``, ``"velo"``, ``"celo2"``, ``"celo2-base"`` or an architecture module
             (:mod:`lightning_lopt.optim.architectures`, or any module with ``pure_step`` /
             ``functional.init_state``).
         tasks: the meta-training tasks; every width of every task runs at every meta-step.
@@ -246,17 +251,23 @@ class MetaTrainer(L.LightningModule):
 
     def on_train_start(self) -> None:
         fresh = self.global_step == 0 and self._light_state is None and self._restored is None
+        if self._light_state is not None:
+            state, self._light_state = self._light_state, None
+            optimizer = self.optimizers().optimizer
+            optimizer.load_state_dict(state["optimizer"])
+            # Continue the step count (the schedule and every draw depend on it) as a full resume
+            # would, and the loggers' step axis with it.
+            loop = self.trainer.fit_loop.epoch_loop
+            progress = loop.manual_optimization.optim_step_progress
+            progress.total.ready = progress.total.completed = state["meta_step"]
+            loop._batches_that_stepped = state["meta_step"]
+            self.compute_seconds = state["compute_seconds"]
+        max_steps = self.trainer.max_steps
+        if not fresh and 0 <= max_steps <= self.global_step:
+            _warn_nothing_left(self.global_step, max_steps)
+            return
         if fresh and self.warm_start is not None and self.warm_start_report is None:
             self.warm_start_report = warm_start(self.lopt, self.instances, self.warm_start, mu=self.mu)
-        if self._light_state is None:
-            return
-        state, self._light_state = self._light_state, None
-        optimizer = self.optimizers().optimizer
-        optimizer.load_state_dict(state["optimizer"])
-        # Continue the step count (the schedule and every draw depend on it) as a full resume would.
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.total.ready = progress.total.completed = state["meta_step"]
-        self.compute_seconds = state["compute_seconds"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["meta_trainer"] = {
@@ -266,6 +277,10 @@ class MetaTrainer(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_same_run(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        step = int(checkpoint.get("global_step", 0))
+        if self._trainer is not None and 0 <= self.trainer.max_steps <= step:
+            _warn_nothing_left(step, self.trainer.max_steps)
         saved = checkpoint.get("meta_trainer", {})
         self._restored = saved.get("particles")
         self.compute_seconds = saved.get("compute_seconds", 0.0)
@@ -421,8 +436,11 @@ class MetaTrainer(L.LightningModule):
         return save_pretrained(self.lopt, directory, **card)
 
     def save_light_checkpoint(self, directory: str | Path) -> Path:
-        """θ (loadable with ``from_pretrained``) plus the meta-optimizer state and step."""
-        out = self.save_pretrained(directory)
+        """θ (loadable with ``from_pretrained``) plus the meta-optimizer state and step.
+
+        Written atomically (:func:`~lightning_lopt.meta.light_files.write_atomically`);
+        ``meta_state.json`` records the step and a digest of the other files.
+        """
         optimizer = self.optimizers().optimizer
         state = optimizer.state_dict()
         tensors: dict[str, Tensor] = {}
@@ -433,29 +451,46 @@ class MetaTrainer(L.LightningModule):
                     tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(index), {})[key] = value
-        safetensors.torch.save_file(tensors, str(out / META_STATE_TENSORS))
-        meta = {
-            "format_version": LIGHT_FORMAT_VERSION,
-            "meta_step": self.global_step,
-            "compute_seconds": self.compute_seconds,
-            "seed": self.seed,
-            "param_groups": state["param_groups"],
-            "scalars": scalars,
-            "trainable_names": self.trainable_names,
-        }
-        (out / META_STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
+
+        def write(tmp: Path) -> None:
+            self.save_pretrained(tmp)
+            safetensors.torch.save_file(tensors, str(tmp / META_STATE_TENSORS))
+            meta = {
+                "format_version": LIGHT_FORMAT_VERSION,
+                "meta_step": self.global_step,
+                "digest": light_files.digest(tmp),
+                "compute_seconds": self.compute_seconds,
+                "seed": self.seed,
+                "param_groups": state["param_groups"],
+                "scalars": scalars,
+                "trainable_names": self.trainable_names,
+            }
+            (tmp / META_STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+        return light_files.write_atomically(directory, write)
 
     def _read_light_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         path = Path(directory)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from {path}: no such directory (relative paths start at {Path.cwd()})")
         if not (path / META_STATE_JSON).is_file():
-            raise FileNotFoundError(f"resume_from {path}: no {META_STATE_JSON}; is it a light checkpoint?")
+            raise FileNotFoundError(
+                f"resume_from {path}: no {META_STATE_JSON}; is it a light checkpoint? (weights only: use init_from)"
+            )
+        meta = light_files.read_json(path / META_STATE_JSON, "restore the directory from one save")
+        light_files.check_consistent(path, meta)
         self._load_theta(path)
-        meta = json.loads((path / META_STATE_JSON).read_text())
-        card = json.loads((path / "card.json").read_text())
+        card = light_files.read_json(path / "card.json", "restore the directory from one save")
         report = (card.get("recipe") or {}).get("warm_start")
         self.warm_start_report = report if report and "relative_error_end" in report else None
-        tensors = safetensors.torch.load_file(str(path / META_STATE_TENSORS))
+        try:
+            tensors = safetensors.torch.load_file(str(path / META_STATE_TENSORS))
+        except (safetensors.SafetensorError, OSError) as err:
+            raise ValueError(
+                f"resume_from {path}: {META_STATE_TENSORS} is truncated or corrupt ({err}); restore the "
+                "directory from one save, resume from a full checkpoint (--ckpt_path), or start from its "
+                "weights only with init_from"
+            ) from err
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)
@@ -473,7 +508,7 @@ class LightCheckpoint(L.Callback):
     """Write a light checkpoint every ``every_n_steps`` meta-steps and at the end of the fit (rank 0).
 
     Args:
-        dirpath: the directory (overwritten each time; it always holds the latest step).
+        dirpath: the directory (replaced atomically each time; it always holds the latest step).
         every_n_steps: how often.
 
     Example::
@@ -500,6 +535,38 @@ class LightCheckpoint(L.Callback):
 
 
 __all__ = ["LOPTS", "LightCheckpoint", "MetaTrainer"]
+
+#: Recipe entries that define what a full checkpoint's state means: a checkpoint whose entries differ
+#: cannot continue this run. The others (schedule, update clip, name) may change on purpose; a
+#: difference is reported, since it makes the continuation differ from an uninterrupted run.
+_SAME_RUN_KEYS = ("lopt", "mu", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
+
+
+def _warn_nothing_left(step: int, max_steps: int) -> None:
+    rank_zero_warn(
+        f"MetaTrainer: the run resumes at meta-step {step} and max_steps is {max_steps}: nothing is left "
+        "to run; raise --trainer.max_steps to continue it"
+    )
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a full checkpoint of another run; warn about settings that changed on resume."""
+    if not saved:
+        return
+    differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k)]
+    if differ:
+        lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, recipe {current.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"MetaTrainer: the checkpoint comes from a different run ({lines}); resume with the recipe "
+            "that wrote it, or start from its weights with --model.init_from"
+        )
+    changed = [k for k in ("schedule", "max_update_norm") if k in saved and saved[k] != current.get(k)]
+    if changed:
+        rank_zero_warn(
+            "MetaTrainer: resuming with changed "
+            + "; ".join(f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed)
+            + ": the continuation differs from an uninterrupted run"
+        )
 
 
 def _machine() -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
@@ -64,7 +65,8 @@ class Task:
         loss_cap: the cap of the normalised meta-loss clip(loss, 0, cap), NaN → cap (lo_spec §4.5).
             Default 1.5·ln C, with C the class count (the vocabulary for language models) read from
             the module (``num_classes``, ``readout.out_features``) or the data module (``num_classes``,
-            ``vocab_size``).
+            ``vocab_size``); when neither declares one, 1.5 × the module's loss at initialisation on
+            one batch (the same value for a classifier that starts at uniform predictions).
         name: used in logs and cards (default: the module's class name).
 
     Example::
@@ -268,6 +270,18 @@ def default_loss_cap(module: nn.Module, datamodule: L.LightningDataModule) -> fl
     return None
 
 
+#: The inferred cap is this multiple of the loss at initialisation: for a classifier that starts at
+#: uniform predictions (loss ln C) it is the same 1.5·ln C as the class-count rule.
+INIT_LOSS_CAP_FACTOR = 1.5
+
+
+def cap_from_initial_loss(loss: float) -> float | None:
+    """``1.5 ×`` the loss at initialisation, or ``None`` when that loss is not positive and finite."""
+    if not (math.isfinite(loss) and loss > 0):
+        return None
+    return INIT_LOSS_CAP_FACTOR * loss
+
+
 @dataclass
 class TaskInstance:
     """One width of a task, ready to unroll. Built by :meth:`Task.build`."""
@@ -299,13 +313,6 @@ class TaskInstance:
             self.scales = [float(table[n]) for n in self.names]
         else:
             self.scales = [1.0] * len(self.names)
-        cap = self.task.loss_cap or default_loss_cap(module, self.task.datamodule)
-        if cap is None:
-            raise ValueError(
-                f"task {self.label!r}: cannot tell the class count of {owner} to cap the meta-loss at "
-                "1.5·ln C; pass Task(loss_cap=...)"
-            )
-        self.loss_cap = float(cap)
         self._pure = _has_pure_loss(module)
         self._call = _Method(module, "training_step")
         # Run the loss once, eagerly, on a real batch: a module whose training_step returns no loss
@@ -315,6 +322,20 @@ class TaskInstance:
         loss = self.loss(params, self.batch_at(probe, 0, 0))
         if not torch.is_floating_point(loss):
             raise ValueError(f"task {self.label!r}: the loss of {owner} is not a floating-point scalar")
+        cap = self.task.loss_cap or default_loss_cap(module, self.task.datamodule)
+        if cap is None:
+            cap = cap_from_initial_loss(float(loss))
+            if cap is None:
+                raise ValueError(
+                    f"task {self.label!r}: cannot tell the class count of {owner}, and its loss at "
+                    f"initialisation ({float(loss):.4g}) is not a positive finite number to cap the meta-loss "
+                    "from; pass Task(loss_cap=...)"
+                )
+            rank_zero_info(
+                f"task {self.label!r}: meta-loss cap {cap:.4g} = {INIT_LOSS_CAP_FACTOR} × its loss at "
+                "initialisation (no class count found); pass Task(loss_cap=...) to override"
+            )
+        self.loss_cap = float(cap)
 
     # -- the pure loss ----------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ regression update of θ minimises, per tensor, the relative squared error
 
     ‖Δ_θ − Δ_Adam‖² / ‖Δ_Adam‖²,   Δ_θ = p − step_θ(p, g, state),  Δ_Adam = lr · s_p · m̂ / (√v̂ + ε)
 
-averaged over tensors and seeds, with Adam(``fit_lr``) on θ. The result is a starting θ, recorded
+averaged over tensors and seeds (tensors whose teacher step is exactly zero are left out: they
+have no relative error), with Adam(``fit_lr``) on θ. The result is a starting θ, recorded
 on the weight card; PES then improves on it.
 
 Example::
@@ -77,6 +78,28 @@ def _adam_update(grads: Sequence[Tensor], m: list[Tensor], v: list[Tensor], t: i
     return out
 
 
+def relative_step_error(params: Sequence[Tensor], new_params: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor | None:
+    """Mean over (tensor, seed) of ‖Δ_θ − Δ_Adam‖² / ‖Δ_Adam‖², leaving out zero teacher steps.
+
+    A tensor whose teacher step is exactly zero (at step 0 of a μP MLP the zero-initialised readout
+    gives zero hidden-layer gradients, so Adam's step is 0) has no relative error: dividing by a tiny
+    constant instead made the error about 1e25 and let those tensors dominate the fit. Returns
+    ``None`` when every teacher step is zero. Tensors are stacked over seeds (dim 0).
+    """
+    terms, weights = [], []
+    for p, new, target in zip(params, new_params, teacher):
+        dims = tuple(range(1, p.dim()))
+        norm = (target**2).sum(dim=dims)
+        nonzero = norm > 0
+        err = ((p - new - target) ** 2).sum(dim=dims) / torch.where(nonzero, norm, torch.ones_like(norm))
+        terms.append(torch.where(nonzero, err, torch.zeros_like(err)))
+        weights.append(nonzero.to(err.dtype))
+    count = torch.stack(weights).sum()
+    if count == 0:
+        return None
+    return torch.stack(terms).sum() / count
+
+
 def warm_start(
     lopt: LearnedOptimizerModule, instances: Sequence[TaskInstance], warm: WarmStart, *, mu: bool
 ) -> dict[str, Any]:
@@ -133,14 +156,8 @@ def _fit_instance(
         theta = lopt.theta() if regress else {k: v.detach() for k, v in lopt.theta().items()}
         with torch.set_grad_enabled(regress):
             new_params, new_state = torch.func.vmap(one, in_dims=(None, 0, 0, 0, 0))(theta, params, grads, state, ctx.loss)
-        if regress:
-            terms = []
-            for p, new, target in zip(params, new_params, teacher):
-                delta = p - new
-                dims = tuple(range(1, p.dim()))
-                err = ((delta - target) ** 2).sum(dim=dims) / ((target**2).sum(dim=dims) + 1e-30)
-                terms.append(err)
-            objective = torch.stack(terms).mean()
+        objective = relative_step_error(params, new_params, teacher) if regress else None
+        if objective is not None:
             fit.zero_grad()
             objective.backward()
             fit.step()

@@ -8,6 +8,7 @@ Example::
 """
 
 from lightning_lopt.optim.baselines import MuAdam
+from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
 from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
 from lightning_lopt.optim.registry import available, build, register, resolve
 from lightning_lopt.optim.scaling import scaled_param_groups
@@ -15,8 +16,11 @@ from lightning_lopt.optim.scaling import scaled_param_groups
 __all__ = [
     "LO",
     "Celo",
+    "Celo2",
+    "Celo2Base",
     "LearnedOptimizer",
     "MuAdam",
+    "MuCelo2",
     "MuLO",
     "MuVeLO",
     "VeLO",

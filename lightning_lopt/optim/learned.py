@@ -36,7 +36,9 @@ the scheduler's loss statistics and LSTM state unchanged for that step (warned o
 with bounded transient memory), which updates parameters and state in place and matches the pure
 step to float32 rounding. ``fused=None`` (default) uses it where available and otherwise the pure
 step (one warning if the kernel cannot be built); ``fused=False`` always runs the pure step;
-``fused=True`` fails instead of falling back.
+``fused=True`` fails instead of falling back. On CUDA they run the Triton step of
+:mod:`lightning_lopt.optim.gpu` (in place, no host sync; ``gpu_numerics`` ``"fast"`` or
+``"exact"``), and with ``fused=False`` the pure step evaluated in chunks (bounded scratch memory).
 
 **Sharded parameters.** ``LO``, ``MuLO`` and ``Celo`` step FSDP2 (``DTensor``) parameters with the
 per-tensor statistics reduced across ranks, so the step equals one process's; their state is then
@@ -78,7 +80,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lopt.optim import fused as fused_step
-from lightning_lopt.optim import pretrained, sharding
+from lightning_lopt.optim import gpu, pretrained, sharding
 from lightning_lopt.optim.architectures import (
     CeloLOpt,
     LearnedOptimizerModule,
@@ -86,10 +88,11 @@ from lightning_lopt.optim.architectures import (
     VeLOLOpt,
 )
 from lightning_lopt.optim.bf16_state import round_accumulators, widen_accumulators
-from lightning_lopt.optim.functional import StepContext
+from lightning_lopt.optim.functional import StepContext, chunked
 from lightning_lopt.optim.fused import driver as fused_driver
 from lightning_lopt.optim.fused.build import Kernel
 from lightning_lopt.optim.scaling import scaled_param_groups
+from lightning_lopt.optim.stuck_tensors import StuckTensorCheck
 
 #: Key of the global (not per-tensor) state in ``optimizer.state``.
 GLOBAL_STATE_KEY = "learned_optimizer"
@@ -134,6 +137,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     mu: ClassVar[bool] = False
     #: Whether the step needs the loss and a horizon (Celo, VeLO).
     needs_loss: ClassVar[bool] = False
+    #: Numerics of the GPU step (:mod:`lightning_lopt.optim.gpu`): ``"fast"`` (tensor cores) or ``"exact"``.
+    gpu_numerics: str = "fast"
 
     def __init__(
         self,
@@ -187,6 +192,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_loss: Tensor | None = None
         self._loss_hint: Tensor | None = None
         self._warned_nonfinite = False
+        self._stuck_check = StuckTensorCheck(type(self).__name__)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -323,12 +329,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
             ctx = StepContext([g["update_scale"] * g["lr"] for g in groups], used_loss, self.num_steps or 0)
             sharding.sharded_step(self, module, params, groups, ctx)
             return closure_loss if closure is not None else used_loss
-        grads = [p.grad.to(self.compute_dtype) for p in params]
         self._init_missing_state(module, params)
+        self._stuck_check(module, params, [p.grad for p in params])
         # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]
         ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
+        cuda_step = self._cuda_step(module, params)
+        if cuda_step is not None:
+            # In place on CUDA, reading the gradients as they are (no float32 copy of bf16 gradients).
+            self._step_in_place(cuda_step, module, params, groups, ctx)
+            return closure_loss if closure is not None else used_loss
+        grads = [p.grad.to(self.compute_dtype) for p in params]
         kernel = self._fused_kernel(module, device, [*params, *grads])
         if kernel is not None:
             self._fused_step(kernel, module, params, grads, groups, ctx)
@@ -408,6 +420,54 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for p, w in zip(params, work):
             if w is p:
                 # Written behind autograd's back: bump the version so that a graph that saved p fails loudly.
+                torch.autograd.graph.increment_version(p)
+            else:
+                p.copy_(w)
+
+    def _cuda_step(self, module: LearnedOptimizerModule, params: list[Tensor]) -> Callable[..., None] | None:
+        """On CUDA, LO / MuLO / Celo step in place: the Triton kernels (:mod:`lightning_lopt.optim.gpu`),
+        else (``fused=False``, no Triton) the pure step evaluated in chunks (bounded scratch memory)."""
+        if self.fused is not False and gpu.supports(module, params):
+            from lightning_lopt.optim.gpu.step import step_in_place
+
+            return functools.partial(step_in_place, numerics=self.gpu_numerics)
+        if (
+            self.fused is not True  # fused=True and no GPU step: _fused_kernel raises
+            and params[0].device.type == "cuda"
+            and self.compute_dtype == torch.float32
+            and self.state_dtype == torch.float32
+            and fused_driver.architecture_supported(module)
+        ):
+            return chunked.step_in_place
+        return None
+
+    def _step_in_place(
+        self,
+        step_fn: Callable[..., None],
+        module: LearnedOptimizerModule,
+        params: list[Tensor],
+        groups: list[dict[str, Any]],
+        ctx: StepContext,
+    ) -> None:
+        """``step_fn(module, params, grads, state, ctx, weight_decays)`` on the optimizer's tensors."""
+        chunked_step = step_fn is chunked.step_in_place  # float32 only: bf16 parameters via a float32 copy
+        work = [
+            p if p.is_contiguous() and (p.dtype == torch.float32 or not chunked_step)
+            else p.detach().to(torch.float32 if chunked_step else p.dtype).contiguous()
+            for p in params
+        ]
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        for p in params:
+            self.state[p] = self._kernel_layout(self.state[p])
+        device = params[0].device
+        global_state = self.state[GLOBAL_STATE_KEY]
+        if any(v.device != device for v in global_state.values()):
+            self.state[GLOBAL_STATE_KEY] = global_state = {k: v.to(device) for k, v in global_state.items()}
+        state = {**global_state, "tensors": [self.state[p] for p in params]}
+        weight_decays = [g["lr"] * g["weight_decay"] for g in groups]
+        step_fn(module, work, grads, state, ctx, weight_decays)
+        for p, w in zip(params, work):
+            if w is p:
                 torch.autograd.graph.increment_version(p)
             else:
                 p.copy_(w)

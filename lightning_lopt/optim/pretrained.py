@@ -138,6 +138,7 @@ def from_pretrained(name_or_path: str | Path) -> nn.Module:
         ValueError: a pickle or non-safetensors file, or missing, extra or mis-shaped tensors.
     """
     from lightning_lopt.optim import architectures  # noqa: F401  (registers the architectures)
+    from lightning_lopt.optim import celo2_lopt  # noqa: F401  (registers Celo2's)
 
     text = str(name_or_path)
     path = Path(text).expanduser()
@@ -145,14 +146,28 @@ def from_pretrained(name_or_path: str | Path) -> nn.Module:
         weights, card_path = _local_files(path)
     elif text in available():
         weights, card_path = _local_files(PACKAGED_DIR / text)
+    elif _REPO_ID.match(text) and not _meant_as_path(text, path):
+        try:
+            weights, card_path = _local_files(_download(text))
+        except ConnectionError as err:
+            raise ConnectionError(f"{text!r}: no such directory ({path.resolve()}); as a hub repo id: {err}") from err
     elif _REPO_ID.match(text):
-        weights, card_path = _local_files(_download(text))
+        raise FileNotFoundError(
+            f"{text!r}: no such directory ({path.resolve()}); give the directory that save_pretrained or "
+            f"LightCheckpoint wrote, a packaged name ({available() or 'none packaged yet'}) or a hub repo id"
+        )
     else:
         raise FileNotFoundError(
-            f"{text!r} is not a local path, a packaged learned optimizer (available: "
+            f"{text!r}: no such directory ({path.resolve()}), and not a packaged learned optimizer (available: "
             f"{available() or 'none packaged yet'}) or a hub repo id 'owner/name'"
         )
     return _build(weights, card_path)
+
+
+def _meant_as_path(text: str, path: Path) -> bool:
+    """A missing ``a/b`` is a local path, not a hub repo id, when it starts with ``.``/``~`` or ``a`` is a
+    local directory (``runs/my-run`` beside an existing ``runs/``)."""
+    return text.startswith((".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
 
 
 def _local_files(path: Path) -> tuple[Path, Path]:
@@ -217,7 +232,13 @@ def _download(repo_id: str) -> Path:
 
 
 def _build(weights: Path, card_path: Path) -> nn.Module:
-    card = json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{card_path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); restore it "
+            "from the same save as the weights beside it, or re-save them with save_pretrained"
+        ) from err
     architecture = card.get("architecture")
     cls = PretrainedMixin.registry.get(architecture)  # type: ignore[arg-type]
     if cls is None:
@@ -225,7 +246,13 @@ def _build(weights: Path, card_path: Path) -> nn.Module:
             f"{card_path}: unknown architecture {architecture!r} "
             f"(known: {sorted(PretrainedMixin.registry)})"
         )
-    module = cls(**card.get("config", {}))
+    try:
+        module = cls(**card.get("config", {}))
+    except TypeError as err:
+        raise ValueError(
+            f"{card_path}: its config does not fit architecture {architecture!r} ({err}); the card was edited "
+            "or belongs to other weights: restore it from the same save, or re-save the weights with save_pretrained"
+        ) from err
     try:
         tensors = safetensors.torch.load_file(str(weights))
     except safetensors.SafetensorError as err:

@@ -30,6 +30,9 @@ _REGISTRY: dict[str, str | OptimizerFactory] = {
     "celo": "lightning_lopt.optim.learned:Celo",
     "velo": "lightning_lopt.optim.learned:VeLO",
     "muvelo": "lightning_lopt.optim.learned:MuVeLO",
+    "celo2": "lightning_lopt.optim.celo2:Celo2",
+    "celo2-base": "lightning_lopt.optim.celo2:Celo2Base",
+    "mucelo2": "lightning_lopt.optim.celo2:MuCelo2",
 }
 
 # torch's SGD has no usable default learning rate for our tasks; give the registry one.

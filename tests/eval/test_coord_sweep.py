@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,19 @@ def test_cli_reads_a_config_file(tmp_path: Path) -> None:
     assert summary["widths"] == [8, 16] and summary["seeds"] == [0] and summary["last_step"] == 2
     assert set(summary["slopes"]["muadam"]["mup"]["input_layer"]) == {"abs_mean"}
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [("64", "at least two distinct widths, got \\[64\\]"), ("64,64", "at least two"), ("-64,128", "integers >= 1, got '-64,128'")],
+)
+def test_cli_refuses_widths_that_give_no_slope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, widths: str, message: str
+) -> None:
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--widths", widths, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--widths" in err and re.search(message, err), err
+    assert not (tmp_path / "out").exists()

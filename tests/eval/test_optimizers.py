@@ -68,3 +68,38 @@ def test_setting_splits_model_group_and_optimizer_values() -> None:
     assert setting.model_kwargs == {"input_mult": 0.25, "output_mult": 4.0}
     assert setting.hidden_lr_mult == 2.0
     assert Setting().hidden_lr_mult == 1.0
+
+
+def test_cosine_variants_parse_and_are_tuned_under_their_own_name() -> None:
+    spec = parse_optimizer("adamw-cosine")
+    assert (spec.factory, spec.param, spec.schedule, spec.tuned_name, spec.label) == ("adamw", "sp", "cosine", "adamw-cosine", "adamw-cosine")
+    mu = parse_optimizer("muadam-cosine")
+    assert (mu.factory, mu.param, mu.tuned_name) == ("muadam", "mup", "muadam-cosine")
+    assert parse_optimizer("adamw").schedule is None and parse_optimizer("adamw").tuned_name == "adamw"
+    with pytest.raises(ValueError, match="sets its own step sizes"):
+        parse_optimizer("mulo-cosine")
+
+
+def test_warmup_cosine_multiplier_by_hand() -> None:
+    from lightning_lopt.eval.optimizers import warmup_cosine
+
+    f = warmup_cosine(100)  # warmup: round(0.05 * 100) = 5 steps
+    assert [f(t) for t in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert f(5 + 95 // 2) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 47 / 95)))
+    assert f(100) == pytest.approx(0.0) and f(99) > 0.0
+
+
+def test_a_cosine_run_steps_its_schedule_and_keys_apart_from_the_constant_one() -> None:
+    from lightning_lopt.eval.runner import RunSpec, train
+    from lightning_lopt.eval.tasks import Family, Task
+
+    family = Family.from_dict("mlp_tiny", {"model": "mlp", "data": "digits", "data_kwargs": {"image_size": 8},
+                                           "batch_size": 32, "base_width": 16, "tune_steps": 20, "eval_examples": 64})  # fmt: skip
+    task = Task(family, 16, 2, 40)
+    const = RunSpec(task, parse_optimizer("adamw"), Setting({"lr": 1e-2}), 0)
+    cosine = RunSpec(task, parse_optimizer("adamw-cosine"), Setting({"lr": 1e-2}), 0)
+    assert "schedule" not in const.identity()["optimizer"]  # constant-rate cache keys are unchanged
+    assert const.key != cosine.key
+    a, b = train(const), train(cosine)
+    # Step 0 runs at lr 1e-2 / 2 (warmup of 2 steps) against 1e-2: the curves part from step 1 on.
+    assert a.train_loss[0] == b.train_loss[0] and a.train_loss[1] != b.train_loss[1]

@@ -61,3 +61,40 @@ def test_no_reference_no_celo_scores(tiny_suite: Path) -> None:
     records = {(t.id, "mulo", 0): record([1.0] * 20) for t in suite.tasks()}
     g = summarize(suite, ["mulo"], [0], records).groups[0]
     assert g.final and g.ranks and not g.aggregates and not g.scores
+
+
+def test_paired_comparison_by_hand() -> None:
+    from lightning_lopt.eval.metrics import paired_comparison
+
+    out = paired_comparison([0.40, 0.41, 0.39, 0.50], [0.41, 0.40, 0.42, 0.50])
+    diffs = [-0.01, 0.01, -0.03, 0.0]  # written out: mean -0.0075, sample std 0.01708
+    assert out["mean_diff"] == pytest.approx(sum(diffs) / 4)
+    assert out["paired_se"] == pytest.approx(0.017078251 / 2, rel=1e-6)
+    assert (out["wins"], out["ties"], out["n"]) == (2, 1, 4)
+    assert paired_comparison([1.0], [2.0]) == {"mean_diff": -1.0, "paired_se": 0.0, "wins": 1, "ties": 0, "n": 1}
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_comparison([1.0, 2.0], [1.0])
+
+
+def test_paired_rows_and_report_cells(tiny_suite: Path) -> None:
+    """A seed-to-seed spread much larger than a consistent gap: the paired s.e. sees the gap."""
+    from lightning_lopt.eval.report import paired_table
+
+    suite = load_suite(str(tiny_suite), "cpu")
+    records = {}
+    for t in suite.tasks():
+        for seed, level in enumerate([1.0, 2.0, 3.0]):
+            records[(t.id, "adamw", seed)] = record([level] * 20)
+            records[(t.id, "mulo", seed)] = record([level - 0.1] * 20)  # lower on every seed
+            records[(t.id, "lo", seed)] = record([level + (0.1 if seed else -0.1)] * 20)  # wins 1 of 3
+    g = summarize(suite, ["mulo", "lo", "adamw"], [0, 1, 2], records, baselines=["adamw"]).groups[0]
+    rows = {(r["task"], r["optimizer"]): r for r in g.paired}
+    assert {r["baseline"] for r in g.paired} == {"adamw"} and len(g.paired) == 2 * len(suite.tasks())
+    task = suite.tasks()[0].id
+    assert rows[(task, "mulo")]["mean_diff"] == pytest.approx(-0.1) and rows[(task, "mulo")]["paired_se"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[(task, "mulo")]["wins"] == 3 and rows[(task, "lo")]["wins"] == 1
+    cells = "\n".join(paired_table(g))
+    assert "wins 3 of 3 |" in cells and "wins 3 of 3 (noise)" not in cells  # a consistent gap is no noise
+    assert "wins 1 of 3 (noise)" in cells  # +0.033 ± 0.067
+    with pytest.raises(ValueError, match="baselines"):
+        summarize(suite, ["mulo"], [0, 1, 2], records, baselines=["adamw"])

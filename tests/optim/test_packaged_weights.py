@@ -4,6 +4,7 @@ meta-trained on (digits) compared with AdamW."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -111,7 +112,9 @@ def test_pretrained_mulo_beats_adamw_at_lr_1e3_on_digits(seed: int) -> None:
     mulo = _final(_train_digits("mulo", steps, seed))
     adamw = _final(_train_digits("adamw", steps, seed, lr=1e-3))
     initial = math.log(10)
-    # Measured: μLO 0.028 / 0.031, AdamW 0.062 / 0.042 (seeds 0 / 1); each run is deterministic.
+    # Measured 2026-12-04 (seeds 0 / 1): μLO 0.036 / 0.024 with the fused step (0.022 / 0.038 pure),
+    # AdamW 0.062 / 0.042. Repeatable on one machine; μLO's digits vary across machines and step
+    # paths (another machine: 0.035 / 0.030 fused), so the margin, not the digits, is asserted.
     assert mulo < 0.85 * adamw, (mulo, adamw)
     assert mulo < 0.02 * initial
 
@@ -123,17 +126,34 @@ def test_pretrained_lo_and_celo_train_digits() -> None:
     assert lo < 0.05 * math.log(10) and celo < 0.05 * math.log(10), (lo, celo)
 
 
-@pytest.mark.slow
-def test_pretrained_mulo_stays_finite_for_ten_times_its_meta_training_unroll() -> None:
-    """Finite losses and parameters, and no divergence by the evaluation's definition (100-step mean
-    loss under the 1.5 ln C cap), for 10x the longest meta-training episode.
-
-    This is all the packaged weights achieve that far out on digits: measured, the 100-step mean
-    loss is 0.014 at step 500, 0.06 at 4000 and back near ln 10 = 2.30 at 9500 (μAdam at lr 0.1 stays
-    at 0.000). docs/results.md reports it as a missed target; a test that asserted more would fail.
-    """
+@functools.lru_cache(maxsize=1)
+def _mulo_digits_ten_horizons() -> tuple[list[float], bool]:
+    """100-step mean losses of one 10x-horizon μLO run on digits (seed 0), and whether every loss and
+    parameter stayed finite; run once (about 20 s) for the tests below."""
     losses, model = _train_digits("mulo", 10 * META_UNROLL, seed=0)
-    assert all(math.isfinite(v) for v in losses)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    window_means = [sum(losses[i : i + 100]) / 100 for i in range(0, len(losses), 100)]
-    assert max(window_means[1:]) < 1.5 * math.log(10), max(window_means)
+    finite = all(math.isfinite(v) for v in losses) and all(torch.isfinite(p).all() for p in model.parameters())
+    return [sum(losses[i : i + 100]) / 100 for i in range(0, len(losses), 100)], finite
+
+
+@pytest.mark.slow
+def test_pretrained_mulo_learns_and_stays_finite_for_ten_times_its_meta_training_unroll() -> None:
+    """Finite losses and parameters for 10x the longest meta-training episode, and a loss far below
+    chance (ln 10 = 2.30) from step 500 to 2x the horizon.
+
+    Measured (100-step means): 0.47 over the first 100 steps, 0.010–0.036 from step 500 to 3000, then
+    a drift up: 0.13 at 5000, 0.31 at 8000, 2.08 at 9900. An optimizer that does nothing stays at
+    2.30 and fails; the old check (every window under the 1.5 ln 10 divergence cap) let it pass.
+    """
+    windows, finite = _mulo_digits_ten_horizons()
+    assert finite
+    assert max(windows[5 : 2 * META_UNROLL // 100]) < 0.1, windows[:20]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="missed target (issue 19, docs/results.md 'Horizon'): the loss drifts up after ~2x the horizon")
+def test_pretrained_mulo_loss_at_ten_times_its_meta_training_unroll_is_no_worse_than_at_it() -> None:
+    """The issue's target: the loss at 10x the horizon ≤ the loss at the horizon. Measured 2.08 vs
+    0.027 with the packaged weights; strict, so weights that meet it turn this red until the mark
+    is removed."""
+    windows, _ = _mulo_digits_ten_horizons()
+    assert windows[-1] <= windows[META_UNROLL // 100], (windows[META_UNROLL // 100], windows[-1])

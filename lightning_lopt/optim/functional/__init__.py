@@ -1,6 +1,6 @@
 """The pure functional core of the learned optimizers (DESIGN contract 1).
 
-Every architecture module (:mod:`.small_fc`, :mod:`.celo`, :mod:`.velo`) provides
+Every architecture module (:mod:`.small_fc`, :mod:`.celo`, :mod:`.celo2`, :mod:`.velo`) provides
 
 - ``init_state(theta, params, *, layout="torch") -> state`` and
 - ``step(theta, params, grads, state, ctx, **config) -> (new_params, new_state)``,
@@ -22,7 +22,7 @@ Example::
     step8 = torch.func.vmap(lambda th, p, g, s: small_fc.step(th, p, g, s, ctx))
 """
 
-from lightning_lopt.optim.functional import celo, small_fc, velo
+from lightning_lopt.optim.functional import celo, celo2, small_fc, velo
 from lightning_lopt.optim.functional.context import StepContext
 
-__all__ = ["StepContext", "celo", "small_fc", "velo"]
+__all__ = ["StepContext", "celo", "celo2", "small_fc", "velo"]

@@ -1,0 +1,237 @@
+"""Celo2 as ``torch.optim.Optimizer`` classes: ``Celo2``, ``Celo2Base`` and the μP ``MuCelo2``.
+
+Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026; celo2_spec §1) updates every matrix with a learned
+per-element 30→8→8→3 MLP whose output is orthogonalised by Newton–Schulz and normalised to RMS 1,
+and every vector (biases, norms) and embedding with Adam (β = 0.9, 0.95). The learning rate is the
+RMS of every matrix's update, so a schedule is the user's (any LR scheduler works), and weight decay
+is decoupled: ``p ← p − lr · (u + weight_decay · p)``. Celo2Base skips the orthogonalisation and runs
+the learned rule on every tensor. The rule itself is :mod:`lightning_lopt.optim.functional.celo2`.
+
+=============  ==============================  =============================  ================
+class          matrices (rank ≥ 2)             vectors, scalars, embeddings   μP update scales
+=============  ==============================  =============================  ================
+``Celo2``      MLP → Newton–Schulz → RMS 1     Adam (``adam_lr_mult`` × lr)    no (all 1)
+``Celo2Base``  MLP → RMS 1                     the learned rule (MLP → RMS 1)  no (all 1)
+``MuCelo2``    as Celo2, × 1/fan_in (hidden)   as Celo2                        yes
+=============  ==============================  =============================  ================
+
+**Routing to Adam** (Celo2, MuCelo2): tensors of rank ≤ 1, and parameters whose name contains
+``"embed"`` when the parameters come as ``named_parameters()`` (what ``lightning_lopt.Trainer``
+passes; the reference's test-time rule, celo2_spec §1.7). A param group may force it either way with
+``{"params": ..., "adam": True}`` (e.g. an untied LM head) or ``"adam": False``.
+
+**The Adam branch** runs at test time as optax.adamw (bias-corrected, eps 1e-8 outside the sqrt) with
+learning rate ``adam_lr_mult · lr``: ``adam_lr_mult=1`` follows the authors' model card, the
+authors' README leaves it to the user and their meta-training used 20 (celo2_spec §1.7).
+``adam_mode="meta_training"`` switches to the meta-training form (no bias correction, eps inside
+the sqrt). Weight decay on this branch is ``lr · weight_decay · p`` (optax.adamw would use
+``adam_lr_mult · lr · weight_decay · p``; the two agree at the default ``adam_lr_mult=1``).
+
+**Recommended settings.** ``lr`` is the per-element RMS of every matrix update, about 5x the
+per-element step of AdamW at the same nominal lr: start near 1e-3 (the meta-training value) and
+tune by factors of √10; ``weight_decay`` as for AdamW; use a warmup + cosine schedule for long runs.
+
+**Meta-weights.** No meta-trained Celo2 weights are packaged: the authors' ``theta.state`` could not
+be fetched offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
+``save_pretrained`` and pass the directory as ``meta_weights``). Without ``meta_weights`` the
+optimizers warn and use a random meta-initialisation, which does not train well.
+
+Example::
+
+    import lightning_lopt as llo
+    opt = llo.Celo2(model.named_parameters(), lr=1e-3, weight_decay=0.1, meta_weights="runs/celo2")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
+from lightning_lopt.optim.functional import celo2
+from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LearnedOptimizer, MetaWeights
+
+#: Parameters whose name contains this go to the Adam branch (the reference's test-time routing).
+EMBEDDING_MARKER = "embed"
+
+
+def route_embeddings(params: Iterable[Any]) -> list[Any]:
+    """Param groups where named parameters containing ``"embed"`` form groups with ``adam=True``.
+
+    Flat tensors and groups that already set ``"adam"`` pass through unchanged; names are kept (as
+    ``(name, p)`` pairs) for the μP scale lookup and error messages.
+    """
+    items = list(params)
+    if not items:
+        return items
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        raw = group["params"]
+        raw = [raw] if isinstance(raw, Tensor) else list(raw)
+        if "adam" in group or not any(isinstance(x, tuple) for x in raw):
+            out.append({**group, "params": raw})
+            continue
+        embed = [x for x in raw if isinstance(x, tuple) and EMBEDDING_MARKER in x[0]]
+        rest = [x for x in raw if not (isinstance(x, tuple) and EMBEDDING_MARKER in x[0])]
+        out.extend(g for g in ({**group, "params": rest}, {**group, "params": embed, "adam": True}) if g["params"])
+    return out
+
+
+class _Celo2Optimizer(LearnedOptimizer):
+    """Shared plumbing: the Adam routing and the Adam-branch settings of the private θ copy."""
+
+    module_class = Celo2LOpt
+    #: Newton–Schulz on matrix updates (Celo2) or not (Celo2Base).
+    orthogonalize = True
+    #: Whether rank ≤ 1 tensors and embeddings go to Adam (False: the learned rule on everything).
+    adam_routing = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        *,
+        meta_weights: MetaWeights,
+        weight_decay: float,
+        adam_lr_mult: float = 1.0,
+        adam_mode: str = "adamw",
+        scales: Mapping[str, float] | None = None,
+        allow_sp: bool = False,
+    ) -> None:
+        if adam_mode not in celo2.ADAM_MODES:
+            raise ValueError(f"{type(self).__name__}: adam_mode must be one of {celo2.ADAM_MODES}, got {adam_mode!r}")
+        if not (isinstance(adam_lr_mult, (int, float)) and adam_lr_mult >= 0):
+            raise ValueError(f"{type(self).__name__}: adam_lr_mult must be a non-negative number, got {adam_lr_mult!r}")
+        groups = route_embeddings(params) if self.adam_routing else params
+        super().__init__(
+            groups, lr, meta_weights=meta_weights, weight_decay=weight_decay, scales=scales, allow_sp=allow_sp, fused=False
+        )
+        # The step configuration is the optimizer's, whatever the card of the loaded θ says.
+        self.meta_weights.orthogonalize = self.orthogonalize
+        self.meta_weights.adam_1d = self.adam_routing
+        self.meta_weights.adam_mode, self.meta_weights.adam_lr_mult = adam_mode, float(adam_lr_mult)
+        self.meta_weights.step_mult = 1.0  # lr is the step's scale
+
+    def _init_missing_state(self, module: Any, params: list[Tensor]) -> None:
+        """Fresh state, routing each new tensor to Adam by its group's ``adam`` flag or its rank."""
+        fresh = [p for p in params if not self.state.get(p)]
+        if not fresh and GLOBAL_STATE_KEY in self.state:
+            return
+        flags = {id(p): g.get("adam") for g in self.param_groups for p in g["params"]}
+        adam = [bool(flags[id(p)]) if flags[id(p)] is not None else self.adam_routing and p.dim() <= 1 for p in fresh]
+        init = module.init_state([p.detach().to(self.compute_dtype) for p in fresh], adam=adam)
+        if GLOBAL_STATE_KEY not in self.state:
+            self.state[GLOBAL_STATE_KEY] = {k: v for k, v in init.items() if k != "tensors"}
+        for p, accumulators in zip(fresh, init["tensors"]):
+            self.state[p] = accumulators
+
+
+class Celo2(_Celo2Optimizer):
+    """Celo2: learned MLP + Newton–Schulz + RMS normalisation on matrices, Adam on vectors and embeddings.
+
+    Args:
+        params: parameters, ``named_parameters()`` pairs (embeddings are then found by name) or
+            param groups (``lr``, ``weight_decay``, ``adam`` per group).
+        lr: the per-element RMS of every matrix update (1e-3 in meta-training).
+        meta_weights: an architecture module, a directory, packaged name or hub id (see ``LO``).
+        weight_decay: decoupled: ``p ← p − lr · weight_decay · p`` (pre-update ``p``).
+        adam_lr_mult: the Adam branch's learning rate is ``adam_lr_mult · lr``.
+        adam_mode: ``"adamw"`` (test time) or ``"meta_training"`` (see the module docstring).
+
+    Example::
+
+        opt = Celo2(model.named_parameters(), lr=1e-3, meta_weights="runs/celo2")
+    """
+
+    module_factory = Celo2LOpt
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+        adam_lr_mult: float = 1.0,
+        adam_mode: str = "adamw",
+    ) -> None:
+        super().__init__(
+            params, lr, meta_weights=meta_weights, weight_decay=weight_decay, adam_lr_mult=adam_lr_mult, adam_mode=adam_mode
+        )
+
+
+class Celo2Base(_Celo2Optimizer):
+    """Celo2Base: the learned MLP + RMS normalisation on every tensor, no orthogonalisation, no Adam.
+
+    Example::
+
+        opt = Celo2Base(model.parameters(), lr=1e-3, meta_weights="runs/celo2-base")
+    """
+
+    module_factory = staticmethod(Celo2LOpt.base)
+    orthogonalize = False
+    adam_routing = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay)
+
+
+class MuCelo2(_Celo2Optimizer):
+    """μCelo2: Celo2 with per-tensor μP update scales (``docs/celo2.md``, "MuCelo2").
+
+    Celo2's update has RMS 1 per matrix whatever the gradient's size, like Adam's, so the μP scales
+    are Adam's (and μLO's): ``1/fan_in`` for hidden matrices, 1 for input and readout weights (the
+    μP model's readout multiplier supplies the readout's 1/width) and for the Adam-branch vectors.
+    Scales are resolved as for :class:`~lightning_lopt.optim.learned.MuLO`: the group's
+    ``update_scale``, ``scales``, ``p.lopt_update_scale`` or mup's ``p.infshape``.
+
+    Example::
+
+        opt = MuCelo2(model.named_parameters(), lr=1e-2)      # a lightning_lopt.models μP model
+    """
+
+    module_factory = Celo2LOpt
+    mu = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        meta_weights: MetaWeights = None,
+        weight_decay: float = 0.0,
+        adam_lr_mult: float = 1.0,
+        adam_mode: str = "adamw",
+        scales: Mapping[str, float] | None = None,
+        allow_sp: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            meta_weights=meta_weights,
+            weight_decay=weight_decay,
+            adam_lr_mult=adam_lr_mult,
+            adam_mode=adam_mode,
+            scales=scales,
+            allow_sp=allow_sp,
+        )
+
+
+__all__ = ["Celo2", "Celo2Base", "MuCelo2", "route_embeddings"]

@@ -1,0 +1,174 @@
+"""The Celo2 optimizer classes against the pure step they wrap, and their PyTorch / Lightning surfaces."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_lopt as llo
+from lightning_lopt import cli, optim
+from lightning_lopt.optim import pretrained
+from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2, route_embeddings
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
+from lightning_lopt.optim.functional import StepContext, celo2
+from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+
+SHAPES = {"embed.weight": (7, 4), "fc.weight": (5, 4), "fc.bias": (5,), "conv.weight": (4, 3, 3, 3), "gain": ()}
+
+
+def named_params(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return {n: nn.Parameter(torch.randn(s, generator=g).to(dtype)) for n, s in SHAPES.items()}
+
+
+def set_grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def pure_run(module, initial, adam, steps, lr, wd, dtype=torch.float32):
+    """The functional core from ``initial``: p ← step(p) − lr·wd·p_old, per spec §1.2."""
+    module = module.to(dtype).requires_grad_(False)
+    ps = [initial[n].detach().clone() for n in SHAPES]
+    state = module.init_state(ps, adam=[adam[n] for n in SHAPES])
+    for step in range(steps):
+        params = named_params(dtype)
+        set_grads(params, step)
+        grads = [params[n].grad for n in SHAPES]
+        new, state = module.step(ps, grads, state, StepContext([lr] * len(ps), None, 0))
+        ps = [q - lr * wd * p for q, p in zip(new, ps)]
+    return dict(zip(SHAPES, ps))
+
+
+@pytest.mark.parametrize("cls", [Celo2, Celo2Base])
+def test_step_equals_the_pure_step_with_routing_lr_and_weight_decay(cls):
+    module = Celo2LOpt(generator=torch.Generator().manual_seed(3))
+    params = named_params()
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    opt = cls(list(params.items()), lr=3e-3, weight_decay=0.1, meta_weights=module)
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    routed = cls is Celo2
+    adam = {n: routed and (p.dim() <= 1 or "embed" in n) for n, p in params.items()}
+    assert {n: "adam_m" in opt.state[p] for n, p in params.items()} == adam
+    config = Celo2LOpt() if routed else Celo2LOpt.base()
+    config.load_state_dict(module.state_dict())
+    expected = pure_run(config, initial, adam, 3, 3e-3, 0.1)
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=0, msg=n)
+
+
+def test_update_rms_is_the_learning_rate_and_groups_can_force_adam():
+    params = named_params()
+    fc, embed = params["fc.weight"], params["embed.weight"]
+    groups = [{"params": [fc], "adam": True}, {"params": [embed]}]
+    opt = Celo2(groups, lr=1e-2, meta_weights=Celo2LOpt())
+    before = embed.detach().clone()
+    set_grads(params, 0)
+    opt.step()
+    assert "adam_m" in opt.state[fc] and "m" in opt.state[embed]  # no names: the 2-D embedding is a matrix
+    assert (embed.detach() - before).pow(2).mean().sqrt().item() == pytest.approx(1e-2, rel=1e-4)
+
+
+def test_state_dict_resume_is_bit_exact():
+    def run(steps, resume_at=None):
+        params = named_params()
+        theta = Celo2LOpt(generator=torch.Generator().manual_seed(1))
+        opt = Celo2(list(params.items()), lr=1e-3, meta_weights=theta)
+        for step in range(steps):
+            if step == resume_at:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                opt = Celo2(list(params.items()), lr=1e-3, meta_weights=theta)
+                opt.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+            set_grads(params, step)
+            opt.step()
+        return params, opt
+
+    straight, _ = run(4)
+    resumed, opt = run(4, resume_at=2)
+    for n in SHAPES:
+        assert torch.equal(straight[n], resumed[n]), n
+    assert int(opt.state[GLOBAL_STATE_KEY]["iteration"]) == 4
+
+
+def test_closure_and_loss_keyword_are_accepted():
+    params = named_params()
+    opt = Celo2Base(list(params.values()), meta_weights=Celo2LOpt.base())
+    set_grads(params, 0)
+    assert opt.step(lambda: torch.tensor(1.5)) == 1.5
+    set_grads(params, 1)
+    opt.step(loss=torch.tensor(2.0))
+    assert int(opt.state[GLOBAL_STATE_KEY]["iteration"]) == 2
+
+
+def test_float64_params_compute_in_float64():
+    params = named_params(torch.float64)
+    opt = Celo2(list(params.items()), meta_weights=Celo2LOpt())
+    set_grads(params, 0)
+    opt.step()
+    assert all(v.dtype == torch.float64 for p in params.values() for v in opt.state[p].values())
+
+
+def test_weights_round_trip_through_safetensors_and_card(tmp_path):
+    module = Celo2LOpt(generator=torch.Generator().manual_seed(5))
+    module.save_pretrained(tmp_path / "w", compute="test")
+    loaded = pretrained.from_pretrained(tmp_path / "w")
+    assert isinstance(loaded, Celo2LOpt) and loaded.num_meta_params() == 347
+    for k, v in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    opt = Celo2(named_params().values(), meta_weights=str(tmp_path / "w"), adam_mode="meta_training", adam_lr_mult=20)
+    assert (opt.meta_weights.adam_mode, opt.meta_weights.adam_lr_mult) == ("meta_training", 20.0)
+
+
+def test_random_meta_init_warns_and_bad_arguments_fail():
+    with pytest.warns(UserWarning, match="RANDOM meta-initialisation"):
+        Celo2(named_params().values())
+    with pytest.raises(ValueError, match="adam_mode"):
+        Celo2(named_params().values(), meta_weights=Celo2LOpt(), adam_mode="adam")
+    with pytest.raises(ValueError, match="adam_lr_mult"):
+        Celo2(named_params().values(), meta_weights=Celo2LOpt(), adam_lr_mult=-1)
+    with pytest.raises(TypeError, match="Celo2LOpt"):
+        Celo2(named_params().values(), meta_weights=llo.optim.architectures.SmallFCLOpt())
+
+
+def test_route_embeddings_keeps_flat_lists_and_explicit_groups():
+    a, b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
+    assert route_embeddings([a, b]) == [{"params": [a, b]}]
+    groups = route_embeddings([("tok_embed.weight", a), ("head.bias", b)])
+    assert [g.get("adam") for g in groups] == [None, True]
+    assert route_embeddings([{"params": [("embed", a)], "adam": False}])[0]["adam"] is False
+
+
+def test_mucelo2_uses_mup_scales_and_explains_missing_ones():
+    model = llo.models.MuMLP((1, 8, 8), width=32, depth=3, num_classes=10)
+    opt = MuCelo2(model.named_parameters(), meta_weights=Celo2LOpt())
+    assert sorted({g["update_scale"] for g in opt.param_groups}) == pytest.approx([1 / 32, 1.0])
+    with pytest.raises(ValueError, match="no μP update scale"):
+        MuCelo2(nn.Linear(3, 3).parameters(), meta_weights=Celo2LOpt())
+
+
+def test_registry_trainer_and_lightning_cli(tmp_path, fit_kwargs):
+    for name, cls in (("celo2", Celo2), ("celo2-base", Celo2Base), ("mucelo2", MuCelo2)):
+        model = llo.models.MuMLP((1, 8, 8), width=16, depth=2, num_classes=10)
+        assert type(optim.build(name, model.named_parameters(), meta_weights=Celo2LOpt())) is cls
+    module = llo.OptimizeeModule(llo.models.MuMLP((1, 8, 8), width=16, depth=2, num_classes=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random meta-initialisation
+        trainer = llo.Trainer(optimizer="celo2", optimizer_kwargs={"lr": 1e-3}, **fit_kwargs(tmp_path, 3))
+        trainer.fit(module, llo.datamodules.DigitsDataModule(batch_size=32))
+        assert isinstance(trainer.optimizers[0], Celo2) and trainer.global_step == 3
+        lcli = cli.lightning_cli(
+            ["fit", "--optimizer", "lightning_lopt.Celo2", "--optimizer.lr", "0.002", "--trainer.max_steps", "2",
+             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+             "--trainer.default_root_dir", str(tmp_path)]
+        )
+    (opt,) = lcli.trainer.optimizers
+    assert type(opt) is Celo2 and opt.param_groups[0]["lr"] == 0.002 and lcli.trainer.global_step == 2
+    assert celo2.ADAM_BETAS == (0.9, 0.95)
