@@ -41,6 +41,11 @@ step (one warning if the kernel cannot be built); ``fused=False`` always runs th
 ``"exact"``), and with ``fused=False`` the pure step evaluated in chunks (bounded scratch memory).
 The choice among these is :mod:`lightning_lopt.optim.tensor_step`'s, behind one call.
 
+**Sharded parameters.** ``LO``, ``MuLO`` and ``Celo`` step FSDP2 (``DTensor``) parameters with the
+per-tensor statistics reduced across ranks, so the step equals one process's; their state is then
+sharded ``DTensor``s. FSDP1 parameters are refused. See :mod:`lightning_lopt.optim.sharding` and
+``docs/sharding.md``.
+
 **State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,
 loss buffer, Celo's LSTM state) lives under ``self.state["learned_optimizer"]``. Both hold only
 tensors, so ``state_dict()`` loads with ``torch.load(..., weights_only=True)``, and a run resumed from
@@ -179,6 +184,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta_weights = self._load_meta_weights(meta_weights).requires_grad_(False)
         if fused and not fused_driver.architecture_supported(self.meta_weights):
             raise ValueError(f"{name}: fused=True, but the fused kernel does not implement this configuration")
+        if any(sharding.is_dtensor(p) for p in all_params):  # FSDP2: the state exists before any step
+            sharding.init_state(self, all_params)
         #: The loss the last step used (after the DDP average where the architecture uses it).
         self.last_loss: Tensor | None = None
         self._loss_hint: Tensor | None = None

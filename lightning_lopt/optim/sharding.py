@@ -33,6 +33,7 @@ from torch import Tensor
 from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt
 from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.functional import sharded as core
+from lightning_lopt.optim.functional.accumulators import work_shape
 
 if TYPE_CHECKING:
     from lightning_lopt.optim.learned import LearnedOptimizer
@@ -41,6 +42,11 @@ try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
+
+#: Prefix of the global state's entries, which the sharded step keeps in every parameter's state:
+#: ``torch.distributed.checkpoint``'s optimizer state dicts (Lightning's ModelParallelStrategy
+#: checkpoints) accept parameter entries only, not the ``"learned_optimizer"`` entry of one process.
+GLOBAL_PREFIX = "learned_optimizer."
 
 _FSDP1_FIX = (
     "FSDP1 (FullyShardedDataParallel, Lightning's strategy='fsdp' / FSDPStrategy) gives the optimizer "
@@ -65,7 +71,7 @@ def check_not_fsdp1(params: list[Tensor], owner: str) -> None:
 def _spec(p: Tensor, owner: str) -> tuple[core.ShardSpec, Any]:
     """The core's view of one parameter, and its mesh (``None`` for a plain tensor)."""
     if not is_dtensor(p):
-        return core.ShardSpec(core.work_shape(p.shape), split=False), None
+        return core.ShardSpec(work_shape(p.shape), split=False), None
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
         raise NotImplementedError(
@@ -75,7 +81,7 @@ def _spec(p: Tensor, owner: str) -> tuple[core.ShardSpec, Any]:
     split = isinstance(placements[0], Shard)
     if split and (placements[0].dim != 0 or p.dim() == 0):
         raise NotImplementedError(f"{owner}: only Shard(0) placements are supported, got {placements}")
-    return core.ShardSpec(core.work_shape(p.shape), split=split), mesh
+    return core.ShardSpec(work_shape(p.shape), split=split), mesh
 
 
 def _all_reduce(group: Any) -> core.Reduce:
@@ -104,14 +110,7 @@ def _global_accumulator_shapes(spec: core.ShardSpec, layout: str) -> dict[str, t
     return core.accumulator_shapes(spec._replace(split=False), spec.shape[0], layout)
 
 
-def sharded_step(
-    opt: LearnedOptimizer,
-    module: LearnedOptimizerModule,
-    params: list[Tensor],
-    groups: list[dict[str, Any]],
-    ctx: StepContext,
-) -> None:
-    """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
+def _check(opt: LearnedOptimizer, module: LearnedOptimizerModule) -> None:
     owner = type(opt).__name__
     if type(module) not in (SmallFCLOpt, CeloLOpt):
         raise NotImplementedError(
@@ -122,34 +121,63 @@ def sharded_step(
         raise NotImplementedError(f"{owner}(fused=True): the fused kernel does not run on sharded (DTensor) parameters")
     if opt.state_dtype != torch.float32:
         raise NotImplementedError(f"{owner}: sharded parameters need state_dtype=torch.float32")
+
+
+def _specs(params: list[Tensor], owner: str) -> tuple[list[core.ShardSpec], list[Any]]:
+    specs, meshes = zip(*(_spec(p, owner) for p in params))
+    if len({id(m) for m in meshes if m is not None}) > 1:
+        raise NotImplementedError(f"{owner}: all sharded parameters must live on one device mesh")
+    return list(specs), list(meshes)
+
+
+def init_state(opt: LearnedOptimizer, params: list[Tensor]) -> None:
+    """Create the (zero) state of ``params`` that have none, and the global state if missing.
+
+    Called when the optimizer is built, so that ``state_dict()`` has its final structure before the
+    first step: ``torch.distributed.checkpoint`` loads into it, and its optimizer state-dict helpers
+    (Lightning's ModelParallelStrategy) would otherwise run a step without a loss to create it.
+    """
+    module = opt.meta_weights
+    _check(opt, module)
+    specs, meshes = _specs(params, type(opt).__name__)
+    dtype = opt.compute_dtype
+    global_state = _global_state(opt, params)
+    if global_state is None:
+        global_state = {k: v for k, v in module.init_state([]).items() if k != "tensors"}
+    entries = {GLOBAL_PREFIX + k: v.to(dtype) if v.is_floating_point() else v for k, v in global_state.items()}
+    for p, spec, mesh in zip(params, specs, meshes):
+        if opt.state.get(p):
+            continue
+        local_param = _local(p)
+        rows = local_param.shape[0] if spec.split else spec.shape[0]
+        local = core.init_accumulators(spec, rows, dtype, local_param.device, module.layout)
+        shapes = _global_accumulator_shapes(spec, module.layout)
+        opt.state[p] = {**{k: _wrap(v, mesh, spec, shapes[k][1], shapes[k][0]) for k, v in local.items()}, **entries}
+
+
+def sharded_step(
+    opt: LearnedOptimizer,
+    module: LearnedOptimizerModule,
+    params: list[Tensor],
+    groups: list[dict[str, Any]],
+    ctx: StepContext,
+) -> None:
+    """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
     from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
 
-    specs, meshes = zip(*(_spec(p, owner) for p in params))
-    distinct = {id(m): m for m in meshes if m is not None}
-    if len(distinct) > 1:
-        raise NotImplementedError(f"{owner}: all sharded parameters must live on one device mesh")
-    mesh = next(iter(distinct.values()))
+    _check(opt, module)
+    init_state(opt, params)  # parameters added since (add_param_group)
+    specs, meshes = _specs(params, type(opt).__name__)
+    mesh = next(m for m in meshes if m is not None)
     dtype = opt.compute_dtype
     local_params = [_local(p) for p in params]
     device = local_params[0].device
     grads = [_local(p.grad).to(dtype) for p in params]
     work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
-
-    if GLOBAL_STATE_KEY not in opt.state:
-        init = module.init_state([])
-        opt.state[GLOBAL_STATE_KEY] = {k: v for k, v in init.items() if k != "tensors"}
-    accumulators = []
-    for p, lp, spec, m in zip(params, local_params, specs, meshes):
-        if not opt.state.get(p):
-            rows = lp.shape[0] if spec.split else spec.shape[0]
-            local = core.init_accumulators(spec, rows, dtype, device, module.layout)
-            opt.state[p] = {
-                k: _wrap(v, m, spec, keeps, shape)
-                for (k, v), (shape, keeps) in zip(local.items(), _global_accumulator_shapes(spec, module.layout).values())
-            }
-        accumulators.append({k: _local(v).to(dtype) for k, v in opt.state[p].items()})
-
-    global_state = {k: v.to(device) for k, v in opt.state[GLOBAL_STATE_KEY].items()}
+    global_state = {k: v.to(device) for k, v in _global_state(opt, params).items()}
+    accumulators = [
+        {k: _local(v).to(dtype) for k, v in opt.state[p].items() if not k.startswith(GLOBAL_PREFIX)} for p in params
+    ]
     state = {**global_state, "tensors": accumulators}
     reduce = _all_reduce(mesh.get_group())
     core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
@@ -158,10 +186,29 @@ def sharded_step(
     for lp, old, new, group in zip(local_params, work, new_params, groups):
         decay = group["lr"] * group["weight_decay"]
         lp.copy_(new - decay * old if decay else new)
-    opt.state[GLOBAL_STATE_KEY] = {k: v for k, v in new_state.items() if k != "tensors"}
+    new_global = {GLOBAL_PREFIX + k: v for k, v in new_state.items() if k != "tensors"}
+    opt.state.pop(GLOBAL_STATE_KEY, None)
+    # Every parameter of the optimizer carries the global state, also those without a gradient now.
+    for p in opt.state:
+        if isinstance(p, Tensor):
+            opt.state[p].update(new_global)
     for p, spec, m, acc in zip(params, specs, meshes, new_state["tensors"]):
         shapes = _global_accumulator_shapes(spec, module.layout)
-        opt.state[p] = {k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}
+        opt.state[p] = {**{k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}, **new_global}
 
 
-__all__ = ["check_not_fsdp1", "is_dtensor", "sharded_step"]
+def _global_state(opt: LearnedOptimizer, params: list[Tensor]) -> dict[str, Tensor] | None:
+    """The global state (iteration, loss buffer, Celo's LSTM), kept under every parameter's state."""
+    from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+
+    if GLOBAL_STATE_KEY in opt.state:  # from a step on plain tensors
+        return dict(opt.state[GLOBAL_STATE_KEY])
+    for p in params:
+        entry = opt.state.get(p, {})
+        found = {k[len(GLOBAL_PREFIX) :]: v for k, v in entry.items() if k.startswith(GLOBAL_PREFIX)}
+        if found:
+            return found
+    return None
+
+
+__all__ = ["check_not_fsdp1", "init_state", "is_dtensor", "sharded_step"]

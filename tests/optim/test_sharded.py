@@ -21,8 +21,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt
+from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.functional import StepContext, celo, sharded, small_fc
+from lightning_lopt.optim.functional.accumulators import work_shape
 from lightning_lopt.optim.fused import build, driver
 
 SCRIPT = Path(__file__).with_name("_fsdp2_script.py")
@@ -61,7 +62,7 @@ def _sharded_run(kind: str, world: int, reduce_across: bool = True) -> list[torc
     theta, params, grads, scales = _problem(kind)
     core = sharded.small_fc_step if kind == "lo" else sharded.celo_step
     functional = small_fc if kind == "lo" else celo
-    specs = [sharded.ShardSpec(sharded.work_shape(s), split=len(s) > 0) for s in SHAPES]
+    specs = [sharded.ShardSpec(work_shape(s), split=len(s) > 0) for s in SHAPES]
     barrier, parts, results = threading.Barrier(world), {}, [None] * world
 
     def reduce_for(rank):
@@ -172,6 +173,36 @@ def test_optimizers_fall_back_from_the_kernel_for_tensors_it_cannot_address():
     llo.LO([p]).step()  # fused=None: the pure step, on meta tensors
 
 
+def test_dtensor_parameters_on_one_rank_step_like_plain_ones_and_refuse_what_is_unsupported(one_rank_group):
+    import lightning_lopt as llo
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    values = [torch.randn(5, 3), torch.randn(4)]
+    grads = [torch.randn(5, 3), torch.randn(4)]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    sharded_params = [torch.nn.Parameter(DTensor.from_local(v.clone(), mesh, [Shard(0)])) for v in values]
+    plain_opt = llo.Celo(plain, num_steps=10, fused=False)
+    sharded_opt = llo.Celo(sharded_params, num_steps=10)
+    assert sharded_opt.state_dict()["state"]  # created when built (distributed checkpoints load into it)
+    for _ in range(2):
+        for p, q, g in zip(plain, sharded_params, grads):
+            p.grad = g.clone()
+            q.grad = DTensor.from_local(g.clone(), mesh, [Shard(0)])
+        plain_opt.step(loss=torch.tensor(1.0))
+        sharded_opt.step(loss=torch.tensor(1.0))
+    for p, q in zip(plain, sharded_params):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="fused=True"):
+        llo.LO(sharded_params, fused=True)
+    with pytest.raises(NotImplementedError, match="LO, MuLO and Celo"):
+        llo.VeLO(sharded_params, num_steps=10, meta_weights=VeLOLOpt())
+    with pytest.raises(NotImplementedError, match="float32"):
+        llo.LO(sharded_params, state_dtype=torch.bfloat16)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,4 +244,5 @@ def test_lightning_model_parallel_strategy_trains_with_mulo(tmp_path):
     for rank in ranks:
         assert rank["params_are_dtensor"] and rank["state_is_dtensor"]
         assert rank["moved"] > 1e-4
+        assert rank["resumed_iterations"] == [5]  # 3 restored from the checkpoint, then 2 steps
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # one model, gathered identically on both ranks

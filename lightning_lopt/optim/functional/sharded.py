@@ -54,7 +54,6 @@ from lightning_lopt.optim.functional.accumulators import (
     factored_dims,
     initial_decays,
     safe_rsqrt,
-    work_shape,
 )
 from lightning_lopt.optim.functional.context import StepContext, check_lists
 from lightning_lopt.optim.functional.features import hyper_inputs, time_embedding

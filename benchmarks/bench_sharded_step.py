@@ -1,0 +1,189 @@
+"""The all-reduce overhead of the sharded (FSDP2) learned-optimizer step, on gloo CPU ranks.
+
+A μMLP-shaped stack of Linear layers is sharded with ``fully_shard`` over ``--world`` processes;
+random fixed gradients are set once (no forward/backward is timed). For each optimizer it times
+``optimizer.step()`` on every rank, and, inside it, every ``torch.distributed.all_reduce`` call
+(the time includes waiting for the slower rank). Baselines measured in the same run by rank 0
+alone, on the unsharded parameters: the pure step (``fused=False``, the code the sharded step
+runs on each block) and the default fused CPU step.
+
+Usage::
+
+    python benchmarks/bench_sharded_step.py --world 2 --width 1024 --repeats 20
+
+Writes ``benchmarks/results/sharded_step-cpu-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optimizer_step import machine_info, version_info  # noqa: E402
+
+import lightning_lopt as llo  # noqa: E402
+
+OPTIMIZERS = ("mulo", "celo")
+
+
+def make_model(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def make_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
+    if name == "mulo":
+        return llo.MuLO(params, allow_sp=True, **kwargs)
+    return llo.Celo(params, num_steps=1000, **kwargs)
+
+
+def set_grads(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            full = torch.randn(p.shape, generator=generator) * 1e-2
+            local = full.chunk(p.device_mesh.size())[p.device_mesh.get_local_rank()] if p.shape[0] else full
+            rows = p.to_local().shape[0]
+            p.grad = DTensor.from_local(local[:rows].contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        else:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-2
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median_ms": statistics.median(values) * 1e3,
+        "p10_ms": ordered[int(0.1 * (len(values) - 1))] * 1e3,
+        "p90_ms": ordered[int(0.9 * (len(values) - 1))] * 1e3,
+    }
+
+
+def time_steps(opt: torch.optim.Optimizer, repeats: int, warmup: int) -> list[float]:
+    times = []
+    for index in range(warmup + repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        opt.step(loss=torch.tensor(2.0))
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    calls: list[tuple[int, float]] = []
+    original = dist.all_reduce
+
+    def timed_all_reduce(tensor, *a, **k):
+        start = time.perf_counter()
+        result = original(tensor, *a, **k)
+        calls.append((tensor.numel(), time.perf_counter() - start))
+        return result
+
+    dist.all_reduce = timed_all_reduce  # learned.py and sharding.py call it through the module
+    results: dict[str, Any] = {}
+    for name in OPTIMIZERS:
+        model = make_model(args.width)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        set_grads(model)
+        opt = make_optimizer(name, model.parameters())
+        for _ in range(args.warmup):
+            opt.step(loss=torch.tensor(2.0))
+        steps, reduce_time, reduce_calls, reduce_floats = [], [], [], []
+        for _ in range(args.repeats):
+            calls.clear()
+            dist.barrier()
+            start = time.perf_counter()
+            opt.step(loss=torch.tensor(2.0))
+            steps.append(time.perf_counter() - start)
+            reduce_time.append(sum(t for _, t in calls))
+            reduce_calls.append(len(calls))
+            reduce_floats.append(sum(n for n, _ in calls))
+        item = {
+            "sharded_step": summary(steps),
+            "all_reduce": summary(reduce_time),
+            "all_reduce_calls_per_step": reduce_calls[0],
+            "all_reduce_floats_per_step": reduce_floats[0],
+            "all_reduce_share_of_step_median": statistics.median(r / s for r, s in zip(reduce_time, steps)),
+        }
+        dist.barrier()
+        # One-process baselines on the unsharded parameters, same machine, same run. Every rank
+        # runs them at once (Celo's loss average is a collective; the load matches the sharded run).
+        dist.all_reduce = original
+        full = make_model(args.width)
+        set_grads(full)
+        for label, fused in (("one_process_pure_step", False), ("one_process_fused_step", None)):
+            params = [nn.Parameter(p.detach().clone()) for p in full.parameters()]
+            for p, q in zip(params, full.parameters()):
+                p.grad = q.grad
+            baseline = make_optimizer(name, params, fused=fused)
+            item[label] = summary(time_steps(baseline, args.repeats, args.warmup))
+        dist.all_reduce = timed_all_reduce
+        item["sharded_vs_one_process_pure"] = item["sharded_step"]["median_ms"] / item["one_process_pure_step"]["median_ms"]
+        dist.barrier()
+        results[name] = item
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scratch = Path(f"/tmp/bench_sharded_step-{os.getpid()}.json")
+    mp.spawn(run, args=(args.world, port, args, str(scratch)), nprocs=args.world)
+    date = datetime.date.today().isoformat()
+    out = args.out or Path(__file__).parent / "results" / f"sharded_step-cpu-{date}.json"
+    n_params = sum(p.numel() for p in make_model(args.width).parameters())
+    report = {
+        "benchmark": "sharded_step",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(torch.device("cpu")),
+        "versions": version_info(),
+        "world": args.world,
+        "backend": "gloo",
+        "threads_per_rank": 1,
+        "model": f"Linear 784-{args.width}-{args.width}-10, fully_shard per layer, Shard(0)",
+        "num_params": n_params,
+        "repeats": args.repeats,
+        "results": json.loads(scratch.read_text()),
+    }
+    scratch.unlink()
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["results"], indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
