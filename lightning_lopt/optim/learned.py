@@ -323,17 +323,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_loss = used_loss
 
         module = self._meta_weights_on(device)
+        # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
+        # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
+        scales = [g["update_scale"] * g["lr"] for g in groups]
+        ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
         if any(sharding.is_dtensor(p) for p in params):  # FSDP2: local blocks, statistics reduced over ranks
-            ctx = StepContext([g["update_scale"] * g["lr"] for g in groups], used_loss, self.num_steps or 0)
             sharding.sharded_step(self, module, params, groups, ctx)
             return closure_loss if closure is not None else used_loss
         self._init_missing_state(module, params)
         grads = [p.grad for p in params]
         self._stuck_check(module, params, grads)
-        # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
-        # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
-        scales = [g["update_scale"] * g["lr"] for g in groups]
-        ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
         state = {**self.state[GLOBAL_STATE_KEY], "tensors": [self.state[p] for p in params]}
         weight_decays = [g["lr"] * g["weight_decay"] for g in groups]
         new_state = tensor_step.step_in_place(module, params, grads, state, ctx, weight_decays, self._step_options())
