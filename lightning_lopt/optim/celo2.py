@@ -31,10 +31,12 @@ the sqrt). Weight decay on this branch is ``lr · weight_decay · p`` (optax.ada
 per-element step of AdamW at the same nominal lr: start near 1e-3 (the meta-training value) and
 tune by factors of √10; ``weight_decay`` as for AdamW; use a warmup + cosine schedule for long runs.
 
-**Meta-weights.** No meta-trained Celo2 weights are packaged: the authors' ``theta.state`` could not
-be fetched offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
-``save_pretrained`` and pass the directory as ``meta_weights``). Without ``meta_weights`` the
-optimizers warn and use a random meta-initialisation, which does not train well.
+**Meta-weights.** ``Celo2`` loads the packaged ``celo2-8x8-mlp-w32`` by default: meta-trained here on
+CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
+it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
+offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
+``save_pretrained`` and pass the directory as ``meta_weights``). ``Celo2Base`` and ``MuCelo2`` have no
+packaged weights: without ``meta_weights`` they warn and use a random meta-initialisation.
 
 Example::
 
@@ -154,6 +156,7 @@ class Celo2(_Celo2Optimizer):
     """
 
     module_factory = Celo2LOpt
+    pretrained_names = ("celo2-8x8-mlp-w32",)
 
     def __init__(
         self,

@@ -19,10 +19,17 @@ from lightning_lopt.models import MuMLP
 from lightning_lopt.models.scales import update_scales_of
 from lightning_lopt.optim import build, pretrained
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt
+from lightning_lopt.optim.celo2 import Celo2
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.learned import LO, Celo, MuLO
 
-PACKAGED = {"mulo-fmnist8-w32-128": SmallFCLOpt, "lo-fmnist8-w32-128": SmallFCLOpt, "celo-8x8-mlp-w32": CeloLOpt}
-DEFAULTS = {MuLO: "mulo-fmnist8-w32-128", LO: "lo-fmnist8-w32-128", Celo: "celo-8x8-mlp-w32"}
+PACKAGED = {
+    "mulo-fmnist8-w32-128": SmallFCLOpt,
+    "lo-fmnist8-w32-128": SmallFCLOpt,
+    "celo-8x8-mlp-w32": CeloLOpt,
+    "celo2-8x8-mlp-w32": Celo2LOpt,
+}
+DEFAULTS = {MuLO: "mulo-fmnist8-w32-128", LO: "lo-fmnist8-w32-128", Celo: "celo-8x8-mlp-w32", Celo2: "celo2-8x8-mlp-w32"}
 #: The longest episode of the CPU recipes (truncation max_length): "10x the meta-training unroll".
 META_UNROLL = 1000
 
