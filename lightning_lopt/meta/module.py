@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -52,6 +50,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_lopt import provenance
 from lightning_lopt.meta import light_files
 from lightning_lopt.meta.augmentation import ReparamAugmentation
 from lightning_lopt.meta.meta_optim import WarmupCosine, clipped_step, default_meta_optimizer
@@ -423,7 +422,7 @@ class MetaTrainer(L.LightningModule):
             "data": sorted({type(t.datamodule).__name__ for t in self.tasks}),
             "compute": {
                 "seconds": round(self.compute_seconds, 1),
-                "machine": _machine(),
+                "machine": provenance.machine(),
                 "device": str(self.device),
                 "torch_threads": torch.get_num_threads(),
             },
@@ -568,14 +567,3 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
             + ": the continuation differs from an uninterrupted run"
         )
 
-
-def _machine() -> str:
-    """The architecture, CPU model and core count, for cards (``platform.processor()`` says only
-    ``x86_64`` on Linux)."""
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{platform.machine()} {model}, {os.cpu_count()} cores".replace("  ", " ")
