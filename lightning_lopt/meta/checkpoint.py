@@ -9,6 +9,8 @@ an earlier checkpoint) is refused, naming the files, instead of resuming θ of o
 optimizer state of another. Directories written before the digest (format 1) are checked by their
 step instead.
 
+A full checkpoint (Lightning's) may continue only the run that wrote it: :func:`check_same_run`.
+
 Writing goes to a temporary sibling directory that replaces the old one by renames, so an
 interrupted save leaves the previous checkpoint whole.
 
@@ -32,6 +34,7 @@ from typing import Any
 
 import safetensors
 import safetensors.torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 WEIGHTS = "model.safetensors"
@@ -203,3 +206,37 @@ def read_light_checkpoint(directory: str | Path, load_theta: Callable[[Path], No
         "compute_seconds": float(meta.get("compute_seconds", 0.0)),
         "warm_start_report": report if report and "relative_error_end" in report else None,
     }
+
+
+#: Recipe entries that define what a full checkpoint's state means: a checkpoint whose entries differ
+#: cannot continue this run. The others (schedule, update clip, name) may change on purpose; a
+#: difference is reported, since it makes the continuation differ from an uninterrupted run.
+_SAME_RUN_KEYS = ("lopt", "mu", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
+
+
+def warn_nothing_left(step: int, max_steps: int) -> None:
+    """Say that a resumed run has no meta-step left to run."""
+    rank_zero_warn(
+        f"MetaTrainer: the run resumes at meta-step {step} and max_steps is {max_steps}: nothing is left "
+        "to run; raise --trainer.max_steps to continue it"
+    )
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a full checkpoint of another run; warn about settings that changed on resume."""
+    if not saved:
+        return
+    differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k)]
+    if differ:
+        lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, recipe {current.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"MetaTrainer: the checkpoint comes from a different run ({lines}); resume with the recipe "
+            "that wrote it, or start from its weights with --model.init_from"
+        )
+    changed = [k for k in ("schedule", "max_update_norm") if k in saved and saved[k] != current.get(k)]
+    if changed:
+        rank_zero_warn(
+            "MetaTrainer: resuming with changed "
+            + "; ".join(f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed)
+            + ": the continuation differs from an uninterrupted run"
+        )

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
@@ -50,7 +49,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_lopt import provenance
 from lightning_lopt.meta.augmentation import ReparamAugmentation
 from lightning_lopt.meta.catalogue import build_lopt, frozen_by_stage
-from lightning_lopt.meta.checkpoint import read_light_checkpoint, write_light_checkpoint
+from lightning_lopt.meta.checkpoint import (
+    check_same_run,
+    read_light_checkpoint,
+    warn_nothing_left,
+    write_light_checkpoint,
+)
 from lightning_lopt.meta.estimator import EstimatorSettings, PESEstimator
 from lightning_lopt.meta.meta_optim import WarmupCosine, clipped_step, default_meta_optimizer
 from lightning_lopt.meta.pes import PES
@@ -219,7 +223,7 @@ class MetaTrainer(L.LightningModule):
             self.compute_seconds = state["compute_seconds"]
         max_steps = self.trainer.max_steps
         if not fresh and 0 <= max_steps <= self.global_step:
-            _warn_nothing_left(self.global_step, max_steps)
+            warn_nothing_left(self.global_step, max_steps)
             return
         if fresh and self.warm_start is not None and self.warm_start_report is None:
             self.warm_start_report = warm_start(self.lopt, self.instances, self.warm_start, mu=self.mu)
@@ -235,7 +239,7 @@ class MetaTrainer(L.LightningModule):
         check_same_run(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
         step = int(checkpoint.get("global_step", 0))
         if self._trainer is not None and 0 <= self.trainer.max_steps <= step:
-            _warn_nothing_left(step, self.trainer.max_steps)
+            warn_nothing_left(step, self.trainer.max_steps)
         saved = checkpoint.get("meta_trainer", {})
         if saved.get("particles") is not None:
             self.gradient_estimator.load_state_dict(saved["particles"])
@@ -377,37 +381,4 @@ class LightCheckpoint(L.Callback):
             pl_module.save_light_checkpoint(self.dirpath)
 
 
-__all__ = ["LightCheckpoint", "MetaTrainer", "check_same_run"]
-
-#: Recipe entries that define what a full checkpoint's state means: a checkpoint whose entries differ
-#: cannot continue this run. The others (schedule, update clip, name) may change on purpose; a
-#: difference is reported, since it makes the continuation differ from an uninterrupted run.
-_SAME_RUN_KEYS = ("lopt", "mu", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
-
-
-def _warn_nothing_left(step: int, max_steps: int) -> None:
-    rank_zero_warn(
-        f"MetaTrainer: the run resumes at meta-step {step} and max_steps is {max_steps}: nothing is left "
-        "to run; raise --trainer.max_steps to continue it"
-    )
-
-
-def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a full checkpoint of another run; warn about settings that changed on resume."""
-    if not saved:
-        return
-    differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k)]
-    if differ:
-        lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, recipe {current.get(k)!r}" for k in differ)
-        raise ValueError(
-            f"MetaTrainer: the checkpoint comes from a different run ({lines}); resume with the recipe "
-            "that wrote it, or start from its weights with --model.init_from"
-        )
-    changed = [k for k in ("schedule", "max_update_norm") if k in saved and saved[k] != current.get(k)]
-    if changed:
-        rank_zero_warn(
-            "MetaTrainer: resuming with changed "
-            + "; ".join(f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed)
-            + ": the continuation differs from an uninterrupted run"
-        )
-
+__all__ = ["LightCheckpoint", "MetaTrainer"]
