@@ -42,6 +42,7 @@ import torch
 
 from benchmarks.bench_optimizer_step import machine_info, version_info
 from lightning_lopt.meta import ImageMLPTask, LogUniformLengthSchedule, MetaTrainer, PES
+from lightning_lopt.meta.estimator import stack_theta
 from lightning_lopt.meta.rng import generator
 from lightning_lopt.meta.unroll import make_loss_and_grad
 from lightning_lopt.optim import particle_step as seam
@@ -92,11 +93,11 @@ QUICK = {"quick": Case("quick", "mulo", (8,), 2, 16, 2, 4)}
 def bare_inner_steps(meta: MetaTrainer, steps: int) -> Callable[[], None]:
     """A closure running ``steps`` bare inner steps of every instance (vmapped loss/grad + the step)."""
     flat = meta._theta_flat()
-    n = meta._local_pairs
+    n = len(meta.gradient_estimator.pairs)
     work = []
     for index, inst in enumerate(meta.instances):
         eps = 0.01 * torch.randn(n, flat.numel(), generator=torch.Generator().manual_seed(index)).to(flat.device)
-        theta = meta._stack_theta(flat, eps)
+        theta = stack_theta(meta.lopt, meta.trainable_names, flat, eps)
         params = [torch.stack([p] * (2 * n)) for p in inst.init(0)]
         state = seam.stack_state([meta.lopt.functional.init_state(
             {k: v[i] for k, v in theta.items()}, [p[i] for p in params], layout=meta.lopt.layout) for i in range(2 * n)])
@@ -138,7 +139,7 @@ def measure(case: Case, device: torch.device, rounds: int) -> dict[str, Any]:
     per_step = case.trunc_length
     meta_s = statistics.median(meta_times) / per_step
     bare_s = statistics.median(bare_times) / per_step
-    particles = 2 * meta._local_pairs
+    particles = 2 * len(meta.gradient_estimator.pairs)
     params = sum(i.num_params for i in meta.instances)
     instances = len(meta.instances)
     return {

@@ -73,7 +73,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -85,6 +84,7 @@ from typing import Any, NamedTuple
 import torch
 
 import lightning_lopt
+from lightning_lopt import provenance
 from lightning_lopt.models import MuMLP
 from lightning_lopt.optim import build, resolve
 from lightning_lopt.optim.functional import StepContext
@@ -98,7 +98,6 @@ from lightning_lopt.optim.particle_step import (
 BENCHMARK = "optimizer_step"
 SCHEMA_VERSION = 2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The horizon handed to the optimizers that need one (Celo, VeLO, μVeLO); it does not change the cost.
 NUM_STEPS = 1000
 #: The loss handed to every learned optimizer's step (Celo and VeLO need one).
@@ -324,33 +323,11 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
 # -- environment ----------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _git(*args: str) -> str | None:
-    """Output of a read-only git command in the repository, or None (no git, not a checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "--no-optional-locks", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -360,7 +337,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": _cpu_model(),
+        "cpu_model": provenance.cpu_model(),
         "gpu": gpu,
         "torch_num_threads": torch.get_num_threads(),
         "loadavg_start": _loadavg(),
@@ -369,14 +346,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def version_info() -> dict[str, Any]:
     """Python, torch, CUDA, lightning_lopt and the git commit (with a dirty flag)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "lightning_lopt": lightning_lopt.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_commit": provenance.git_commit(),
+        "git_dirty": provenance.git_dirty(),
     }
 
 

@@ -24,7 +24,7 @@ Example::
 from lightning_lopt.meta.augmentation import ReparamAugmentation
 from lightning_lopt.meta.builtin_tasks import ImageMLPTask, celo_tasks
 from lightning_lopt.meta.meta_optim import WarmupCosine
-from lightning_lopt.meta.module import LightCheckpoint, MetaTrainer
+from lightning_lopt.meta.trainer import LightCheckpoint, MetaTrainer
 from lightning_lopt.meta.pes import PES
 from lightning_lopt.meta.tasks import Task, TaskInstance
 from lightning_lopt.meta.truncation import LogUniformLengthSchedule

@@ -29,7 +29,8 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 
 from lightning_lopt.cli import OneLineErrors, usage_error
-from lightning_lopt.meta.module import MetaTrainer, check_same_run
+from lightning_lopt.meta.checkpoint import check_same_run
+from lightning_lopt.meta.trainer import MetaTrainer
 from lightning_lopt.meta.progress import meta_progress_callback
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lightning_lopt import __version__
+from lightning_lopt import __version__, provenance
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "card.json"
@@ -101,7 +100,7 @@ def save_pretrained(
         "meta_training_steps": meta_training_steps,
         "data": data,
         "tasks": tasks,
-        "commit": _git_commit(),
+        "commit": provenance.git_commit(),
         "num_meta_params": sum(t.numel() for t in module.state_dict().values()),
         **extra,
     }
@@ -279,20 +278,3 @@ def load_checked(module: nn.Module, tensors: dict[str, torch.Tensor], source: st
             )
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
 
-
-def _git_commit() -> str | None:
-    """The commit of the lightning_lopt source tree, or ``None`` outside a git checkout."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None

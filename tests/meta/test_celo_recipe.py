@@ -86,7 +86,7 @@ def test_celo_sees_each_particles_sampled_horizon(monkeypatch):
     meta.setup("fit")
     meta.meta_gradient(0)
     horizon, loss = seen[0]
-    particles = meta._particles[0]
+    particles = meta.gradient_estimator.workers[0].particles
     # Both members of a pair get the pair's sampled episode length as Celo's horizon, and the loss.
     assert horizon.shape == (4,) and torch.equal(horizon[:2], horizon[2:])
     assert torch.all((horizon >= 8) & (horizon <= 30))

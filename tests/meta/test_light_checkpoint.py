@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 
 from lightning_lopt.meta import ImageMLPTask, LightCheckpoint, LogUniformLengthSchedule, MetaTrainer, PES
-from lightning_lopt.meta.module import META_STATE_JSON, META_STATE_TENSORS
+from lightning_lopt.meta.checkpoint import META_STATE_JSON, META_STATE_TENSORS
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"estimator": PES(num_pairs=2, trunc_length=5), "truncation": LogUniformLengthSchedule(8, 20), "initial_offset": 3}

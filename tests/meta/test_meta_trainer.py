@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lopt.meta import ImageMLPTask, LightCheckpoint, LogUniformLengthSchedule, MetaTrainer, PES, Task
 from lightning_lopt.meta.inner_eval import inner_loss_curve
-from lightning_lopt.meta.module import META_STATE_JSON
+from lightning_lopt.meta.checkpoint import META_STATE_JSON
 from lightning_lopt.optim import LO
 from lightning_lopt.optim.architectures import SmallFCLOpt
 
