@@ -3,7 +3,8 @@
 What is timed: ``optimizer.step()`` alone. Gradients are set once (random, fixed) before timing, so the
 forward/backward pass is excluded. Each optimizer first takes ``--warmup`` untimed steps (which also
 creates its state), then ``--repeats`` timed steps. On CUDA every timed step has a
-``torch.cuda.synchronize()`` on either side (the protocol of DESIGN.md's anchor numbers).
+``torch.cuda.synchronize()`` on either side (the protocol of the anchor numbers in
+docs/reference/pylo.md#h100-step-times).
 
 Noise control: by default on CPU the optimizers of one case are *interleaved*: each round times one
 step of every optimizer, in an order rotated every round, so a burst of load from other processes

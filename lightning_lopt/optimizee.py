@@ -2,7 +2,7 @@
 
 ``OptimizeeModule`` wraps any ``nn.Module`` for ordinary Lightning training, and exposes
 :meth:`OptimizeeModule.loss`, a pure function of ``(params, batch)`` that the meta-trainer vmaps over
-stacked particle parameters (DESIGN contract 3).
+stacked particle parameters (docs/reference/design.md#contract-3-a-task-is-lightning-native).
 
 Example::
 

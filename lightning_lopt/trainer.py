@@ -4,7 +4,7 @@ Lightning keeps the optimizer inside ``LightningModule.configure_optimizers``. F
 swap it without touching their module, :func:`configure_optimizer` installs a ``configure_optimizers``
 on any module, and :class:`Trainer` is a thin ``lightning.Trainer`` subclass that does so in ``fit``.
 A Callback cannot do this: Lightning checks for ``configure_optimizers`` before the first callback
-hook runs (mup_lightning.md §2.5).
+hook runs (docs/reference/design.md#a-trainer-that-chooses-the-optimizer).
 
 Learned optimizers with a loss-driven scheduler (Celo, VeLO) need the training loss at every step.
 Lightning's closure returns only the last micro-batch's loss divided by ``accumulate_grad_batches``,

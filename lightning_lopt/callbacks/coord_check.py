@@ -336,7 +336,7 @@ class CoordCheck(L.Callback):
                 metrics[f"coord/{stat}/{layer}"] = value
         if trainer.is_global_zero:
             # Direct logger calls write exactly these rows; self.log would re-emit stale values on the
-            # steps in between (mup_lightning.md §2.3).
+            # steps in between (docs/reference/design.md#hooks-for-statistics-and-logging).
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

@@ -1,4 +1,4 @@
-"""Celo's task augmentation: re-parametrise the optimizee's weights (celo_spec §2.2).
+"""Celo's task augmentation: re-parametrise the optimizee's weights (docs/reference/celo.md#task-augmentation).
 
 A factor τ, log-uniform in ``[low, high]``, is drawn at every episode reset. The stored parameters
 are θ0/τ and the loss is evaluated at τ·θ, so the network computes the same function but the

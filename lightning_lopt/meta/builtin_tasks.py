@@ -1,8 +1,9 @@
 """Built-in meta-training tasks from the library's models and data modules.
 
 - :class:`ImageMLPTask`: μLO's task family, a ReLU MLP (μP or SP) on an image data set, at one or
-  several widths (lo_spec §4.1: ``mumlp-w128-d3`` on ImageNet 32x32; here the offline sets).
-- :func:`celo_tasks`: Celo's four 8x8 MLP tasks (celo_spec §2.1) from what is available offline.
+  several widths (docs/reference/pes.md#recipe: ``mumlp-w128-d3`` on ImageNet 32x32; here the offline sets).
+- :func:`celo_tasks`: Celo's four 8x8 MLP tasks
+  (docs/reference/celo.md#meta-training-tasks) from what is available offline.
 
 Example::
 
@@ -72,7 +73,8 @@ class ImageMLPTask(Task):
 
 
 def celo_tasks(batch_size: int = 64, root: str | Path | None = None) -> list[Task]:
-    """Celo's meta-training tasks at 8x8: an MLP 64 → 32 (ReLU) → 10, batch 64 (celo_spec §2.1).
+    """Celo's meta-training tasks at 8x8: an MLP 64 → 32 (ReLU) → 10, batch 64
+    (docs/reference/celo.md#meta-training-tasks).
 
     Celo used CIFAR-10, Fashion-MNIST, MNIST and SVHN, greyscale 8x8. CIFAR-10 and SVHN are not
     reachable offline, so the bundled digits stand in for them: three tasks instead of four.

@@ -53,7 +53,8 @@ def build_lopt(lopt: str | LearnedOptimizerModule, stage: int | None, seed: int)
 
 
 def frozen_by_stage(lopt: LearnedOptimizerModule, stage: int | None) -> Callable[[str], bool]:
-    """Which θ entries a stage freezes (celo_spec §2.5): stage 1 the scheduler, stage 2 the MLP rule."""
+    """Which θ entries a stage freezes
+    (docs/reference/celo.md#two-stages): stage 1 the scheduler, stage 2 the MLP rule."""
     if isinstance(lopt, CeloLOpt) and stage == 1:
         return lambda name: name.startswith("scheduler.")
     if isinstance(lopt, CeloLOpt) and stage == 2:

@@ -1,4 +1,5 @@
-"""The meta-optimizer of μLO (lo_spec §4.7): AdamW, a warmup + cosine schedule, an update-norm clip.
+"""The meta-optimizer of μLO
+(docs/reference/pes.md#meta-optimizer): AdamW, a warmup + cosine schedule, an update-norm clip.
 
 optax's ``chain(adamw(schedule), clip_by_global_norm(1.0))`` clips the AdamW *update* (which already
 includes −lr), not the raw meta-gradient; :func:`clipped_step` does the same around any

@@ -1,4 +1,4 @@
-"""Persistent evolution strategies (PES), exactly as μLO and Celo ran it (lo_spec §4.4, celo_spec §2.4).
+"""Persistent evolution strategies (PES), exactly as μLO and Celo ran it (docs/reference/pes.md#the-estimator).
 
 For each antithetic pair i with perturbation ε_i ~ N(0, σ²I) the + and − particles unroll θ ± ε_i
 for one truncation window of T steps. With Δ_t the difference of their normalised losses, mask_t

@@ -1,4 +1,4 @@
-"""Every random draw of meta-training has an owner (DESIGN contract 5).
+"""Every random draw of meta-training has an owner (docs/reference/design.md#contract-5-every-random-draw-has-an-owner).
 
 A draw is identified by a tuple of integers, for example ``(seed, task, pair, meta_step, purpose)``,
 and gets a fresh ``torch.Generator`` seeded from a hash of that tuple. Nothing random is carried from

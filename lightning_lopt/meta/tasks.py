@@ -1,4 +1,5 @@
-"""Meta-training tasks: a LightningModule factory plus a LightningDataModule (DESIGN contract 3).
+"""Meta-training tasks: a LightningModule factory plus a LightningDataModule
+(docs/reference/design.md#contract-3-a-task-is-lightning-native).
 
 A :class:`Task` is what a user writes; :meth:`Task.build` turns it into one :class:`TaskInstance` per
 width, which is what the unroll needs: the parameter names and shapes, the μP update scales, a pure
@@ -58,11 +59,11 @@ class Task:
         datamodule: the data. Its ``sample(...)`` is used when it has one, else its ``train_dataloader()``.
         module_kwargs: keyword arguments of the class.
         widths: widths to meta-train on; each is its own PES estimator, all run at every meta-step
-            with equal weight (lo_spec §4.6). ``None``: one instance, built as given.
+            with equal weight (docs/reference/pes.md#several-tasks-and-widths). ``None``: one instance, built as given.
         width_arg: the keyword that receives the width.
         batch_size: per-particle batch size for sampled data modules (default: the data module's
             ``batch_size``). DataLoader-read data modules use their loader's batches.
-        loss_cap: the cap of the normalised meta-loss clip(loss, 0, cap), NaN → cap (lo_spec §4.5).
+        loss_cap: the cap of the normalised meta-loss clip(loss, 0, cap), NaN → cap (docs/reference/pes.md#meta-loss).
             Default 1.5·ln C, with C the class count (the vocabulary for language models) read from
             the module (``num_classes``, ``readout.out_features``) or the data module (``num_classes``,
             ``vocab_size``); when neither declares one, 1.5 × the module's loss at initialisation on

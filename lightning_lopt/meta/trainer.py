@@ -8,7 +8,7 @@ one meta-step (manual optimization):
    truncation window and averages the instances' estimates;
 2. hand the estimate to Lightning as the gradient of the surrogate ⟨θ, ĝ⟩ (``manual_backward``), so
    DDP averages it over ranks (ranks split the pairs) exactly as it would a loss gradient;
-3. step the meta-optimizer (AdamW, warmup + cosine) and clip the *update* norm (lo_spec §4.7).
+3. step the meta-optimizer (AdamW, warmup + cosine) and clip the *update* norm (docs/reference/pes.md#meta-optimizer).
 
 Logging, progress bars, checkpoints and DDP come from ``lightning.Trainer``. Every random draw is
 keyed by (seed, task instance, global pair, meta-step, purpose) (:mod:`~lightning_lopt.meta.rng`).

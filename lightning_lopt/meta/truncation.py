@@ -1,4 +1,4 @@
-"""Episode lengths for the inner problems (lo_spec §4.3, celo_spec §2.3).
+"""Episode lengths for the inner problems (docs/reference/pes.md#episode-lengths).
 
 ``LogUniformLengthSchedule``: L = int(exp(U[ln min, ln max])), drawn per particle pair at the start
 and at every episode end. The first episode also starts at a random inner step in ``[0, offset)``

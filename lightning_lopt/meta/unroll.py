@@ -1,4 +1,4 @@
-"""The truncated unroll of one task's particles (lo_spec §4.2; learned_optimization's
+"""The truncated unroll of one task's particles (docs/reference/pes.md#inner-steps-and-resets; learned_optimization's
 ``lopt_truncated_step``).
 
 A task instance has N antithetic pairs: particle ``j`` runs θ + ε_j and particle ``j + N`` runs
@@ -118,7 +118,7 @@ class WindowResult:
 
 
 def normalize_loss(loss: Tensor, cap: float) -> Tensor:
-    """clip(loss, 0, cap) with NaN and ±inf mapped to the cap (lo_spec §4.5)."""
+    """clip(loss, 0, cap) with NaN and ±inf mapped to the cap (docs/reference/pes.md#meta-loss)."""
     return torch.nan_to_num(loss, nan=cap, posinf=cap, neginf=cap).clamp(0.0, cap)
 
 

@@ -29,7 +29,8 @@ PARAMS = ("mup", "sp")
 class MuLOReadout(mup.MuReadout):
     """μLO's readout layer: ``y = (x Wᵀ + b) · output_mult / width_mult``.
 
-    It differs from ``mup.MuReadout`` in two ways, both taken from μLO's code (lo_spec.md §2.2):
+    It differs from ``mup.MuReadout`` in two ways, both taken from μLO's code
+    (docs/reference/mup.md#parametrisation-and-update-scales):
 
     - μLO multiplies the layer's *whole output*, bias included, by the multiplier; mup multiplies
       the input, so mup's bias is not scaled.

@@ -32,7 +32,8 @@ class MuMLP(MuModel):
     Parameters are ``input_layer`` (in → width), ``hidden_layers.{0..depth-2}`` (width → width) and
     ``readout`` (width → num_classes).
 
-    ``param="mup"`` is μLO's parametrization (lo_spec.md §2.2): input and hidden weights are
+    ``param="mup"`` is μLO's parametrization
+    (docs/reference/mup.md#parametrisation-and-update-scales): input and hidden weights are
     truncated normal with σ = 1/sqrt(fan_in) cut at ±2σ, every bias is N(0, 1), the readout weight
     is zero and the whole readout output, bias included, is multiplied by ``output_mult / width``.
     Hidden weights get update scale ``1 / width``. ``param="sp"`` keeps PyTorch's ``nn.Linear``

@@ -1,8 +1,9 @@
-"""Per-tensor μP update scales as plain data (DESIGN contract 2).
+"""Per-tensor μP update scales as plain data (docs/reference/design.md#contract-2-mup-information-is-data).
 
 A learned optimizer multiplies each tensor's update by a scale ``s_p``: ``1 / fan_in`` for hidden
 matrices (mup's ``infshape.ninf() == 2``) and ``1.0`` for everything else (input weights, biases,
-embeddings, LayerNorm, readout). This is μLO's rule (lo_spec.md §2.2): ``fan_in`` is the *absolute*
+embeddings, LayerNorm, readout). This is μLO's rule
+(docs/reference/mup.md#parametrisation-and-update-scales): ``fan_in`` is the *absolute*
 input width of the weight, not a ratio to a base width, because μLO was meta-trained that way. mup's
 ``infshape`` is used only to tell which dimensions are widths; the user's base widths do not matter.
 

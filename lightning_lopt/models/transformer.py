@@ -26,7 +26,8 @@ class MuTransformerLM(MuModel):
     mlp.{fc1,fc2}}``, ``norm``, ``readout``. ``forward(x)`` maps ``[B, T]`` token ids (``T <= seq_len``)
     to ``[B, T, vocab_size]`` logits.
 
-    ``param="mup"`` follows μLO's μTransformer (lo_spec.md §2.2): the token embedding is an
+    ``param="mup"`` follows μLO's μTransformer
+    (docs/reference/mup.md#parametrisation-and-update-scales): the token embedding is an
     *untruncated* normal with σ = 1/sqrt(vocab_size) (Haiku's Embed fan-in), block matrices are
     untruncated normal with σ = 1/sqrt(fan_in) (query/key/value/out/fc1: width, fc2: 4·width), all
     biases N(0, 1), LayerNorms 1/0, attention logits scaled by 1/d_head, readout zero weight and

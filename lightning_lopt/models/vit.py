@@ -37,7 +37,8 @@ class MuViT(MuModel):
     ``blocks.{i}.{norm1,attn.{query,key,value,out},norm2,mlp.{fc1,fc2}}``, ``norm``, ``readout``.
     ``mlp_dim = int(mlp_ratio * width)``. Inputs are ``[B, C, H, W]`` or flattened ``[B, C*H*W]``.
 
-    ``param="mup"`` follows μLO's μViT (lo_spec.md §2.2): the patch-embedding kernel, position
+    ``param="mup"`` follows μLO's μViT
+    (docs/reference/mup.md#parametrisation-and-update-scales): the patch-embedding kernel, position
     embedding and every block matrix are truncated normal (±2σ) with σ = 1/sqrt(width), all biases
     N(0, 1), cls token zero, LayerNorms 1/0, attention logits scaled by 1/d_head, readout zero weight
     and N(0, 1) bias with the whole output multiplied by ``output_mult / width``. Update scales are

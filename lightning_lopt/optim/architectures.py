@@ -4,12 +4,14 @@ Each module's ``state_dict()`` is exactly θ, the argument ``theta`` of the pure
 :mod:`lightning_lopt.optim.functional`, and the thing PES perturbs. The modules hold no optimizer
 state; they only bundle θ, its meta-initialisation and the static configuration of the step.
 
-- :class:`SmallFCLOpt`: small_fc_lopt / μLO, 2409 meta-parameters (lo_spec §1.2).
-- :class:`CeloLOpt`: Celo, 35,808 meta-parameters (celo_spec §1.6, without dead weights).
-- :class:`VeLOLOpt`: VeLO (``VeLOLOpt()``) and μVeLO (``VeLOLOpt.mu()``) (lo_spec §3).
+- :class:`SmallFCLOpt`: small_fc_lopt / μLO, 2409 meta-parameters
+  (docs/reference/small_fc.md#meta-parameters-and-decays).
+- :class:`CeloLOpt`: Celo, 35,808 meta-parameters (docs/reference/celo.md#meta-parameters, without dead weights).
+- :class:`VeLOLOpt`: VeLO (``VeLOLOpt()``) and μVeLO (``VeLOLOpt.mu()``) (docs/reference/velo.md).
 
 Meta-initialisation follows Haiku: weights truncated-normal at ±2σ with σ = 1/sqrt(fan_in) and no
-variance correction (``trunc_normal_`` with absolute bounds ±2σ, lo_spec §6 item 7), biases 0,
+variance correction (``trunc_normal_`` with absolute bounds ±2σ,
+docs/reference/small_fc.md#meta-initialisation), biases 0,
 decay offsets φ = 0, learned LSTM initial states 0.
 
 Example::
@@ -100,7 +102,7 @@ class SmallFCLOpt(LearnedOptimizerModule):
     """small_fc_lopt / μLO: a 39→32→32→2 MLP plus 7 meta-learned decay offsets (2409 in θ).
 
     Args:
-        step_mult: λ1; 0.01 for μLO (the default), 0.001 for SP LO (lo_spec §1.1).
+        step_mult: λ1; 0.01 for μLO (the default), 0.001 for SP LO (docs/reference/small_fc.md#hyper-parameters).
         exp_mult: λ2 = 1e-3.
         hidden_size: MLP width (32 in every μLO run).
         layout: ``"torch"`` (PyTorch ``[out, in]`` / ``OIHW`` tensors) or ``"jax"``; see
@@ -130,7 +132,7 @@ class SmallFCLOpt(LearnedOptimizerModule):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random meta-initialisation (lo_spec §1.2): φ = 0, MLP as Haiku."""
+        """Random meta-initialisation (docs/reference/small_fc.md#meta-parameters-and-decays): φ = 0, MLP as Haiku."""
         with torch.no_grad():
             for layer in self.mlp:
                 _reset_linear(layer, generator)
@@ -174,7 +176,7 @@ class SchedulerLSTM(nn.Module):
 
 
 class CeloLOpt(LearnedOptimizerModule):
-    """Celo: the 30→4→4→3 per-parameter MLP and the 18-input LSTM scheduler (celo_spec §1).
+    """Celo: the 30→4→4→3 per-parameter MLP and the 18-input LSTM scheduler (docs/reference/celo.md).
 
     Args:
         lstm_hidden_size: 64 in the released Celo.
@@ -205,7 +207,7 @@ class CeloLOpt(LearnedOptimizerModule):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random meta-initialisation (celo_spec §2.6)."""
+        """Random meta-initialisation (docs/reference/celo.md#meta-initialisation)."""
         with torch.no_grad():
             for layer in self.mlp:
                 _reset_linear(layer, generator)
@@ -230,7 +232,8 @@ class CeloLOpt(LearnedOptimizerModule):
         Decode the released ``theta.state`` with ``flax.serialization.msgpack_restore``, flatten
         the nested dicts with ``/`` and pass the result. Haiku weights are ``[in, out]`` and are
         transposed. The dead ``rnn_params/linear`` and the constant ``rnn_to_controls`` (its
-        softmax over one logit is 1) are dropped (celo_spec §1.5–1.6).
+        softmax over one logit is 1) are dropped (docs/reference/celo.md#learned-scheduler,
+        docs/reference/celo.md#meta-parameters).
         """
 
         def get(name: str) -> np.ndarray:
@@ -285,7 +288,7 @@ class LinearBank(nn.Module):
 
 
 class VeLOLOpt(LearnedOptimizerModule):
-    """VeLO / μVeLO: a per-tensor LSTM whose controls mix a bank of K 30→4→4→3 MLPs (lo_spec §3).
+    """VeLO / μVeLO: a per-tensor LSTM whose controls mix a bank of K 30→4→4→3 MLPs (docs/reference/velo.md).
 
     Args:
         lstm_hidden_size: 512 for the released VeLO; 16 for μVeLO.
@@ -319,7 +322,7 @@ class VeLOLOpt(LearnedOptimizerModule):
 
     @classmethod
     def mu(cls, **overrides: Any) -> VeLOLOpt:
-        """μVeLO's configuration (lo_spec §3.5): LSTM 16, K = 8, interp_mult 1, no param scale."""
+        """μVeLO's configuration (docs/reference/velo.md#muvelo): LSTM 16, K = 8, interp_mult 1, no param scale."""
         config: dict[str, Any] = {
             "lstm_hidden_size": 16,
             "param_inits": 8,

@@ -1,7 +1,7 @@
 """Hand-designed baselines: μAdam as a real ``torch.optim.Optimizer`` class.
 
 mup's ``MuAdam`` is a factory function, which LightningCLI's ``--optimizer`` rejects. :class:`MuAdam`
-is an ``Adam`` subclass with the same per-group rule as μLO's μAdam baseline (lo_spec.md §2.3):
+is an ``Adam`` subclass with the same per-group rule as μLO's μAdam baseline (docs/reference/mup.md#muadam):
 every tensor's Adam update is multiplied by its μP update scale (``1/fan_in`` for hidden matrices,
 1 otherwise), i.e. mup's ``MuAdam`` with a base width of 1.
 

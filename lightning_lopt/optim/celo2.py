@@ -1,6 +1,7 @@
 """Celo2 as ``torch.optim.Optimizer`` classes: ``Celo2``, ``Celo2Base`` and the μP ``MuCelo2``.
 
-Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026; celo2_spec §1) updates every matrix with a learned
+Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026;
+docs/reference/celo2.md#the-update-rule) updates every matrix with a learned
 per-element 30→8→8→3 MLP whose output is orthogonalised by Newton–Schulz and normalised to RMS 1,
 and every vector (biases, norms) and embedding with Adam (β = 0.9, 0.95). The learning rate is the
 RMS of every matrix's update, so a schedule is the user's (any LR scheduler works), and weight decay
@@ -17,12 +18,13 @@ class          matrices (rank ≥ 2)             vectors, scalars, embeddings   
 
 **Routing to Adam** (Celo2, MuCelo2): tensors of rank ≤ 1, and parameters whose name contains
 ``"embed"`` when the parameters come as ``named_parameters()`` (what ``lightning_lopt.Trainer``
-passes; the reference's test-time rule, celo2_spec §1.7). A param group may force it either way with
+passes; the reference's test-time rule,
+docs/reference/celo2.md#the-adam-branch). A param group may force it either way with
 ``{"params": ..., "adam": True}`` (e.g. an untied LM head) or ``"adam": False``.
 
 **The Adam branch** runs at test time as optax.adamw (bias-corrected, eps 1e-8 outside the sqrt) with
 learning rate ``adam_lr_mult · lr``: ``adam_lr_mult=1`` follows the authors' model card, the
-authors' README leaves it to the user and their meta-training used 20 (celo2_spec §1.7).
+authors' README leaves it to the user and their meta-training used 20 (docs/reference/celo2.md#the-adam-branch).
 ``adam_mode="meta_training"`` switches to the meta-training form (no bias correction, eps inside
 the sqrt). Weight decay on this branch is ``lr · weight_decay · p`` (optax.adamw would use
 ``adam_lr_mult · lr · weight_decay · p``; the two agree at the default ``adam_lr_mult=1``).

@@ -1,10 +1,11 @@
-"""The meta-weight module θ of Celo2 / Celo2Base (celo2_spec §2): a 30→8→8→3 ReLU MLP, 347 numbers.
+"""The meta-weight module θ of Celo2 / Celo2Base
+(docs/reference/celo2.md#meta-parameters): a 30→8→8→3 ReLU MLP, 347 numbers.
 
 Like the modules of :mod:`lightning_lopt.optim.architectures`, ``state_dict()`` is exactly θ, the
 argument ``theta`` of :func:`lightning_lopt.optim.functional.celo2.step`; the module also holds the
 static configuration of the step.
 
-Meta-initialisation follows Haiku (celo2_spec §2.1): weights truncated-normal at ±2σ with
+Meta-initialisation follows Haiku (docs/reference/celo2.md#meta-parameters): weights truncated-normal at ±2σ with
 σ = 1/sqrt(fan_in) (fan_in = 30 for the whole first layer, 8 for the others), biases 0.
 
 Example::
@@ -43,7 +44,7 @@ class Celo2LOpt(LearnedOptimizerModule):
         adam_lr_mult: the Adam branch's multiplier of the learning rate; 1 at test time (the HF card),
             20 in the authors' meta-training.
         step_mult: a constant learning rate multiplying every step: 1 under the optimizer classes
-            (their ``lr`` is the per-tensor scale), 1e-3 in meta-training (celo2_spec §3).
+            (their ``lr`` is the per-tensor scale), 1e-3 in meta-training (docs/reference/celo2.md#meta-training).
         layout: ``"torch"`` or ``"jax"`` tensors (see :mod:`lightning_lopt.optim.functional.accumulators`).
         generator: RNG for the meta-initialisation.
     """
@@ -92,7 +93,7 @@ class Celo2LOpt(LearnedOptimizerModule):
         return cls(**{**config, **overrides})
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random meta-initialisation as Haiku (celo2_spec §2.1)."""
+        """Random meta-initialisation as Haiku (docs/reference/celo2.md#meta-parameters)."""
         with torch.no_grad():
             for layer in self.mlp:
                 _reset_linear(layer, generator)

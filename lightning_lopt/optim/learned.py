@@ -517,7 +517,7 @@ class Celo(_ScheduledLearnedOptimizer):
     ``num_steps`` (required) is the number of optimizer steps of the run: the scheduler reads the
     fraction of training done and loss averages whose half-lives scale with it.
 
-    Celo multiplies every tensor's step by that tensor's RMS (celo_spec §1), so a tensor that starts
+    Celo multiplies every tensor's step by that tensor's RMS (docs/reference/celo.md), so a tensor that starts
     at zero barely moves: use it on standard-parametrized models, not on μP models whose readout is
     zero-initialised (``MuMLP(..., param="sp")``; with ``param="mup"`` the loss stays at ln C).
 

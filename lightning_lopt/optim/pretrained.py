@@ -1,4 +1,5 @@
-"""Safe learned-optimizer weight files: safetensors plus a JSON card (DESIGN contract 4).
+"""Safe learned-optimizer weight files: safetensors plus a JSON card
+(docs/reference/design.md#contract-4-weights-are-safe-files).
 
 A saved optimizer is a directory with
 

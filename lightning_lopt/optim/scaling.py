@@ -2,7 +2,8 @@
 
 Optimizers receive parameters in every form torch accepts: a flat iterable (what LightningCLI's
 ``--optimizer`` passes), ``named_parameters()`` pairs, or param-group dicts. :func:`scaled_param_groups`
-turns any of them into param groups that each carry one ``update_scale`` (DESIGN contract 2: μP
+turns any of them into param groups that each carry one ``update_scale``
+(docs/reference/design.md#contract-2-mup-information-is-data: μP
 information is plain data). A scale is looked up, in order, from
 
 1. the group's own ``"update_scale"`` key,

@@ -63,7 +63,8 @@ def test_sp_readout_is_plain_linear(case):
 
 
 def test_mulo_readout_scales_bias_unlike_mup_readout():
-    """μLO multiplies the bias too; mup's MuReadout does not (pylo_anchor.md §1.6, measured at 64)."""
+    """μLO multiplies the bias too; mup's MuReadout does not
+    (docs/reference/pylo.md#readout-bias-in-pylos-mup-fork, measured at 64)."""
     ours, theirs = MuLOReadout(64, 3), mup.MuReadout(64, 3)
     for layer in (ours, theirs):
         mup.set_base_shapes(layer, {"weight": [3, 1], "bias": [3]}, rescale_params=False)

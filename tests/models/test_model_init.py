@@ -1,4 +1,5 @@
-"""Per-layer initialisation against μLO's spec (lo_spec.md §2.2) and PyTorch defaults for SP."""
+"""Per-layer initialisation against μLO's spec
+(docs/reference/mup.md#parametrisation-and-update-scales) and PyTorch defaults for SP."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def test_state_dict_is_theta_and_step_matches_pure_step(name):
 
 def test_meta_parameter_counts():
     assert SmallFCLOpt().num_meta_params() == 2409
-    assert CeloLOpt().num_meta_params() == 35_808  # celo_spec §1.6: 37,089 stored − 1,281 dead
+    assert CeloLOpt().num_meta_params() == 35_808  # docs/reference/celo.md#meta-parameters: 37,089 stored − 1,281 dead
     h, k = 512, 256
     velo = (30 * h + h) * 2 + (2 * h * 4 * h + 4 * h) + 2 * h + (h + 1) + (h * k + k) + k * 159
     assert VeLOLOpt().num_meta_params() == velo
@@ -50,7 +50,8 @@ def test_meta_init_is_haiku_truncated_normal():
     w = module.scheduler.lstm.weight  # [2048, 1024]: fan_in 1024
     sigma = 1 / math.sqrt(1024)
     assert w.abs().max() <= 2 * sigma
-    # N(0, σ²) cut at ±2σ without rescaling has std ≈ 0.8796σ (lo_spec §1.2, §6 item 7).
+    # N(0, σ²) cut at ±2σ without rescaling has std ≈ 0.8796σ (docs/reference/small_fc.md#meta-parameters-and-decays,
+    # docs/reference/small_fc.md#meta-initialisation).
     assert abs(w.std().item() / sigma - 0.8796) < 0.01
     for name, p in module.named_parameters():
         if name.endswith("bias") or "init_" in name:
@@ -100,7 +101,7 @@ def test_configs():
 
 
 def _to_haiku(module: CeloLOpt) -> dict[str, np.ndarray]:
-    """The reference's θ layout (celo_spec §1.6), written independently for the test."""
+    """The reference's θ layout (docs/reference/celo.md#meta-parameters), written independently for the test."""
     sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     channels = [1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3]
     w0 = sd["mlp.0.weight"].T  # (30, 4)

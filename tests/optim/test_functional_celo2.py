@@ -1,4 +1,4 @@
-"""Celo2's pure step against an independent NumPy float64 implementation of celo2_spec §1.
+"""Celo2's pure step against an independent NumPy float64 implementation of docs/reference/celo2.md#the-update-rule.
 
 The reference below is written from the spec alone, on tensors in the JAX layout (Linear ``[in,
 out]``, conv ``HWIO``), with the "last two axes" and numpy-argsort rules literally; torch-layout

@@ -1,4 +1,4 @@
-"""Celo's toy golden test (celo_spec §1.9), run on the JAX-layout tensors it was recorded with.
+"""Celo's toy golden test (docs/reference/celo.md#golden-test), run on the JAX-layout tensors it was recorded with.
 
 The η and Σ|ΔW| values need the released Celo meta-weights (``theta.state`` of amoudgl/celo),
 which cannot be fetched here. Convert them once where they are available::

@@ -1,6 +1,7 @@
 """The pure learned-optimizer steps against an independent NumPy float64 reference.
 
-The reference below is written from the JAX sources described in lo_spec §1/§3 and celo_spec §1
+The reference below is written from the JAX sources described in docs/reference/small_fc.md, docs/reference/velo.md and
+docs/reference/celo.md
 (learned_optimization ``common.py``, ``adafac_mlp_lopt.py``, ``hyper_v2.py``, ``mup_hyper.py``, Celo
 ``celo.py``). It works on tensors in the **JAX layout** (``[in, out]``, ``HWIO``) with JAX-layout
 weights (``x @ W``), picks factored axes with a stable ``argsort`` as numpy does, and loops over

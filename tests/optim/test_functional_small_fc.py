@@ -15,7 +15,7 @@ from lightning_lopt.optim.functional.features import time_embedding
 
 
 def test_meta_parameter_count_is_2409():
-    # 39·32 + 32 + 32·32 + 32 + 32·2 + 2 + 7 (lo_spec §1.2)
+    # 39·32 + 32 + 32·32 + 32 + 32·2 + 2 + 7 (docs/reference/small_fc.md#meta-parameters-and-decays)
     assert SmallFCLOpt().num_meta_params() == 2409
 
 

@@ -1,4 +1,5 @@
-"""The pure steps under ``torch.func.vmap`` over 8 particles equal 8 separate calls (contract 1)."""
+"""The pure steps under ``torch.func.vmap`` over 8 particles equal 8 separate calls
+(docs/reference/design.md#contract-1-a-functional-core)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pure functional core of the learned optimizers (DESIGN contract 1).
+"""The pure functional core of the learned optimizers (docs/reference/design.md#contract-1-a-functional-core).
 
 Every architecture module (:mod:`.small_fc`, :mod:`.celo`, :mod:`.celo2`, :mod:`.velo`) provides
 

@@ -1,4 +1,5 @@
-"""Gradient accumulators shared by small_fc_lopt, Celo and VeLO (lo_spec §1.3–1.4, celo_spec §1.3).
+"""Gradient accumulators shared by small_fc_lopt, Celo and VeLO (docs/reference/small_fc.md#accumulators,
+docs/reference/small_fc.md#factored-axes-and-tensor-layout, docs/reference/celo.md#per-parameter-features).
 
 Every accumulator keeps its decays on a trailing axis (the reference vmaps them with
 ``out_axes=-1``). No bias correction is applied anywhere. All functions are pure and work under
@@ -9,7 +10,8 @@ and the reference picks the factored axes by *size* with a stable argsort, so on
 matrices, the hidden layers of every μMLP) the result depends on the memory layout. The reference
 is JAX: Linear kernels are ``[in, out]`` and conv kernels ``HWIO``; PyTorch stores ``[out, in]`` and
 ``OIHW``. With ``layout="torch"`` we choose the axes exactly as the reference would on the JAX view
-of the tensor (lo_spec §6 item 5, celo_spec §1.3) and map them back to PyTorch axes. This is
+of the tensor (docs/reference/small_fc.md#factored-axes-and-tensor-layout,
+docs/reference/celo.md#per-parameter-features) and map them back to PyTorch axes. This is
 mathematically the same as transposing to the JAX view, computing there and transposing back,
 because every other statistic is equivariant under axis permutations, but it costs no copy. The JAX
 view of a PyTorch tensor of rank r ≥ 2 is ``permute(2, ..., r-1, 1, 0)``: spatial axes first, then
@@ -32,7 +34,8 @@ from torch import Tensor
 
 LAYOUTS = ("torch", "jax")
 
-# The decays every architecture starts from (lo_spec §1.1, celo_spec §1.1). small_fc_lopt
+# The decays every architecture starts from (docs/reference/small_fc.md#hyper-parameters,
+# docs/reference/celo.md#configuration). small_fc_lopt
 # meta-learns offsets from them; Celo and VeLO use them as constants.
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAYS = (0.999,)
@@ -40,7 +43,7 @@ ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
 
 
 def work_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape the rules compute on: scalars become ``(1,)`` (lo_spec §1.5, celo_spec §1.2)."""
+    """The shape the rules compute on: scalars become ``(1,)`` (docs/reference/small_fc.md#scalars)."""
     return tuple(shape) if len(shape) > 0 else (1,)
 
 
@@ -55,7 +58,8 @@ def factored_dims(shape: Sequence[int], layout: str = "torch") -> tuple[int, int
     """``(d1, d0)``: the second-largest and the largest axis, or ``None`` below rank 2.
 
     The reference takes ``numpy.argsort(shape)[-2:]`` on the JAX-layout shape; numpy's sort is
-    stable for so few elements, so on a tie the *later* JAX axis counts as larger (lo_spec §1.4).
+    stable for so few elements, so on a tie the *later* JAX axis counts as larger
+    (docs/reference/small_fc.md#factored-axes-and-tensor-layout).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -110,7 +114,7 @@ def factored_scalings(v_row: Tensor, v_col: Tensor, dims: tuple[int, int]) -> tu
     """Row and column preconditioners, already unsqueezed to broadcast against ``g[..., None]``.
 
     row = rsqrt(max(v_row / (mean of v_row over d1 + 1e-9), 1e-9)), col = rsqrt(max(v_col, 1e-9))
-    (lo_spec §1.3). Only the row statistic is mean-normalised.
+    (docs/reference/small_fc.md#accumulators). Only the row statistic is mean-normalised.
     """
     d1, d0 = dims
     reduced_d1 = d1 - 1 if d1 > d0 else d1  # index of d1 once d0 is gone from v_row
@@ -133,7 +137,8 @@ def update_accumulators(
     - momentum: m ← β·m + (1−β)·g, β *not* clipped;
     - rms: v ← β̄·v + (1−β̄)·g², β̄ = clip(β, 0, 1);
     - adafactor with G = g² + 1e-30 and γ̄ = clip(γ, 0, 1): factored row/column means over d0/d1,
-      or the full second moment below rank 2; ``fac_g`` is g preconditioned by them (lo_spec §1.3).
+      or the full second moment below rank 2; ``fac_g`` is g preconditioned by them
+      (docs/reference/small_fc.md#accumulators).
     """
     gx = g.unsqueeze(-1)
     out = {

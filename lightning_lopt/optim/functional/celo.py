@@ -1,6 +1,6 @@
-"""Celo: a per-parameter MLP update rule scaled by a learned LSTM scheduler (celo_spec §1).
+"""Celo: a per-parameter MLP update rule scaled by a learned LSTM scheduler (docs/reference/celo.md).
 
-Order of one update (celo_spec §1.2):
+Order of one update (docs/reference/celo.md#one-update):
 
 1. add the raw loss to the loss buffer and compute its 9 features (skipped if the loss is not
    finite, see below);
@@ -59,7 +59,7 @@ NUM_INPUTS = 30
 NUM_SCHEDULER_INPUTS = 18
 STEP_MULT = 1e-3
 EXP_MULT = 1e-3
-LR_BASE = 0.1  # η = 0.1·exp(o) (celo_spec §1.2)
+LR_BASE = 0.1  # η = 0.1·exp(o) (docs/reference/celo.md#one-update)
 GRAD_CLIP = 1000.0
 
 State = dict[str, Any]
@@ -117,7 +117,7 @@ def step(
     eta, scheduler_state = scheduler_step(theta, state, ctx)
     lr = eta if train_phase == 2 else 1.0  # stage 1: the LSTM runs but does not scale the step
 
-    momentum, rms, adafactor = initial_decays(eta.dtype, eta.device)  # fixed (lo_spec §3.3)
+    momentum, rms, adafactor = initial_decays(eta.dtype, eta.device)  # fixed (docs/reference/celo.md#configuration)
     layers = layers_of(theta, "mlp", 3)
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []

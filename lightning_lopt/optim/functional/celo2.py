@@ -1,6 +1,7 @@
-"""Celo2 and Celo2Base: an RMS-normalised, optionally orthogonalised per-parameter MLP rule (celo2_spec §1).
+"""Celo2 and Celo2Base: an RMS-normalised, optionally orthogonalised per-parameter MLP rule
+(docs/reference/celo2.md#the-update-rule).
 
-One update (celo2_spec §1.2), per tensor routed to the learned rule:
+One update (docs/reference/celo2.md#one-step), per tensor routed to the learned rule:
 
 1. replace NaN/±inf gradients (``nan_to_num``, as every rule of this library does) and clip every
    element to [−1000, 1000]. The JAX reference only clips, so one NaN element would turn the whole
@@ -14,7 +15,7 @@ One update (celo2_spec §1.2), per tensor routed to the learned rule:
 5. Celo2 only, rank ≥ 2: d ← NS(d), Newton–Schulz per matrix slice (:mod:`.newton_schulz`);
 6. u = d · rsqrt(1e-9 + mean(d²)) over the matrix axes, so that every matrix slice has RMS 1;
 7. p ← p − step_mult · s · u, with s = ``ctx.scales[i]``: the optimizer classes pass lr × μP scale
-   with ``step_mult=1`` (the decoupled weight decay −lr·λ·p is theirs too, celo2_spec §1.2);
+   with ``step_mult=1`` (the decoupled weight decay −lr·λ·p is theirs too, docs/reference/celo2.md#one-step);
    meta-training passes s = 1 and ``step_mult`` = η = 1e-3, the reference's constant inner lr.
 
 **Matrix axes.** The reference is JAX and uses the *last two* axes of the JAX tensor. With
@@ -22,12 +23,13 @@ One update (celo2_spec §1.2), per tensor routed to the learned rule:
 whole tensor, and the matrix of a conv weight ``[out, in, kh, kw]`` is the ``(in, out)`` plane at
 each spatial position ``(kh, kw)``: the JAX kernel ``HWIO``'s last two axes. Statistics and
 Newton–Schulz therefore run over torch axes ``(1, 0)``, batched over axes 2... (a 3×3 conv is nine
-orthogonalised ``in × out`` matrices, never ``out·in`` orthogonalised 3×3 ones; celo2_spec §2.2 trap
+orthogonalised ``in × out`` matrices, never ``out·in`` orthogonalised 3×3 ones;
+docs/reference/celo2.md#checkpoints-and-layout trap
 2). With ``layout="jax"`` the matrix is the last two axes. Vectors and scalars (reshaped to ``(1,)``)
 use their one axis. The Adafactor axes follow the reference's size rule on the JAX view
 (:mod:`.accumulators`), which matters for square matrices.
 
-**The Adam branch** (celo2_spec §1.7). Tensors whose state was created with ``adam=True`` (by
+**The Adam branch** (docs/reference/celo2.md#the-adam-branch). Tensors whose state was created with ``adam=True`` (by
 default: rank ≤ 1 when ``adam_1d``; the optimizer classes add embeddings) take an Adam step from the
 raw (NaN-zeroed, unclipped) gradient with β = (0.9, 0.95), scaled by ``adam_lr_mult`` × step_mult × s:
 
@@ -69,7 +71,7 @@ from lightning_lopt.optim.functional.features import adafactor_features
 from lightning_lopt.optim.functional.mlp import layers_of, mlp_forward
 from lightning_lopt.optim.functional.newton_schulz import newton_schulz
 
-#: Channels of the feature groups w0__0 .. w0__13 (celo2_spec §2.1).
+#: Channels of the feature groups w0__0 .. w0__13 (docs/reference/celo2.md#meta-parameters).
 GROUP_CHANNELS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
 NUM_INPUTS = 30
 NUM_INPUTS_VECTOR = 15  # groups 0–8: vectors and scalars
@@ -86,9 +88,9 @@ NORMALIZER_EPS = 1e-9  # input and output second-moment normalisation
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 ADAM_MODES = ("adamw", "meta_training")
-#: The Adam branch's learning-rate multiplier in the authors' meta-training (celo2_spec §1.7).
+#: The Adam branch's learning-rate multiplier in the authors' meta-training (docs/reference/celo2.md#the-adam-branch).
 META_TRAINING_ADAM_LR_MULT = 20.0
-#: The constant inner learning rate of the authors' meta-training (celo2_spec §3).
+#: The constant inner learning rate of the authors' meta-training (docs/reference/celo2.md#meta-training).
 META_TRAINING_STEP_MULT = 1e-3
 
 State = dict[str, Any]

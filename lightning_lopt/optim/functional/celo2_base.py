@@ -23,7 +23,8 @@ from lightning_lopt.optim.functional.celo2 import State, step
 
 
 def init_state(theta: dict[str, Tensor], params: Sequence[Tensor], *, layout: str = "torch") -> State:
-    """Zero state with every tensor on the learned rule (Celo2Base, celo2_spec §1.1)."""
+    """Zero state with every tensor on the learned rule (Celo2Base,
+    docs/reference/celo2.md#variants-and-configuration)."""
     return celo2.init_state(theta, params, layout=layout, adam_1d=False)
 
 

@@ -19,12 +19,13 @@ class StepContext(NamedTuple):
     """What a step needs besides θ, the parameters, the gradients and the optimizer state.
 
     Attributes:
-        scales: one μP update scale s_p per tensor (lo_spec §2.2: ``1 / fan_in`` for hidden
+        scales: one μP update scale s_p per tensor
+            (docs/reference/mup.md#parametrisation-and-update-scales: ``1 / fan_in`` for hidden
             matrices, 1 otherwise). Standard-parametrization optimizers pass all ones.
         loss: the minibatch loss at the current parameters (a 0-d tensor), or ``None``. Celo and
             VeLO need it (their scheduler reads loss statistics); small_fc_lopt ignores it.
         num_steps: the training horizon T. Celo and VeLO use it for the progress features and the
-            loss-EMA half-lives (celo_spec §1.5); small_fc_lopt ignores it. An ``int``, or a 0-d
+            loss-EMA half-lives (docs/reference/celo.md#loss-buffer); small_fc_lopt ignores it. An ``int``, or a 0-d
             tensor so that particles vmapped together may each have their own horizon.
     """
 
@@ -47,6 +48,6 @@ def require_loss(ctx: StepContext, who: str) -> Tensor:
     if ctx.loss is None:
         raise ValueError(
             f"{who} needs the training loss: pass StepContext(loss=...) (its learned scheduler reads "
-            "loss statistics, celo_spec §1.5)"
+            "loss statistics, docs/reference/celo.md#loss-buffer)"
         )
     return torch.as_tensor(ctx.loss)

@@ -1,9 +1,11 @@
 """Per-parameter input features shared by the learned optimizers.
 
 - :func:`adafactor_features`: the five Adafactor feature groups (15 channels) common to all three
-  architectures (lo_spec §1.5 rows 8–12, celo_spec §1.3 groups 9–13).
-- :func:`hyper_inputs`: the 30 channels of the Celo / VeLO per-parameter MLP (celo_spec §1.3,
-  lo_spec §3.3).
+  architectures (docs/reference/small_fc.md#features (rows 8–12),
+  docs/reference/celo.md#per-parameter-features (groups 9–13)).
+- :func:`hyper_inputs`: the 30 channels of the Celo / VeLO per-parameter MLP
+  (docs/reference/celo.md#per-parameter-features,
+  docs/reference/velo.md#per-parameter-mlp-bank).
 - :func:`second_moment_normalize`: per-channel normalisation over all elements of a tensor.
 - :func:`time_embedding` (small_fc_lopt) and :func:`progress_embedding` (Celo, VeLO).
 
@@ -81,7 +83,8 @@ def adafactor_features(
 def hyper_inputs(
     p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str, factored: Factored | None = None
 ) -> Tensor:
-    """The 30 input channels of the Celo / VeLO per-parameter MLP (celo_spec §1.3), not yet normalised.
+    """The 30 input channels of the Celo / VeLO per-parameter MLP
+    (docs/reference/celo.md#per-parameter-features), not yet normalised.
 
     Order: g, clip(g, ±0.1), p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1), fac_g(3),
     g·rsqrt(rms+1e-6)(1), then the Adafactor groups (15). ``acc`` holds the updated accumulators;

@@ -1,4 +1,4 @@
-"""Loss statistics for the Celo / VeLO schedulers: ``BufferLossAccumulators`` (celo_spec §1.5).
+"""Loss statistics for the Celo / VeLO schedulers: ``BufferLossAccumulators`` (docs/reference/celo.md#loss-buffer).
 
 Ten EMAs of the raw training loss with half-lives ``logspace(1, log10 T, 10)``, their running minima
 and a count. The 9 features compare each bias-corrected EMA with its running minimum, normalised by

@@ -28,7 +28,8 @@ def mlp_forward(x: Tensor, layers: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
 def normalized_mlp_forward(x: Tensor, layers: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     """``mlp_forward`` of ``x`` second-moment normalised per trailing channel over the whole tensor.
 
-    The normalisation x_c / sqrt(1e-5 + mean(x_c²)) (lo_spec §1.5, celo_spec §1.3) is a per-tensor
+    The normalisation x_c / sqrt(1e-5 + mean(x_c²)) (docs/reference/small_fc.md#per-tensor-normalisation,
+    docs/reference/celo.md#per-parameter-features) is a per-tensor
     scaling of each input channel, so it is folded into the first layer's weight columns instead of
     materialising a normalised copy of ``x``: the same function, one pass over the features fewer.
     """

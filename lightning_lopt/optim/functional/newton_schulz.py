@@ -1,4 +1,5 @@
-"""Newton–Schulz orthogonalisation of matrices, batched over leading axes (celo2_spec §1.6).
+"""Newton–Schulz orthogonalisation of matrices, batched over leading axes
+(docs/reference/celo2.md#orthogonalisation-and-output-normalisation).
 
 Muon's quintic iteration, as Celo2 uses it: for a matrix X (the last two axes; every leading axis
 is a batch of independent matrices),

@@ -1,4 +1,5 @@
-"""The per-tensor LSTM shared by Celo's learned scheduler and VeLO (celo_spec §1.5, lo_spec §3.2).
+"""The per-tensor LSTM shared by Celo's learned scheduler and VeLO (docs/reference/celo.md#learned-scheduler,
+docs/reference/velo.md#lstm).
 
 Haiku semantics, which differ from ``torch.nn.LSTM``:
 

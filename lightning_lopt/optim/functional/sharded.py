@@ -7,7 +7,7 @@ per-rank partial sums, added up across ranks by ``reduce`` (a sum over ranks of 
 rules (the factored axes, the rank, the μP scale) use the *global* shape.
 
 The cross-element reductions of one step, and where they run (``d0`` / ``d1``: the largest and the
-second-largest axis of the global shape, lo_spec §1.4):
+second-largest axis of the global shape, docs/reference/small_fc.md#factored-axes-and-tensor-layout):
 
 ======================================  =====================  ===================================
 reduction                               tensors                 needs the other shards when

@@ -1,13 +1,13 @@
-"""small_fc_lopt (SP "LO") and μLO: the Adafactor-feature MLP learned optimizer (lo_spec §1–2).
+"""small_fc_lopt (SP "LO") and μLO: the Adafactor-feature MLP learned optimizer (docs/reference/small_fc.md).
 
 Per tensor: update momentum/rms/Adafactor accumulators with the (nan_to_num'd) gradient, build the
-28 features of lo_spec §1.5 from the *new* accumulators, normalise each channel over the tensor,
+28 features of docs/reference/small_fc.md#features from the *new* accumulators, normalise each channel over the tensor,
 append the 11 time features tanh(t/τ − 1) (t = updates done so far), run the 39→32→32→2 MLP and step
 
     p ← p − step_mult · d · exp(exp_mult · μ) · s_p
 
 with s_p = ``ctx.scales[i]`` (μLO: 1/fan_in on hidden matrices; SP: pass ones). step_mult is 0.01
-for μLO and 0.001 for SP LO; exp_mult is 1e-3 for both (lo_spec §1.1).
+for μLO and 0.001 for SP LO; exp_mult is 1e-3 for both (docs/reference/small_fc.md#hyper-parameters).
 
 θ (the ``state_dict`` of :class:`~lightning_lopt.optim.architectures.SmallFCLOpt`):
 ``mlp.{0,1,2}.weight`` (``[out, in]``) and ``.bias``, plus the decay offsets φ ``momentum_decays``
@@ -53,7 +53,8 @@ State = dict[str, Any]
 
 
 def decays_from_offsets(offsets: Tensor, initial: Sequence[float]) -> Tensor:
-    """The meta-learned decays 1 − (1 − d₀)·exp(10·φ) (lo_spec §1.2); φ = 0 gives d₀."""
+    """The meta-learned decays 1 − (1 − d₀)·exp(10·φ)
+    (docs/reference/small_fc.md#meta-parameters-and-decays); φ = 0 gives d₀."""
     base = torch.tensor(initial, dtype=offsets.dtype, device=offsets.device)
     return 1 - (1 - base) * torch.exp(10.0 * offsets)
 
@@ -75,7 +76,8 @@ def init_state(theta: dict[str, Tensor], params: Sequence[Tensor], *, layout: st
 def tensor_features(
     p: Tensor, g: Tensor, acc: dict[str, Tensor], fac_g: Tensor, *, layout: str, factored: Factored | None = None
 ) -> Tensor:
-    """The 28 per-element channels of lo_spec §1.5 (not yet normalised) from the *updated* accumulators.
+    """The 28 per-element channels of
+    docs/reference/small_fc.md#features (not yet normalised) from the *updated* accumulators.
 
     Order: g, p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1), fac_g(3), then the
     Adafactor groups (15); ``factored`` as in :func:`~.features.adafactor_features`.
@@ -126,11 +128,12 @@ def step(
     for p, g, acc, scale in zip(params, grads, state["tensors"], ctx.scales):
         shape = work_shape(p.shape)
         p_w = p.reshape(shape)
-        # lo_spec §1.3 step 2: NaN → 0, ±inf → ±max before anything else sees the gradient.
+        # docs/reference/small_fc.md#accumulators (step 2): NaN → 0, ±inf → ±max before anything else sees the gradient.
         g_w = torch.nan_to_num(g.reshape(shape).to(p.dtype))
         acc, fac_g = update_accumulators(acc, g_w, momentum, rms, adafactor, layout)
         features = tensor_features(p_w, g_w, acc, fac_g, layout=layout)
-        # The 28 channels are normalised per channel (§1.5); the time features are not (b0_time).
+        # The 28 channels are normalised per channel
+        # (docs/reference/small_fc.md#per-tensor-normalisation); the time features are not (b0_time).
         out = normalized_mlp_forward(features, [(w0_features, b0_time), *hidden])
         delta = step_mult * out[..., 0] * torch.exp(exp_mult * out[..., 1]) * scale
         new_params.append((p_w - delta).reshape(p.shape))

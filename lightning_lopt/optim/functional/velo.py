@@ -1,4 +1,4 @@
-"""VeLO and μVeLO: a per-tensor LSTM that writes the weights of a per-parameter MLP (lo_spec §3).
+"""VeLO and μVeLO: a per-tensor LSTM that writes the weights of a per-parameter MLP (docs/reference/velo.md).
 
 One update:
 
@@ -10,7 +10,8 @@ One update:
    1/RMS(p): progress (9), loss features (9), then, in the reference's sorted-key order, mean_rms
    (1), rank one-hot (5), var_m (3), var_rms (3). Each statistic goes through
    0.5·clip(log(1e-8 + |10·x|), −5, 5). var_rms subtracts mean_m, which broadcasts it to 3 values:
-   a quirk of the reference kept here (lo_spec §3.1 lists 28 inputs; the code has 30);
+   a quirk of the reference kept here
+   (docs/reference/velo.md#lstm-inputs: a description of the design lists 28 inputs; the code has 30);
 4. the mixed-input Haiku LSTM (one state per tensor) gives controls c ∈ R^K and lr_mult (no
    nonlinearity);
 5. the tensor's MLP weights are interp_mult · mean_k(c_k · W_k) over the bank of K MLPs (30→4→4→3),
@@ -18,7 +19,7 @@ One update:
 6. p ← p − 1e-3 · lr_mult · d · exp(1e-3 · a) · [sqrt(mean(p²) + 1e-9) if param_scale_mult] · s_p.
 
 VeLO: interp_mult 100, param_scale_mult on, s_p = 1. μVeLO: interp_mult 1, param_scale_mult off,
-s_p = ``ctx.scales[i]`` (lo_spec §3.5).
+s_p = ``ctx.scales[i]`` (docs/reference/velo.md#muvelo).
 
 θ (the ``state_dict`` of :class:`~lightning_lopt.optim.architectures.VeLOLOpt`): the scheduler
 entries (``scheduler.``, with ``controls``) and the bank ``bank.{0,1,2}.weight`` ``[K, out, in]`` /
@@ -131,7 +132,7 @@ def step(
     controls = head(theta, "scheduler.controls", hidden)
     lr_mult = head(theta, "scheduler.step_size", hidden)[:, 0]
 
-    momentum, rms, adafactor = initial_decays(dtype, iteration.device)  # fixed (lo_spec §3.3)
+    momentum, rms, adafactor = initial_decays(dtype, iteration.device)  # fixed (docs/reference/velo.md#configuration)
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []
     for i, (p, g, acc, scale) in enumerate(zip(p_w, g_w, old, ctx.scales)):

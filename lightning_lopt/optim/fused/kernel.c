@@ -6,7 +6,8 @@
  * tensors through ctypes (driver.py mirrors the descriptor layout below).
  *
  * One call computes, for every (particle, tensor) "job", the pure step of
- * lightning_lopt/optim/functional/{small_fc,celo}.py (lo_spec §1, celo_spec §1.2-1.4), in phases
+ * lightning_lopt/optim/functional/{small_fc,celo}.py (docs/reference/small_fc.md, docs/reference/celo.md#one-update,
+ * docs/reference/celo.md#per-parameter-features), in phases
  * separated by barriers:
  *
  *   RED    factored tensors: the means of G = g² + 1e-30 over the two factored axes;

@@ -30,7 +30,8 @@ Contract of the two passes (for a sharded step, e.g. FSDP2, which all-reduces be
     plan = table.plan_for(jobs, layout, celo)         # jobs: the local tensors (table.Job)
     stats, workspace = table.statistics(plan, nets)   # stats: float32 [n_tensors, 32]
     # stats[i, c] = Σ over tensor i's elements of (MLP input channel c)², channels in spec order
-    # (lo_spec §1.5: 28 for small_fc, celo_spec §1.3: 30 for Celo; the rest 0); a SUM, so the
+    # (docs/reference/small_fc.md#features: 28 for small_fc,
+    docs/reference/celo.md#per-parameter-features: 30 for Celo; the rest 0); a SUM, so the
     # shards' stats all-reduce with SUM. The mean square used is stats / plan.numels (the local
     # element counts: a sharded caller passes the global counts).
     table.apply(plan, nets, stats, workspace, numerics="fast")

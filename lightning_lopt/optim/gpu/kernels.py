@@ -1,4 +1,5 @@
-"""The Triton kernels of the GPU step of small_fc_lopt / μLO and Celo (lo_spec §1, celo_spec §1.2-1.4).
+"""The Triton kernels of the GPU step of small_fc_lopt / μLO and Celo (docs/reference/small_fc.md,
+docs/reference/celo.md#one-update, docs/reference/celo.md#per-parameter-features).
 
 Every kernel runs over many tensors at once: a *job table* (int64 ``[n_jobs, J_COUNT]``, built by
 :mod:`lightning_lopt.optim.gpu.table`) holds each tensor's size, its 5-D view ``[pre, A, mid, B,
@@ -13,7 +14,8 @@ launch each, in this order):
    ``[v, rsqrt(v + 1e-8), factor]`` x 3 decays into the workspace, and the sums of ``v_row`` over
    its d1 axis; :func:`row_factor_kernel`: the row factors, which need those sums;
 3. :func:`stats_kernel`: the sum over the elements of every MLP input channel squared, ``stats
-   [n_jobs, 32]`` in the spec's channel order (lo_spec §1.5, celo_spec §1.3; padded with zeros);
+   [n_jobs, 32]`` in the spec's channel order (docs/reference/small_fc.md#features,
+   docs/reference/celo.md#per-parameter-features; padded with zeros);
 4. :func:`apply_kernel`: rebuild the inputs of a block of elements, normalise them with ``stats``,
    run the MLP with ``tl.dot`` and write the parameter, ``m``, ``rms`` (and ``v`` of vectors).
 
@@ -351,7 +353,8 @@ def tables_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, decays_pt
 
 @triton.jit
 def row_factor_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, ws_ptr, BLOCK: tl.constexpr):
-    """Phase 2b: row factor = safe_rsqrt(v_row / (mean of v_row over d1 + 1e-9)) (lo_spec §1.3)."""
+    """Phase 2b: row factor = safe_rsqrt(v_row / (mean of v_row over d1 + 1e-9))
+    (docs/reference/small_fc.md#accumulators)."""
     unit, e = _block(block_job_ptr, first_block_ptr, BLOCK)
     unit_row = units_ptr + unit * U_COUNT
     job = tl.load(unit_row + U_JOB)
