@@ -59,6 +59,9 @@ def test_card_schema(name: str) -> None:
         # Warm start is disclosed with its teacher and how well the regression fit.
         warm = recipe["warm_start"]
         assert warm["settings"]["teacher"] in ("muadam", "adam") and warm["relative_error_end"]
+        # ... and so is its compute: the card's total includes it.
+        assert compute["warm_start_cpu_seconds"] > 0
+        assert compute["total_seconds"] == pytest.approx(compute["seconds"] + compute["warm_start_cpu_seconds"], abs=0.1)
     tensors = safetensors.torch.load_file(str(directory / pretrained.WEIGHTS_NAME))
     assert sum(t.numel() for t in tensors.values()) == card["num_meta_params"]
     assert all(torch.isfinite(t).all() for t in tensors.values())
