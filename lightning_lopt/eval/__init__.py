@@ -2,8 +2,8 @@
 
 One concept per module, the way learned_optimization keeps tasks, trainers and summaries apart:
 
-- :mod:`.tasks`: task families (model kind, data, batch size, base width) and tasks; :mod:`.convnet`
-  and :mod:`.data` supply the conv net and the data sources they need;
+- :mod:`.tasks`: task families (model kind, data, batch size, base width) and tasks, built with
+  :func:`lightning_lopt.models.build`; :mod:`.data` loads their data sources by name;
 - :mod:`.suites`: the suite YAML files of ``configs/eval/`` → groups of tasks;
 - :mod:`.optimizers`: ``--optimizers`` entries (names, ``name:weights``, import paths) and how a
   run builds its ``torch.optim`` optimizer;

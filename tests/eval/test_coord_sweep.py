@@ -15,7 +15,7 @@ import torch
 
 from lightning_lopt.eval import coord_sweep
 from lightning_lopt.eval.coord_sweep import main, run_coord_sweep, summarize
-from lightning_lopt.eval.data import SyntheticTokens
+from lightning_lopt.datamodules import SyntheticTokens
 
 
 def test_mlp_sweep_discriminates_mup_from_sp() -> None:
