@@ -1,4 +1,4 @@
-"""Tests of lightning_lopt.callbacks.CoordCheck inside real lightning.Trainer fits on CPU."""
+"""Tests of lightning_lopt.callbacks.CoordCheck (lightning_lopt.coord_check.callback) inside real lightning.Trainer fits on CPU."""
 
 from __future__ import annotations
 
