@@ -1,4 +1,5 @@
-"""Evaluation of optimizers: suites against tuned baselines, and the μP coordinate-check sweep.
+"""Evaluation of optimizers: suites against tuned baselines (the coordinate check is
+:mod:`lightning_lopt.coord_check`).
 
 One concept per module, the way learned_optimization keeps tasks, trainers and summaries apart:
 
@@ -13,8 +14,9 @@ One concept per module, the way learned_optimization keeps tasks, trainers and s
 - :mod:`.metrics`: pure functions: final loss, ranks, normalised loss, speedup, IQM, median,
   optimality gap, stratified bootstrap intervals;
 - :mod:`.summary`, :mod:`.plots`, :mod:`.report`: tables, PNGs and the markdown report;
-- :mod:`.evaluate` and :mod:`.coord_sweep`: the ``evaluate`` and ``coord-check`` commands, which share
-  :mod:`.arguments` (jsonargparse, ``--config``, ``--seeds N``).
+- :mod:`.plan`: a checked evaluation (what runs, with which settings, where it goes);
+- :mod:`.evaluate`: the ``evaluate`` command, built on :mod:`.arguments` (jsonargparse, ``--config``,
+  ``--seeds N``), which the ``coord-check`` command shares.
 
 See ``docs/evaluation.md``.
 """
