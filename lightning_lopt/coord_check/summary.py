@@ -71,7 +71,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table of the slopes: one row per optimizer, param and layer."""
     stats = sorted({s for o in summary["slopes"].values() for p in o.values() for lay in p.values() for s in lay})
     head = f"log-log slope vs width at step {summary['last_step']} (mean ± std over seeds)"
-    lines = [head, f"{'optimizer':<10} {'param':<5} {'layer':<28} " + " ".join(f"{s:>16}" for s in stats)]
+    # Entries such as "mulo:runs/my-mulo" are longer than registry names: the column fits the longest.
+    name_w = max([10, *(len(o) for o in summary["slopes"])])
+    lines = [head, f"{'optimizer':<{name_w}} {'param':<5} {'layer':<28} " + " ".join(f"{s:>16}" for s in stats)]
     for opt_name, by_param in summary["slopes"].items():
         for p, by_layer in by_param.items():
             for layer, by_stat in by_layer.items():
@@ -81,5 +83,5 @@ def format_summary(summary: dict[str, Any]) -> str:
                     cells.append(
                         f"{'n/a':>16}" if e is None or e["mean"] is None else f"{e['mean']:>+9.2f} ± {e['std']:<4.2f}"
                     )
-                lines.append(f"{opt_name:<10} {p:<5} {layer:<28} " + " ".join(cells))
+                lines.append(f"{opt_name:<{name_w}} {p:<5} {layer:<28} " + " ".join(cells))
     return "\n".join(lines)
