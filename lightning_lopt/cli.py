@@ -30,7 +30,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 #: Subcommands outside LightningCLI: name -> "module:function" taking argv, or None while the issue
 #: that provides it is open.
 EXTRA_COMMANDS: dict[str, str | None] = {
-    "coord-check": "lightning_lopt.eval.coord_sweep:main",
+    "coord-check": "lightning_lopt.coord_check.cli:main",
     "meta-fit": "lightning_lopt.meta.cli:main",
     "evaluate": "lightning_lopt.eval.evaluate:main",
 }

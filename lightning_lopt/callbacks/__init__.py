@@ -6,6 +6,7 @@
     trainer = lightning.Trainer(max_steps=10, callbacks=[CoordCheck(steps=(0, 1, 2, 5, 10))])
 """
 
-from lightning_lopt.callbacks.coord_check import CoordCheck
+# The callback lives with the rest of the coordinate check; this is its public import path.
+from lightning_lopt.coord_check.callback import CoordCheck
 
 __all__ = ["CoordCheck"]

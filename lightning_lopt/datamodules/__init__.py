@@ -7,6 +7,7 @@ with ``sample(batch_size, n, generator) -> (x, y)`` of shape ``[n, batch_size, .
 - ``digits``: scikit-learn's bundled 8x8 digits. Needs no set-up: the default everywhere.
 - ``mnist``, ``fashion_mnist``: IDX files installed by ``python -m lightning_lopt.datamodules.fetch``.
 - ``text``: local text files, a Hugging Face dataset, or the Brown corpus (also fetched).
+- :class:`SyntheticTokens` (not a data module): a random bigram chain for offline LM checks.
 
 Names are imported lazily, so that ``python -m lightning_lopt.datamodules.fetch`` (numpy and the
 standard library only) does not pay for importing torch and Lightning.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from lightning_lopt.datamodules.images import DigitsDataModule, ImageDataModule
     from lightning_lopt.datamodules.mnist import FashionMNISTDataModule, IDXDataModule, MNISTDataModule
     from lightning_lopt.datamodules.paths import default_data_dir
+    from lightning_lopt.datamodules.synthetic import SyntheticTokens
     from lightning_lopt.datamodules.text import TextDataModule
 
 _EXPORTS = {
@@ -39,6 +41,7 @@ _EXPORTS = {
     "FashionMNISTDataModule": "mnist",
     "IDXDataModule": "mnist",
     "TextDataModule": "text",
+    "SyntheticTokens": "synthetic",
     "read_idx": "formats",
     "default_data_dir": "paths",
 }
@@ -80,6 +83,7 @@ __all__ = [
     "IDXDataModule",
     "ImageDataModule",
     "MNISTDataModule",
+    "SyntheticTokens",
     "TextDataModule",
     "default_data_dir",
     "get_datamodule",

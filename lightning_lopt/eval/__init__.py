@@ -1,9 +1,10 @@
-"""Evaluation of optimizers: suites against tuned baselines, and the μP coordinate-check sweep.
+"""Evaluation of optimizers: suites against tuned baselines (the coordinate check is
+:mod:`lightning_lopt.coord_check`).
 
 One concept per module, the way learned_optimization keeps tasks, trainers and summaries apart:
 
-- :mod:`.tasks`: task families (model kind, data, batch size, base width) and tasks; :mod:`.convnet`
-  and :mod:`.data` supply the conv net and the data sources they need;
+- :mod:`.tasks`: task families (model kind, data, batch size, base width) and tasks, built with
+  :func:`lightning_lopt.models.build`; :mod:`.data` loads their data sources by name;
 - :mod:`.suites`: the suite YAML files of ``configs/eval/`` → groups of tasks;
 - :mod:`.optimizers`: ``--optimizers`` entries (names, ``name:weights``, import paths) and how a
   run builds its ``torch.optim`` optimizer;
@@ -13,8 +14,9 @@ One concept per module, the way learned_optimization keeps tasks, trainers and s
 - :mod:`.metrics`: pure functions: final loss, ranks, normalised loss, speedup, IQM, median,
   optimality gap, stratified bootstrap intervals;
 - :mod:`.summary`, :mod:`.plots`, :mod:`.report`: tables, PNGs and the markdown report;
-- :mod:`.evaluate` and :mod:`.coord_sweep`: the ``evaluate`` and ``coord-check`` commands, which share
-  :mod:`.arguments` (jsonargparse, ``--config``, ``--seeds N``).
+- :mod:`.plan`: a checked evaluation (what runs, with which settings, where it goes);
+- :mod:`.evaluate`: the ``evaluate`` command, built on :mod:`.arguments` (jsonargparse, ``--config``,
+  ``--seeds N``), which the ``coord-check`` command shares.
 
 See ``docs/evaluation.md``.
 """

@@ -52,7 +52,8 @@ from lightning_lopt.eval.arguments import (
     str_list,
 )
 from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimizer, parse_optimizer, uses_random_weights
-from lightning_lopt.eval.runner import RunSpec, execute
+from lightning_lopt.eval.plan import Plan
+from lightning_lopt.eval.runner import execute
 from lightning_lopt.eval.suites import SIZES, Suite, load_suite
 from lightning_lopt.eval.tasks import Family, Task, build_model, num_classes
 from lightning_lopt.eval.tuning import DEFAULT_TUNED_DIR, is_tunable, load_grids, load_tuned, tune_family
@@ -62,29 +63,6 @@ DEFAULT_OPTIMIZERS = ("mulo", "lo", "adamw", "muadam")
 TUNE_MODES = ("no", "missing", "all")
 #: The origin of a setting that ``--tune`` has yet to choose.
 TO_BE_TUNED = "to be tuned"
-
-
-@dataclass
-class Plan:
-    """A checked evaluation: what will run, with which settings, and where it goes."""
-
-    suite: Suite
-    optimizers: list[OptimizerSpec]
-    seeds: list[int]
-    settings: dict[tuple[str, str], Setting]  # (family, optimizer label) -> setting
-    to_tune: list[Family]
-    out: Path
-    cache_dir: Path
-    tuned_dir: Path
-    device: str
-
-    def runs(self) -> list[RunSpec]:
-        return [
-            RunSpec(task, spec, self.settings[(task.family.name, spec.label)], seed)
-            for task in self.suite.tasks()
-            for spec in self.optimizers
-            for seed in self.seeds
-        ]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""PNG plots of the evaluation and the coordinate check, drawn with matplotlib's pyplot-free API
+"""PNG plots of the evaluation, drawn with matplotlib's pyplot-free API
 (the user's global backend is left alone) and saved as small palette PNGs that can be committed.
 
 Evaluation figures, per group of a suite (:func:`plot_suite`):
@@ -11,9 +11,8 @@ Evaluation figures, per group of a suite (:func:`plot_suite`):
   of the normalised loss and of the speedup, with their 95% intervals;
 * every task: training and test loss of every optimizer (``tasks/<task>.png``).
 
-Coordinate-check figures (:func:`plot_coord_sweep`), per optimizer, parametrization and statistic:
-statistic vs width (log-log, one line per step; mup's style) and statistic vs step (one line per
-width; μLO Fig. 3 and appendix F), one panel per layer.
+The coordinate check's figures are in :mod:`lightning_lopt.coord_check.plots`, drawn with the
+helpers here (:func:`new_figure`, :func:`save_png`).
 
 Curves are the mean over seeds of the per-step training loss, smoothed for display with an EMA of
 coefficient :data:`DISPLAY_EMA`, with the standard error over seeds shaded; diverged runs sit at the
@@ -240,69 +239,4 @@ def plot_suite(suite: Suite, tables: Summary, records: Records, out: Path) -> li
             paths.append(plot_aggregates(g, opts, str(tables.reference), out / f"{g.name}_aggregates.png"))
     for task in suite.tasks():
         paths.append(plot_task(task, opts, seeds, records, out / "tasks" / f"{task.id}.png"))
-    return paths
-
-
-def plot_coord_sweep(records: Sequence[Mapping[str, Any]], out_dir: Path, stats: Sequence[str]) -> list[Path]:
-    """The coordinate-check sweep's figures (:mod:`~lightning_lopt.eval.coord_sweep`): both styles for
-    every (optimizer, param, stat); returns the PNG paths.
-
-    Lines are seed means; the shaded band spans the seeds' min and max. Non-positive values
-    (``delta_std`` at step 0) are left out of the log axes.
-    """
-    from matplotlib import colormaps
-    from matplotlib.ticker import NullFormatter
-
-    model = records[0]["model"]
-    paths: list[Path] = []
-    combos = list(dict.fromkeys((r["optimizer"], r["param"]) for r in records))
-    for opt_name, p in combos:
-        rows = [r for r in records if r["optimizer"] == opt_name and r["param"] == p]
-        layers = list(dict.fromkeys(r["layer"] for r in rows))
-        widths = sorted({r["width"] for r in rows})
-        steps = sorted({r["step"] for r in rows})
-        for stat in stats:
-            # (layer, step, width) -> values over seeds
-            cells: dict[tuple[str, int, int], list[float]] = {}
-            for r in rows:
-                if r["stat"] == stat:
-                    cells.setdefault((r["layer"], r["step"], r["width"]), []).append(r["value"])
-            for style, xs, lines, cmap in (
-                ("vs_width", widths, steps, "plasma"),
-                ("vs_step", steps, widths, "viridis"),
-            ):
-                fig, axes = new_figure(len(layers), ncols=4, panel_size=(2.9, 2.3))
-                colors = colormaps[cmap](np.linspace(0.0, 0.85, len(lines)))
-                for ax, layer in zip(axes, layers):
-                    for color, line in zip(colors, lines):
-                        key = (lambda xv: (layer, line, xv)) if style == "vs_width" else (lambda xv: (layer, xv, line))
-                        pts = [(xv, cells[key(xv)]) for xv in xs if key(xv) in cells]
-                        pts = [(xv, v) for xv, v in pts if min(v) > 0 and all(map(math.isfinite, v))]
-                        if not pts:
-                            continue
-                        xv = [q[0] for q in pts]
-                        label = f"t={line}" if style == "vs_width" else f"w={line}"
-                        ax.plot(xv, [float(np.mean(q[1])) for q in pts], marker="o", ms=3, color=color, label=label)
-                        low_band, high_band = [min(q[1]) for q in pts], [max(q[1]) for q in pts]
-                        ax.fill_between(xv, low_band, high_band, color=color, alpha=0.2, lw=0)
-                    ax.set_yscale("log")
-                    low, high = ax.dataLim.intervaly
-                    if low > 0 and high / low < 10:
-                        # At least a decade per panel: autoscaling would blow seed noise around a
-                        # flat (μP) curve up to the size of a trend.
-                        mid = math.sqrt(low * high)
-                        ax.set_ylim(mid / math.sqrt(10), mid * math.sqrt(10))
-                    # Past a decade matplotlib still labels some minor ticks, which then overlap.
-                    ax.yaxis.set_minor_formatter(NullFormatter())
-                    if style == "vs_width":
-                        ax.set_xscale("log", base=2)
-                    ax.set_title(layer, fontsize="small")
-                    ax.set_xlabel("width" if style == "vs_width" else "step", fontsize="small")
-                    ax.tick_params(labelsize="x-small")
-                    ax.grid(True, which="major", alpha=0.3)
-                handles, labels = fig.axes[0].get_legend_handles_labels()
-                fig.legend(handles, labels, loc="upper right", fontsize="x-small")
-                title = f"{model}: {stat}, {opt_name} ({'μP' if p == 'mup' else 'SP'})"
-                fig.suptitle(title + (", one line per step" if style == "vs_width" else ", one line per width"))
-                paths.append(save_png(fig, out_dir / f"{model}_{opt_name}_{p}_{stat}_{style}.png"))
     return paths

@@ -16,15 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from lightning_lopt.eval.optimizers import weights_identity
+from lightning_lopt.eval.plan import Plan
 from lightning_lopt.eval.summary import GroupTables, Summary, rank_columns
-
-if TYPE_CHECKING:
-    from lightning_lopt.eval.evaluate import Plan
 
 REPORT_NAME = "report.md"
 

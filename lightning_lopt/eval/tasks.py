@@ -12,7 +12,7 @@ A family is what the baselines are tuned on, once, at its base width and depth f
 ``ae``      ``MuMLP`` back to the input size       autoencoder    ``input_layer``
 ``vit``     :class:`~lightning_lopt.models.MuViT`  classification ``patch_embed``
 ``lm``      ``MuTransformerLM``                    lm             ``tok_embed``
-``conv``    :class:`~lightning_lopt.eval.convnet.ConvNet`  classification ``convs.0``
+``conv``    ``ConvNet``                            classification ``convs.0``
 ==========  =====================================  =============  ================
 
 The input multiplier column is the module whose output μAdam's tuned ``input_mult`` scales (the
@@ -38,10 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_lopt import models
 from lightning_lopt.checks import check_positive_int
-from lightning_lopt.eval.convnet import ConvNet
 from lightning_lopt.eval.data import load_source
-from lightning_lopt.models import MuMLP, MuTransformerLM, MuViT
 
 #: Model kinds and their training objective.
 OBJECTIVES = {"mlp": "classification", "ae": "autoencoder", "vit": "classification", "lm": "lm", "conv": "classification"}
@@ -153,22 +152,11 @@ def build_model(
     kind = family.model
     if kind in ("vit", "lm") and width % family.head_dim:
         raise ValueError(f"task {task.id}: width {width} is not a multiple of head_dim {family.head_dim}")
-    if kind == "mlp":
-        model: nn.Module = MuMLP(source.input_shape, width, depth, source.num_classes, param, output_mult)
-    elif kind == "ae":
-        model = MuMLP(source.input_shape, width, depth, math.prod(source.input_shape), param, output_mult)
-    elif kind == "vit":
-        channels, size = source.input_shape[0], source.input_shape[-1]
-        model = MuViT(
-            size, family.patch_size, width, depth, width // family.head_dim, family.mlp_ratio,
-            source.num_classes, param, in_channels=channels, output_mult=output_mult,
-        )  # fmt: skip
-    elif kind == "lm":
-        model = MuTransformerLM(
-            source.vocab_size, source.seq_len, width, depth, width // family.head_dim, param, output_mult=output_mult
-        )
-    else:
-        model = ConvNet(source.input_shape, width, depth, source.num_classes, param, output_mult)
+    heads = width // family.head_dim
+    model = models.build(
+        kind, width, depth, param, data=source, heads=heads, patch_size=family.patch_size,
+        mlp_ratio=family.mlp_ratio, output_mult=output_mult,
+    )  # fmt: skip
     if input_mult != 1.0:
         module = model.get_submodule(INPUT_MODULES[kind])
         module.register_forward_hook(lambda m, args, out: out * input_mult)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lightning_lopt.datamodules import get_datamodule
 from lightning_lopt.meta.tasks import Task
-from lightning_lopt.models import MuMLP
+from lightning_lopt import models
 from lightning_lopt.optimizee import OptimizeeModule
 
 #: Data sets an ImageMLPTask can use (all 10-class, grey).
@@ -66,7 +66,9 @@ class ImageMLPTask(Task):
         in_shape = (1, image_size, image_size)
 
         def factory(seed: int, width: int | None) -> OptimizeeModule:
-            return OptimizeeModule(MuMLP(in_shape, width, depth, datamodule.num_classes, param=param))
+            return OptimizeeModule(
+                models.build("mlp", width, depth, param, input_shape=in_shape, num_classes=datamodule.num_classes)
+            )
 
         factory.__name__ = name or f"mlp-{key}{image_size}-d{depth}-{param}"
         super().__init__(factory, datamodule, widths=list(widths), batch_size=batch_size, name=factory.__name__)

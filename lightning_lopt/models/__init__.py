@@ -1,4 +1,5 @@
-"""μP optimizees built with mup: an MLP, a Vision Transformer and a Transformer language model.
+"""μP optimizees built with mup: an MLP, a Vision Transformer, a Transformer language model and a
+conv net, each built by kind with :func:`build` (``models.build("mlp", width, depth, ...)``).
 
 Each model takes ``param="mup"`` (μLO's parametrization, the default) or ``param="sp"`` (PyTorch
 defaults, the baseline) and exposes ``update_scales()``: per-tensor floats keyed by
@@ -13,6 +14,8 @@ Example::
 """
 
 from lightning_lopt.models.base import MuLOReadout, MuModel
+from lightning_lopt.models.convnet import ConvNet
+from lightning_lopt.models.factory import KINDS, build
 from lightning_lopt.models.mlp import MuMLP
 from lightning_lopt.models.scales import (
     attach_update_scales,
@@ -24,12 +27,15 @@ from lightning_lopt.models.transformer import MuTransformerLM
 from lightning_lopt.models.vit import MuViT
 
 __all__ = [
+    "KINDS",
+    "ConvNet",
     "MuLOReadout",
     "MuMLP",
     "MuModel",
     "MuTransformerLM",
     "MuViT",
     "attach_update_scales",
+    "build",
     "mup_update_scales",
     "param_update_scale",
     "update_scales_of",

@@ -1,4 +1,4 @@
-"""Tests of lightning_lopt.callbacks.CoordCheck inside real lightning.Trainer fits on CPU."""
+"""Tests of lightning_lopt.callbacks.CoordCheck (lightning_lopt.coord_check.callback) inside real lightning.Trainer fits on CPU."""
 
 from __future__ import annotations
 
@@ -392,3 +392,9 @@ def test_ddp_two_processes_only_rank_zero_writes(tmp_path: Path) -> None:
     assert all(0 < values[(s, layer, "abs_mean")] < 10 for s in (0, 1, 3) for layer in ("fc1", "fc2"))
     rank0 = json.loads((tmp_path / "records_rank0.json").read_text())
     assert _table(rank0) == pytest.approx(values)
+
+
+def test_the_public_import_path_is_the_coord_check_wing() -> None:
+    from lightning_lopt.coord_check import CoordCheck as WingCoordCheck
+
+    assert CoordCheck is WingCoordCheck

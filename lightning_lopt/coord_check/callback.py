@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -69,7 +68,6 @@ __all__ = [
     "STATS",
     "CoordCheck",
     "default_module_filter",
-    "plot_records",
     "probe_input",
     "resolve_module_filter",
     "write_records_csv",
@@ -246,6 +244,8 @@ class CoordCheck(L.Callback):
             out_dir.mkdir(parents=True, exist_ok=True)
             write_records_csv(self.records, out_dir / f"{self.filename}.csv")
             if self.plot:
+                from lightning_lopt.coord_check.plots import plot_records  # matplotlib only when plotting
+
                 fig = plot_records(self.records, out_dir / f"{self.filename}.png", stats=self.stats)
                 for logger in trainer.loggers:
                     if isinstance(logger, TensorBoardLogger):
@@ -358,39 +358,3 @@ def write_records_csv(records: Sequence[Mapping[str, Any]], path: str | os.PathL
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(records)
-
-
-def plot_records(
-    records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None, stats: Sequence[str] | None = None
-) -> Any:
-    """Plot statistic vs step, one line per layer and one panel per statistic, log y.
-
-    Non-positive values (``delta_std`` at step 0) cannot sit on a log axis and are left out.
-    Returns the ``matplotlib.figure.Figure``; saves it as a PNG when ``path`` is given.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    stats = list(stats or dict.fromkeys(r["stat"] for r in records))
-    layers = list(dict.fromkeys(r["layer"] for r in records))
-    # The pyplot-free Figure API leaves the user's global matplotlib backend alone.
-    fig = Figure(figsize=(4.2 * len(stats), 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(stats), squeeze=False)[0]
-    for ax, stat in zip(axes, stats):
-        for layer in layers:
-            pts = sorted(
-                (r["step"], r["value"])
-                for r in records
-                if r["stat"] == stat and r["layer"] == layer and r["value"] > 0 and math.isfinite(r["value"])
-            )
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=layer)
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_title(stat)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize="x-small")
-    if path is not None:
-        fig.savefig(path, dpi=100)
-    return fig

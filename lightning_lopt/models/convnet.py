@@ -2,8 +2,7 @@
 
 Celo's ``Conv_Cifar10_32x64x64`` (docs/reference/celo.md#evaluation-tasks): 3x3 convolutions with ``width, 2·width,
 2·width`` channels, the first with stride 2, ReLU after each, global average pooling and a linear
-head. The library's models have no convolutional network, and the evaluation needs one, so it lives
-here, built on the same :class:`~lightning_lopt.models.MuModel` machinery as the other optimizees.
+head, built on the same :class:`~lightning_lopt.models.MuModel` machinery as the other optimizees.
 
 Example::
 

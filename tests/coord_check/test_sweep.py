@@ -1,4 +1,4 @@
-"""Tests of the coord-check width sweep (lightning_lopt.eval.coord_sweep) on CPU."""
+"""Tests of the coord-check width sweep (lightning_lopt.coord_check.sweep and .cli) on CPU."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_lopt.eval import coord_sweep
-from lightning_lopt.eval.coord_sweep import main, run_coord_sweep, summarize
-from lightning_lopt.eval.data import SyntheticTokens
+from lightning_lopt.coord_check import sweep as coord_sweep
+from lightning_lopt.coord_check.cli import main
+from lightning_lopt.coord_check.runs import parse_runs
+from lightning_lopt.coord_check.summary import summarize
+from lightning_lopt.coord_check.sweep import run_coord_sweep
+from lightning_lopt.datamodules import SyntheticTokens
 
 
 def test_mlp_sweep_discriminates_mup_from_sp() -> None:
@@ -23,8 +26,8 @@ def test_mlp_sweep_discriminates_mup_from_sp() -> None:
     blows up (slope about 0.6 and 0.9 on the hidden layers, 1.4 on the readout, at the default lrs)."""
     widths = (64, 128, 256, 512, 1024)
     kw: dict[str, Any] = dict(widths=widths, steps=(0, 1, 2, 5, 10), seeds=(0, 1), batch_size=64, out=None)
-    mu = run_coord_sweep("mlp", optimizers=("muadam:mup",), **kw).summary["slopes"]["muadam"]["mup"]
-    sp = run_coord_sweep("mlp", optimizers=("adamw:sp",), **kw).summary["slopes"]["adamw"]["sp"]
+    mu = run_coord_sweep("mlp", optimizers=("muadam@mup",), **kw).summary["slopes"]["muadam"]["mup"]
+    sp = run_coord_sweep("mlp", optimizers=("adamw@sp",), **kw).summary["slopes"]["adamw"]["sp"]
 
     hidden = [layer for layer in mu if layer.startswith("hidden_layers.")]
     assert hidden == ["hidden_layers.0", "hidden_layers.1"]
@@ -37,7 +40,7 @@ def test_mlp_sweep_discriminates_mup_from_sp() -> None:
 def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cc"
     main(
-        ["--model", "mlp", "--widths", "16,32", "--optimizers", "adamw:sp,muadam:mup", "--steps", "0,1,3",
+        ["--model", "mlp", "--widths", "16,32", "--optimizers", "adamw@sp,muadam@mup", "--steps", "0,1,3",
          "--seeds", "0,1", "--stats", "delta_std", "--batch-size", "16", "--out", str(out)]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -75,7 +78,7 @@ def test_cli_writes_records_summary_and_plots(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_optimizer_kwargs_reach_the_optimizer() -> None:
-    kw: dict[str, Any] = dict(widths=(16,), optimizers=("adamw:sp",), steps=(0, 2), seeds=(0,), batch_size=8, out=None)
+    kw: dict[str, Any] = dict(widths=(16,), optimizers=("adamw@sp",), steps=(0, 2), seeds=(0,), batch_size=8, out=None)
     default = run_coord_sweep("mlp", **kw)
     faster = run_coord_sweep("mlp", optimizer_kwargs={"AdamW": {"lr": 0.05}}, **kw)
     assert default.summary["optimizer_kwargs"] == {"adamw": {"lr": coord_sweep.DEFAULT_LR["adamw"]}}
@@ -86,7 +89,7 @@ def test_optimizer_kwargs_reach_the_optimizer() -> None:
 
 
 def test_same_seed_same_data_and_init_across_runs() -> None:
-    kw: dict[str, Any] = dict(widths=(16,), optimizers=("adamw:sp",), steps=(0, 2), seeds=(3,), batch_size=8, out=None)
+    kw: dict[str, Any] = dict(widths=(16,), optimizers=("adamw@sp",), steps=(0, 2), seeds=(3,), batch_size=8, out=None)
     first, second = run_coord_sweep("mlp", **kw).records, run_coord_sweep("mlp", **kw).records
     assert [r["value"] for r in first] == [r["value"] for r in second]
 
@@ -100,7 +103,7 @@ def test_same_seed_same_data_and_init_across_runs() -> None:
 )
 def test_vit_and_lm_sweeps(model: str, layers: set[str]) -> None:
     result = run_coord_sweep(
-        model, widths=(8, 16), optimizers=("muadam:mup",), steps=(0, 1), seeds=(0,), batch_size=4, depth=1, out=None
+        model, widths=(8, 16), optimizers=("muadam@mup",), steps=(0, 1), seeds=(0,), batch_size=4, depth=1, out=None
     )
     seen = {r["layer"] for r in result.records}
     assert layers <= seen
@@ -111,7 +114,7 @@ def test_vit_and_lm_sweeps(model: str, layers: set[str]) -> None:
 def test_module_filter_uses_model_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = run_coord_sweep(
-        "mlp", widths=(8, 16), optimizers=("sgd:sp",), steps=(0, 1), seeds=(0,), batch_size=4, out=None,
+        "mlp", widths=(8, 16), optimizers=("sgd@sp",), steps=(0, 1), seeds=(0,), batch_size=4, out=None,
         modules="hidden_layers.*",
     )  # fmt: skip
     assert {r["layer"] for r in result.records} == {"hidden_layers.0", "hidden_layers.1"}
@@ -135,7 +138,10 @@ class _WrongShapeData:
         ({"model": "vit", "widths": (32, 30)}, "--widths", "divisible"),
         ({"model": "lm", "widths": (10,)}, "--widths", "[10]"),
         ({"optimizers": ("adam",)}, "--optimizers", "muadam"),
-        ({"optimizers": ("adamw:xp",)}, "--optimizers", "name:mup"),
+        ({"optimizers": ("adamw@xp",)}, "--optimizers", "@mup"),
+        ({"optimizers": ("adamw:xp",)}, "--optimizers", "NAME:WEIGHTS"),
+        ({"optimizers": ("adamw-cosine",)}, "--optimizers", "without a schedule"),
+        ({"optimizers": ("no_such_module:Opt",)}, "--optimizers", "cannot import"),
         ({"model": "cnn"}, "--model", "mlp, vit, lm"),
         ({"param": "mu"}, "--param", "both"),
         ({"steps": (0,)}, "--steps", "after 0"),
@@ -214,7 +220,7 @@ def test_synthetic_tokens() -> None:
 def test_learned_optimizers_with_a_schedule_join_the_sweep():
     # Celo needs a horizon: the pre-flight build (no trainer yet) and the fits both use max(steps).
     result = run_coord_sweep(
-        "mlp", widths=(8, 16), optimizers=("celo:sp",), steps=(0, 1, 2), seeds=(0,), batch_size=4, depth=2, out=None
+        "mlp", widths=(8, 16), optimizers=("celo@sp",), steps=(0, 1, 2), seeds=(0,), batch_size=4, depth=2, out=None
     )
     values = [r["value"] for r in result.records if r["stat"] == "delta_std" and r["step"] == 2]
     assert values and all(v > 0 for v in values)  # the parameters moved
@@ -224,7 +230,7 @@ def test_learned_optimizers_with_a_schedule_join_the_sweep():
 def test_cli_seeds_is_a_count_or_an_explicit_list(tmp_path: Path, seeds: str, expected: list[int]) -> None:
     """``--seeds 2`` means two seeds (0 and 1), as on every command; a list names the seeds."""
     out = tmp_path / "cc"
-    main(["--widths", "8,16", "--optimizers", "adamw:sp", "--steps", "0,1", "--seeds", seeds, "--batch-size", "8",
+    main(["--widths", "8,16", "--optimizers", "adamw@sp", "--steps", "0,1", "--seeds", seeds, "--batch-size", "8",
           "--stats", "delta_std", "--no-plot", "--out", str(out)])  # fmt: skip
     assert json.loads((out / "summary.json").read_text())["seeds"] == expected
 
@@ -232,7 +238,7 @@ def test_cli_seeds_is_a_count_or_an_explicit_list(tmp_path: Path, seeds: str, ex
 def test_cli_reads_a_config_file(tmp_path: Path) -> None:
     config = tmp_path / "cc.yaml"
     config.write_text(
-        "widths: [8, 16]\noptimizers: [muadam:mup]\nsteps: [0, 2]\nseeds: 1\nbatch_size: 8\nplot: false\n"
+        "widths: [8, 16]\noptimizers: [muadam@mup]\nsteps: [0, 2]\nseeds: 1\nbatch_size: 8\nplot: false\n"
         f"out: {tmp_path / 'out'}\n"
     )
     main(["--config", str(config), "--stats", "abs_mean"])
@@ -256,3 +262,28 @@ def test_cli_refuses_widths_that_give_no_slope(
     err = capsys.readouterr().err
     assert "--widths" in err and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_optimizers_take_the_grammar_of_every_command() -> None:
+    runs, built = parse_runs(["muadam", "torch.optim:SGD@sp", "MuLO:some/dir@mup"], "both")
+    assert runs == [("muadam", "mup"), ("muadam", "sp"), ("torch.optim:SGD", "sp"), ("mulo:some/dir", "mup")]
+    assert built["torch.optim:SGD"].optimizer is torch.optim.SGD
+    assert built["mulo:some/dir"].optimizer == "mulo"
+    assert built["mulo:some/dir"].kwargs == {"meta_weights": "some/dir"}
+
+
+def test_the_former_name_colon_param_form_warns_and_means_the_pin() -> None:
+    with pytest.warns(FutureWarning, match="'adamw@sp'"):
+        old = parse_runs(["adamw:sp"], "both")
+    assert old == parse_runs(["adamw@sp"], "both")
+    assert old[0] == [("adamw", "sp")]
+
+
+def test_an_optimizer_by_import_path_runs_and_names_its_files(tmp_path: Path) -> None:
+    result = run_coord_sweep(
+        "mlp", widths=(8, 16), optimizers=("torch.optim:SGD@sp",), lr=0.1, steps=(0, 1), seeds=(0,),
+        batch_size=4, depth=1, stats=("abs_mean",), out=tmp_path,
+    )  # fmt: skip
+    assert set(result.summary["slopes"]) == {"torch.optim:SGD"}
+    assert {r["optimizer"] for r in result.records} == {"torch.optim:SGD"}
+    assert {p.name for p in result.figures} == {f"mlp_torch.optim-SGD_sp_abs_mean_vs_{x}.png" for x in ("width", "step")}
