@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,7 +81,7 @@ class OptimizerSpec:
 
     def resolve(self) -> Callable[..., torch.optim.Optimizer]:
         """The optimizer class or factory."""
-        return optim.resolve(self.factory) if ":" not in self.factory else _import(self.factory)
+        return optim.resolve(self.factory)
 
     @property
     def is_learned(self) -> bool:
@@ -116,17 +115,6 @@ class Setting:
         return float(self.values.get(HIDDEN_LR_MULT, 1.0))
 
 
-def _import(path: str) -> Callable[..., torch.optim.Optimizer]:
-    module, _, attr = path.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {path!r}: {err}") from err
-    if not callable(factory):
-        raise ValueError(f"{path!r} is not a class or callable")
-    return factory
-
-
 def parse_optimizer(text: str) -> OptimizerSpec:
     """Parse one ``--optimizers`` entry; ``ValueError`` naming the accepted forms otherwise."""
     label = text.strip()
@@ -157,13 +145,13 @@ def parse_optimizer(text: str) -> OptimizerSpec:
     elif "." in name or sep:
         # package.module:Class, or package.module.Class
         factory = body if sep else ":".join(body.rsplit(".", 1))
-        _import(factory)
+        optim.resolve(factory)
     else:
         raise ValueError(f"unknown optimizer {label!r}; expected {forms}")
     if pinned:
         param = pinned
     elif ":" in factory:
-        param = "mup" if accepts(_import(factory), "scales") else "sp"
+        param = "mup" if accepts(optim.resolve(factory), "scales") else "sp"
     else:
         param = "mup" if factory in MU_OPTIMIZERS else "sp"
     return OptimizerSpec(label=label, factory=factory, param=param, meta_weights=meta_weights, schedule=schedule)

@@ -50,21 +50,33 @@ def register(name: str, factory: str | OptimizerFactory) -> None:
 
 
 def resolve(name: str | OptimizerFactory) -> OptimizerFactory:
-    """Return the optimizer class or factory for a registered name (or pass a callable through)."""
+    """Return the optimizer class or factory for a registered name, an import path
+    ``package.module:Class`` (or ``package.module.Class``), or pass a callable through."""
     if callable(name):
         return name
     if not isinstance(name, str):
         raise TypeError(f"optimizer must be a name or a callable, got {type(name).__name__}")
     entry = _REGISTRY.get(name.lower())
+    if entry is None and ("." in name or ":" in name):
+        entry = name
     if entry is None:
         raise ValueError(f"optimizer: unknown name {name!r}; known optimizers: {', '.join(available())}")
     if isinstance(entry, str):
-        module, attr = entry.split(":")
-        try:
-            entry = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"optimizer {name!r} is registered as {_REGISTRY[name.lower()]} but could not be imported: {err}") from err
+        entry = import_path(entry)
+        if not callable(entry):
+            raise ValueError(f"optimizer {name!r}: {entry!r} is not a class or callable")
     return entry
+
+
+def import_path(path: str) -> Any:
+    """The object at ``"package.module:Name"`` or ``"package.module.Name"``; ``ValueError`` if it cannot be imported."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {path!r}: {err}") from err
 
 
 def accepts(factory: OptimizerFactory, argument: str) -> bool:

@@ -38,3 +38,14 @@ def test_register_custom_factory():
     optim.register("my_sgd", lambda params, **kw: torch.optim.SGD(params, lr=0.5, **kw))
     assert optim.build("my_sgd", _params()).param_groups[0]["lr"] == 0.5
     assert "my_sgd" in optim.available()
+
+
+def test_resolve_accepts_import_paths_and_names_what_fails():
+    assert optim.resolve("torch.optim:Adam") is torch.optim.Adam
+    assert optim.resolve("torch.optim.Adam") is torch.optim.Adam
+    with pytest.raises(ValueError, match="cannot import 'no_such_module:Opt'"):
+        optim.resolve("no_such_module:Opt")
+    with pytest.raises(ValueError, match="cannot import 'torch.optim:NoSuchOpt'"):
+        optim.resolve("torch.optim:NoSuchOpt")
+    with pytest.raises(ValueError, match="not a class or callable"):
+        optim.resolve("torch.optim:__name__")
