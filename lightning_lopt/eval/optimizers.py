@@ -33,7 +33,6 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,9 +200,12 @@ def weights_identity(spec: OptimizerSpec) -> str | None:
     name = cls.default_meta_weights() if spec.meta_weights is None else spec.meta_weights
     if name is None:
         return f"random meta-initialisation (seed {RANDOM_META_SEED})"
-    path = Path(name).expanduser()
-    if not path.exists() and name in pretrained.available():
-        path = pretrained.PACKAGED_DIR / name
+    try:
+        path = pretrained.locate(name)
+    except FileNotFoundError:
+        return name
+    if isinstance(path, str):  # a hub repo id
+        return name
     if path.is_dir():
         path = path / pretrained.WEIGHTS_NAME
     if path.is_file():

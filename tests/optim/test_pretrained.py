@@ -159,3 +159,18 @@ def test_hub_download_is_loaded(tmp_path, monkeypatch):
     save_pretrained(CeloLOpt(lstm_hidden_size=4), tmp_path / "snap")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "snap"))
     assert isinstance(from_pretrained("someone/celo"), CeloLOpt)
+
+
+def test_locate_follows_the_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "lo-fmnist8-w32-128"
+    local.mkdir()
+    assert pretrained.locate(str(local)) == local
+    assert pretrained.locate("lo-fmnist8-w32-128") == local  # a local directory wins over the packaged name
+    local.rmdir()
+    assert pretrained.locate("lo-fmnist8-w32-128") == pretrained.PACKAGED_DIR / "lo-fmnist8-w32-128"
+    assert pretrained.locate("someone/weights") == "someone/weights"
+    with pytest.raises(FileNotFoundError, match="not a packaged learned optimizer"):
+        pretrained.locate("no-such-weights")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        pretrained.locate("./runs/missing")
