@@ -166,7 +166,7 @@ def test_locate_follows_the_lookup_order(tmp_path, monkeypatch):
     local = tmp_path / "lo-fmnist8-w32-128"
     local.mkdir()
     assert pretrained.locate(str(local)) == local
-    assert pretrained.locate("lo-fmnist8-w32-128") == local  # a local directory wins over the packaged name
+    assert pretrained.locate("lo-fmnist8-w32-128").resolve() == local  # a local directory wins over the packaged name
     local.rmdir()
     assert pretrained.locate("lo-fmnist8-w32-128") == pretrained.PACKAGED_DIR / "lo-fmnist8-w32-128"
     assert pretrained.locate("someone/weights") == "someone/weights"
