@@ -43,8 +43,6 @@ from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.learned import RANDOM_META_SEED, LearnedOptimizer
 from lightning_lopt.optim.registry import accepts
 
-#: Registry names of the optimizers that train μP models by default.
-MU_OPTIMIZERS = ("muadam", "mulo", "muvelo")
 #: Setting keys that configure the model rather than the optimizer.
 MODEL_KEYS = ("input_mult", "output_mult")
 #: Setting key of the learning-rate multiplier on hidden matrices.
@@ -152,7 +150,7 @@ def parse_optimizer(text: str) -> OptimizerSpec:
     elif ":" in factory:
         param = "mup" if accepts(optim.resolve(factory), "scales") else "sp"
     else:
-        param = "mup" if factory in MU_OPTIMIZERS else "sp"
+        param = "mup" if getattr(optim.resolve(factory), "mu", False) else "sp"
     return OptimizerSpec(label=label, factory=factory, param=param, meta_weights=meta_weights, schedule=schedule)
 
 

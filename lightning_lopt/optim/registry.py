@@ -1,7 +1,7 @@
 """Optimizer registry: ``build("mulo", params, **kw)``.
 
-Entries are import paths resolved on first use, so optional or heavy optimizers cost nothing until
-they are asked for. Names are case-insensitive.
+The learned optimizers are the classes in :data:`LEARNED` (each declares its own name); the
+baselines are import paths resolved on first use. Names are case-insensitive.
 
 Example::
 
@@ -19,20 +19,19 @@ from typing import Any
 
 import torch
 
+from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
+from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+#: The learned optimizers, listed once; each class declares its name, θ factory, μP, loss and weights.
+LEARNED: tuple[type[LearnedOptimizer], ...] = (LO, MuLO, Celo, VeLO, MuVeLO, Celo2, Celo2Base, MuCelo2)
 
 _REGISTRY: dict[str, str | OptimizerFactory] = {
     "adamw": "torch.optim:AdamW",
     "sgd": "torch.optim:SGD",
     "muadam": "lightning_lopt.optim.baselines:MuAdam",
-    "lo": "lightning_lopt.optim.learned:LO",
-    "mulo": "lightning_lopt.optim.learned:MuLO",
-    "celo": "lightning_lopt.optim.learned:Celo",
-    "velo": "lightning_lopt.optim.learned:VeLO",
-    "muvelo": "lightning_lopt.optim.learned:MuVeLO",
-    "celo2": "lightning_lopt.optim.celo2:Celo2",
-    "celo2-base": "lightning_lopt.optim.celo2:Celo2Base",
-    "mucelo2": "lightning_lopt.optim.celo2:MuCelo2",
+    **{cls.registry_name: cls for cls in LEARNED},
 }
 
 # torch's SGD has no usable default learning rate for our tasks; give the registry one.

@@ -49,3 +49,20 @@ def test_resolve_accepts_import_paths_and_names_what_fails():
         optim.resolve("torch.optim:NoSuchOpt")
     with pytest.raises(ValueError, match="not a class or callable"):
         optim.resolve("torch.optim:__name__")
+
+
+def test_every_place_reads_the_learned_optimizer_classes():
+    from lightning_lopt.eval.optimizers import parse_optimizer
+    from lightning_lopt.meta.catalogue import LOPTS, build_lopt
+
+    names = [cls.registry_name for cls in optim.registry.LEARNED]
+    assert len(set(names)) == len(names)
+    for cls in optim.registry.LEARNED:
+        assert optim.resolve(cls.registry_name) is cls
+        assert parse_optimizer(cls.registry_name).param == ("mup" if cls.mu else "sp")
+    assert parse_optimizer("muadam").param == "mup" and parse_optimizer("adamw").param == "sp"
+    assert sorted(LOPTS) == ["celo", "celo2", "celo2-base", "lo", "mulo", "muvelo", "velo"]
+    module, mu = build_lopt("mulo", stage=None, seed=0)
+    assert mu is True and module.step_mult == 0.01
+    with pytest.raises(ValueError, match="stage applies to celo only"):
+        build_lopt("lo", stage=2, seed=0)
