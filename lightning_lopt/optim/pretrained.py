@@ -49,6 +49,10 @@ class PretrainedMixin:
 
     A subclass must define the class attribute ``architecture`` (the card's name for it) and a
     ``config`` property returning its JSON-serialisable constructor keywords.
+
+    The built-in architectures (``architectures``, ``celo2_lopt``) import this module, never the
+    reverse: they are declared by the time anyone can call :func:`from_pretrained`, because the
+    package ``lightning_lopt.optim`` imports them before any of its modules is used.
     """
 
     architecture: ClassVar[str]
@@ -137,9 +141,6 @@ def from_pretrained(name_or_path: str | Path) -> nn.Module:
         ConnectionError: a hub repo id was given but the hub cannot be reached (offline).
         ValueError: a pickle or non-safetensors file, or missing, extra or mis-shaped tensors.
     """
-    from lightning_lopt.optim import architectures  # noqa: F401  (registers the architectures)
-    from lightning_lopt.optim import celo2_lopt  # noqa: F401  (registers Celo2's)
-
     where = locate(name_or_path)
     if isinstance(where, str):
         try:
