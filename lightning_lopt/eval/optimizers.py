@@ -30,11 +30,9 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +43,6 @@ from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.learned import RANDOM_META_SEED, LearnedOptimizer
 from lightning_lopt.optim.registry import accepts
 
-#: Registry names of the optimizers that train μP models by default.
-MU_OPTIMIZERS = ("muadam", "mulo", "muvelo")
 #: Setting keys that configure the model rather than the optimizer.
 MODEL_KEYS = ("input_mult", "output_mult")
 #: Setting key of the learning-rate multiplier on hidden matrices.
@@ -82,7 +78,7 @@ class OptimizerSpec:
 
     def resolve(self) -> Callable[..., torch.optim.Optimizer]:
         """The optimizer class or factory."""
-        return optim.resolve(self.factory) if ":" not in self.factory else _import(self.factory)
+        return optim.resolve(self.factory)
 
     @property
     def is_learned(self) -> bool:
@@ -116,17 +112,6 @@ class Setting:
         return float(self.values.get(HIDDEN_LR_MULT, 1.0))
 
 
-def _import(path: str) -> Callable[..., torch.optim.Optimizer]:
-    module, _, attr = path.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {path!r}: {err}") from err
-    if not callable(factory):
-        raise ValueError(f"{path!r} is not a class or callable")
-    return factory
-
-
 def parse_optimizer(text: str) -> OptimizerSpec:
     """Parse one ``--optimizers`` entry; ``ValueError`` naming the accepted forms otherwise."""
     label = text.strip()
@@ -157,15 +142,15 @@ def parse_optimizer(text: str) -> OptimizerSpec:
     elif "." in name or sep:
         # package.module:Class, or package.module.Class
         factory = body if sep else ":".join(body.rsplit(".", 1))
-        _import(factory)
+        optim.resolve(factory)
     else:
         raise ValueError(f"unknown optimizer {label!r}; expected {forms}")
     if pinned:
         param = pinned
     elif ":" in factory:
-        param = "mup" if accepts(_import(factory), "scales") else "sp"
+        param = "mup" if accepts(optim.resolve(factory), "scales") else "sp"
     else:
-        param = "mup" if factory in MU_OPTIMIZERS else "sp"
+        param = "mup" if getattr(optim.resolve(factory), "mu", False) else "sp"
     return OptimizerSpec(label=label, factory=factory, param=param, meta_weights=meta_weights, schedule=schedule)
 
 
@@ -213,9 +198,12 @@ def weights_identity(spec: OptimizerSpec) -> str | None:
     name = cls.default_meta_weights() if spec.meta_weights is None else spec.meta_weights
     if name is None:
         return f"random meta-initialisation (seed {RANDOM_META_SEED})"
-    path = Path(name).expanduser()
-    if not path.exists() and name in pretrained.available():
-        path = pretrained.PACKAGED_DIR / name
+    try:
+        path = pretrained.locate(name)
+    except FileNotFoundError:
+        return name
+    if isinstance(path, str):  # a hub repo id
+        return name
     if path.is_dir():
         path = path / pretrained.WEIGHTS_NAME
     if path.is_file():

@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import itertools
 import math
@@ -44,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_lopt.checks import check_positive_int
 from lightning_lopt.models.scales import update_scales_of
+from lightning_lopt.optim.registry import import_path
 
 ModuleFactory = str | type | Callable[..., nn.Module]
 
@@ -88,7 +88,10 @@ class Task:
         name: str | None = None,
     ) -> None:
         if isinstance(module, str):
-            module = _import(module)
+            try:
+                module = import_path(module)
+            except ValueError as err:
+                raise ValueError(f"Task: {err}") from err
         if not callable(module):
             raise TypeError(f"Task: module must be a LightningModule class or a factory(seed, width), got {module!r}")
         if not isinstance(datamodule, L.LightningDataModule):
@@ -138,15 +141,6 @@ class Task:
             label = self.name if width is None else f"{self.name}-w{width}"
             instances.append(TaskInstance(self, label, width, module.to(device), data, lopt_is_mu))
         return instances
-
-
-def _import(path: str) -> Any:
-    """The object at import path ``"pkg.module.Name"``."""
-    module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"Task: cannot import module {path!r}: {err}") from err
 
 
 class DataSource:

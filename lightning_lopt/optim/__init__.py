@@ -7,6 +7,9 @@ Example::
     opt = MuLO(model.parameters())
 """
 
+# Every architecture from_pretrained can build declares itself (its ``architecture``) here, first;
+# pretrained.py never imports them back.
+from lightning_lopt.optim import architectures, celo2_lopt  # noqa: F401
 from lightning_lopt.optim.baselines import MuAdam
 from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
 from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO

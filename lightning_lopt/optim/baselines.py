@@ -28,6 +28,9 @@ class MuAdam(torch.optim.Adam):
     width-independent. LR schedulers keep working because they rescale ``group["lr"]`` relatively.
     """
 
+    #: Whether per-tensor μP update scales are required (as :attr:`LearnedOptimizer.mu <lightning_lopt.optim.learned.LearnedOptimizer.mu>`).
+    mu = True
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -159,6 +159,11 @@ class Celo2(_Celo2Optimizer):
 
     module_factory = Celo2LOpt
     pretrained_names = ("celo2-8x8-mlp-w32",)
+    registry_name = "celo2"
+
+    @classmethod
+    def meta_module(cls, stage: int) -> Celo2LOpt:
+        return Celo2LOpt.meta_training()
 
     def __init__(
         self,
@@ -184,6 +189,11 @@ class Celo2Base(_Celo2Optimizer):
     """
 
     module_factory = staticmethod(Celo2LOpt.base)
+    registry_name = "celo2-base"
+
+    @classmethod
+    def meta_module(cls, stage: int) -> Celo2LOpt:
+        return Celo2LOpt.base(step_mult=1e-3)
     orthogonalize = False
     adam_routing = False
 
@@ -214,6 +224,8 @@ class MuCelo2(_Celo2Optimizer):
 
     module_factory = Celo2LOpt
     mu = True
+    registry_name = "mucelo2"
+    meta_trainable = False
 
     def __init__(
         self,

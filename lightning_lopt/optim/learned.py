@@ -135,6 +135,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
     mu: ClassVar[bool] = False
     #: Whether the step needs the loss and a horizon (Celo, VeLO).
     needs_loss: ClassVar[bool] = False
+    #: Its name in :mod:`~lightning_lopt.optim.registry`, ``MetaTrainer(lopt=...)`` and ``--optimizers``.
+    registry_name: ClassVar[str]
+    #: Whether ``MetaTrainer`` meta-trains it by name, from :meth:`meta_module`.
+    meta_trainable: ClassVar[bool] = True
+    #: Whether meta-training runs in stages (Celo: 1, then 2; see :meth:`frozen_in_stage`).
+    staged: ClassVar[bool] = False
+
+    @classmethod
+    def meta_module(cls, stage: int) -> LearnedOptimizerModule:
+        """The fresh θ module ``MetaTrainer`` meta-trains for this optimizer (``stage``: staged ones only)."""
+        return cls.module_factory()
+
+    @classmethod
+    def frozen_in_stage(cls, stage: int | None) -> Callable[[str], bool]:
+        """Which θ entries (by name) stay fixed in meta-training ``stage``: none unless :attr:`staged`."""
+        return lambda name: False
     #: Numerics of the GPU step (:mod:`lightning_lopt.optim.gpu`): ``"fast"`` (tensor cores) or ``"exact"``.
     gpu_numerics: str = "fast"
 
@@ -419,6 +435,7 @@ class LO(LearnedOptimizer):
     module_class = SmallFCLOpt
     module_factory = functools.partial(SmallFCLOpt, step_mult=0.001)
     pretrained_names = ("lo-fmnist8-w32-128",)
+    registry_name = "lo"
 
     def __init__(
         self,
@@ -455,6 +472,7 @@ class MuLO(LearnedOptimizer):
     module_class = SmallFCLOpt
     module_factory = functools.partial(SmallFCLOpt, step_mult=0.01)
     pretrained_names = ("mulo-fmnist8-w32-128",)
+    registry_name = "mulo"
     mu = True
 
     def __init__(
@@ -530,6 +548,21 @@ class Celo(_ScheduledLearnedOptimizer):
 
     module_class = module_factory = CeloLOpt
     pretrained_names = ("celo-8x8-mlp-w32",)
+    registry_name = "celo"
+    staged = True
+
+    @classmethod
+    def meta_module(cls, stage: int) -> LearnedOptimizerModule:
+        return CeloLOpt(train_phase=stage)
+
+    @classmethod
+    def frozen_in_stage(cls, stage: int | None) -> Callable[[str], bool]:
+        """docs/reference/celo.md#two-stages: stage 1 freezes the scheduler, stage 2 the MLP rule."""
+        if stage == 1:
+            return lambda name: name.startswith("scheduler.")
+        if stage == 2:
+            return lambda name: not name.startswith("scheduler.")
+        return lambda name: False
 
 
 class VeLO(_ScheduledLearnedOptimizer):
@@ -542,6 +575,7 @@ class VeLO(_ScheduledLearnedOptimizer):
 
     module_class = module_factory = VeLOLOpt
     pretrained_names = ("velo-m", "velo")
+    registry_name = "velo"
 
 
 class MuVeLO(LearnedOptimizer):
@@ -557,6 +591,7 @@ class MuVeLO(LearnedOptimizer):
     module_class = VeLOLOpt
     module_factory = VeLOLOpt.mu
     pretrained_names = ("muvelo-m", "muvelo-s")
+    registry_name = "muvelo"
     mu = True
     needs_loss = True
 

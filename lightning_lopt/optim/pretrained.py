@@ -49,6 +49,10 @@ class PretrainedMixin:
 
     A subclass must define the class attribute ``architecture`` (the card's name for it) and a
     ``config`` property returning its JSON-serialisable constructor keywords.
+
+    The built-in architectures (``architectures``, ``celo2_lopt``) import this module, never the
+    reverse: they are declared by the time anyone can call :func:`from_pretrained`, because the
+    package ``lightning_lopt.optim`` imports them before any of its modules is used.
     """
 
     architecture: ClassVar[str]
@@ -137,31 +141,44 @@ def from_pretrained(name_or_path: str | Path) -> nn.Module:
         ConnectionError: a hub repo id was given but the hub cannot be reached (offline).
         ValueError: a pickle or non-safetensors file, or missing, extra or mis-shaped tensors.
     """
-    from lightning_lopt.optim import architectures  # noqa: F401  (registers the architectures)
-    from lightning_lopt.optim import celo2_lopt  # noqa: F401  (registers Celo2's)
+    where = locate(name_or_path)
+    if isinstance(where, str):
+        try:
+            weights, card_path = _local_files(_download(where))
+        except ConnectionError as err:
+            path = Path(where).expanduser()
+            raise ConnectionError(f"{where!r}: no such directory ({path.resolve()}); as a hub repo id: {err}") from err
+    else:
+        weights, card_path = _local_files(where)
+    return _build(weights, card_path)
 
+
+def locate(name_or_path: str | Path) -> Path | str:
+    """Where weights named ``name_or_path`` are, in :func:`from_pretrained`'s order, without loading them.
+
+    Returns the local directory or file (an existing path, or a packaged name's directory), or the
+    Hugging Face Hub repo id as a string (not fetched here).
+
+    Raises:
+        FileNotFoundError: nothing matches (the message lists the packaged names).
+    """
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
-        weights, card_path = _local_files(path)
-    elif text in available():
-        weights, card_path = _local_files(PACKAGED_DIR / text)
-    elif _REPO_ID.match(text) and not _meant_as_path(text, path):
-        try:
-            weights, card_path = _local_files(_download(text))
-        except ConnectionError as err:
-            raise ConnectionError(f"{text!r}: no such directory ({path.resolve()}); as a hub repo id: {err}") from err
-    elif _REPO_ID.match(text):
+        return path
+    if text in available():
+        return PACKAGED_DIR / text
+    if _REPO_ID.match(text) and not _meant_as_path(text, path):
+        return text
+    if _REPO_ID.match(text):
         raise FileNotFoundError(
             f"{text!r}: no such directory ({path.resolve()}); give the directory that save_pretrained or "
             f"LightCheckpoint wrote, a packaged name ({available() or 'none packaged yet'}) or a hub repo id"
         )
-    else:
-        raise FileNotFoundError(
-            f"{text!r}: no such directory ({path.resolve()}), and not a packaged learned optimizer (available: "
-            f"{available() or 'none packaged yet'}) or a hub repo id 'owner/name'"
-        )
-    return _build(weights, card_path)
+    raise FileNotFoundError(
+        f"{text!r}: no such directory ({path.resolve()}), and not a packaged learned optimizer (available: "
+        f"{available() or 'none packaged yet'}) or a hub repo id 'owner/name'"
+    )
 
 
 def _meant_as_path(text: str, path: Path) -> bool:

@@ -1,7 +1,7 @@
 """Optimizer registry: ``build("mulo", params, **kw)``.
 
-Entries are import paths resolved on first use, so optional or heavy optimizers cost nothing until
-they are asked for. Names are case-insensitive.
+The learned optimizers are the classes in :data:`LEARNED` (each declares its own name); the
+baselines are import paths resolved on first use. Names are case-insensitive.
 
 Example::
 
@@ -19,20 +19,19 @@ from typing import Any
 
 import torch
 
+from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
+from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+#: The learned optimizers, listed once; each class declares its name, θ factory, μP, loss and weights.
+LEARNED: tuple[type[LearnedOptimizer], ...] = (LO, MuLO, Celo, VeLO, MuVeLO, Celo2, Celo2Base, MuCelo2)
 
 _REGISTRY: dict[str, str | OptimizerFactory] = {
     "adamw": "torch.optim:AdamW",
     "sgd": "torch.optim:SGD",
     "muadam": "lightning_lopt.optim.baselines:MuAdam",
-    "lo": "lightning_lopt.optim.learned:LO",
-    "mulo": "lightning_lopt.optim.learned:MuLO",
-    "celo": "lightning_lopt.optim.learned:Celo",
-    "velo": "lightning_lopt.optim.learned:VeLO",
-    "muvelo": "lightning_lopt.optim.learned:MuVeLO",
-    "celo2": "lightning_lopt.optim.celo2:Celo2",
-    "celo2-base": "lightning_lopt.optim.celo2:Celo2Base",
-    "mucelo2": "lightning_lopt.optim.celo2:MuCelo2",
+    **{cls.registry_name: cls for cls in LEARNED},
 }
 
 # torch's SGD has no usable default learning rate for our tasks; give the registry one.
@@ -50,21 +49,33 @@ def register(name: str, factory: str | OptimizerFactory) -> None:
 
 
 def resolve(name: str | OptimizerFactory) -> OptimizerFactory:
-    """Return the optimizer class or factory for a registered name (or pass a callable through)."""
+    """Return the optimizer class or factory for a registered name, an import path
+    ``package.module:Class`` (or ``package.module.Class``), or pass a callable through."""
     if callable(name):
         return name
     if not isinstance(name, str):
         raise TypeError(f"optimizer must be a name or a callable, got {type(name).__name__}")
     entry = _REGISTRY.get(name.lower())
+    if entry is None and ("." in name or ":" in name):
+        entry = name
     if entry is None:
         raise ValueError(f"optimizer: unknown name {name!r}; known optimizers: {', '.join(available())}")
     if isinstance(entry, str):
-        module, attr = entry.split(":")
-        try:
-            entry = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"optimizer {name!r} is registered as {_REGISTRY[name.lower()]} but could not be imported: {err}") from err
+        entry = import_path(entry)
+        if not callable(entry):
+            raise ValueError(f"optimizer {name!r}: {entry!r} is not a class or callable")
     return entry
+
+
+def import_path(path: str) -> Any:
+    """The object at ``"package.module:Name"`` or ``"package.module.Name"``; ``ValueError`` if it cannot be imported."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {path!r}: {err}") from err
 
 
 def accepts(factory: OptimizerFactory, argument: str) -> bool:

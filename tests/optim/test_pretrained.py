@@ -159,3 +159,35 @@ def test_hub_download_is_loaded(tmp_path, monkeypatch):
     save_pretrained(CeloLOpt(lstm_hidden_size=4), tmp_path / "snap")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "snap"))
     assert isinstance(from_pretrained("someone/celo"), CeloLOpt)
+
+
+def test_locate_follows_the_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "lo-fmnist8-w32-128"
+    local.mkdir()
+    assert pretrained.locate(str(local)) == local
+    assert pretrained.locate("lo-fmnist8-w32-128").resolve() == local  # a local directory wins over the packaged name
+    local.rmdir()
+    assert pretrained.locate("lo-fmnist8-w32-128") == pretrained.PACKAGED_DIR / "lo-fmnist8-w32-128"
+    assert pretrained.locate("someone/weights") == "someone/weights"
+    with pytest.raises(FileNotFoundError, match="not a packaged learned optimizer"):
+        pretrained.locate("no-such-weights")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        pretrained.locate("./runs/missing")
+
+
+def test_pretrained_imports_no_architecture_and_still_builds_every_one():
+    import ast
+    import subprocess
+    import sys
+
+    tree = ast.parse(open(pretrained.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not {"lightning_lopt.optim.architectures", "lightning_lopt.optim.celo2_lopt"} & imported
+    code = (
+        "from lightning_lopt.optim.pretrained import from_pretrained; "
+        "print(sorted(type(from_pretrained(n)).__name__ for n in ('lo-fmnist8-w32-128', 'celo-8x8-mlp-w32', 'celo2-8x8-mlp-w32')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['Celo2LOpt', 'CeloLOpt', 'SmallFCLOpt']"

@@ -38,3 +38,31 @@ def test_register_custom_factory():
     optim.register("my_sgd", lambda params, **kw: torch.optim.SGD(params, lr=0.5, **kw))
     assert optim.build("my_sgd", _params()).param_groups[0]["lr"] == 0.5
     assert "my_sgd" in optim.available()
+
+
+def test_resolve_accepts_import_paths_and_names_what_fails():
+    assert optim.resolve("torch.optim:Adam") is torch.optim.Adam
+    assert optim.resolve("torch.optim.Adam") is torch.optim.Adam
+    with pytest.raises(ValueError, match="cannot import 'no_such_module:Opt'"):
+        optim.resolve("no_such_module:Opt")
+    with pytest.raises(ValueError, match="cannot import 'torch.optim:NoSuchOpt'"):
+        optim.resolve("torch.optim:NoSuchOpt")
+    with pytest.raises(ValueError, match="not a class or callable"):
+        optim.resolve("torch.optim:__name__")
+
+
+def test_every_place_reads_the_learned_optimizer_classes():
+    from lightning_lopt.eval.optimizers import parse_optimizer
+    from lightning_lopt.meta.catalogue import LOPTS, build_lopt
+
+    names = [cls.registry_name for cls in optim.registry.LEARNED]
+    assert len(set(names)) == len(names)
+    for cls in optim.registry.LEARNED:
+        assert optim.resolve(cls.registry_name) is cls
+        assert parse_optimizer(cls.registry_name).param == ("mup" if cls.mu else "sp")
+    assert parse_optimizer("muadam").param == "mup" and parse_optimizer("adamw").param == "sp"
+    assert sorted(LOPTS) == ["celo", "celo2", "celo2-base", "lo", "mulo", "muvelo", "velo"]
+    module, mu = build_lopt("mulo", stage=None, seed=0)
+    assert mu is True and module.step_mult == 0.01
+    with pytest.raises(ValueError, match="stage applies to celo only"):
+        build_lopt("lo", stage=2, seed=0)
