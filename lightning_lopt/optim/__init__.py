@@ -12,7 +12,8 @@ Example::
 from lightning_lopt.optim import architectures, celo2_lopt  # noqa: F401
 from lightning_lopt.optim.baselines import MuAdam
 from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
-from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
+from lightning_lopt.optim.learned import LearnedOptimizer
+from lightning_lopt.optim.optimizers import LO, Celo, MuLO, MuVeLO, VeLO
 from lightning_lopt.optim.registry import available, build, register, resolve
 from lightning_lopt.optim.scaling import scaled_param_groups
 

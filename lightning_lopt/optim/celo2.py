@@ -214,7 +214,7 @@ class MuCelo2(_Celo2Optimizer):
     Celo2's update has RMS 1 per matrix whatever the gradient's size, like Adam's, so the μP scales
     are Adam's (and μLO's): ``1/fan_in`` for hidden matrices, 1 for input and readout weights (the
     μP model's readout multiplier supplies the readout's 1/width) and for the Adam-branch vectors.
-    Scales are resolved as for :class:`~lightning_lopt.optim.learned.MuLO`: the group's
+    Scales are resolved as for :class:`~lightning_lopt.optim.optimizers.MuLO`: the group's
     ``update_scale``, ``scales``, ``p.lopt_update_scale`` or mup's ``p.infshape``.
 
     Example::

@@ -1,20 +1,12 @@
-"""The learned optimizers as ``torch.optim.Optimizer`` classes: ``LO``, ``MuLO``, ``Celo``, ``VeLO``, ``MuVeLO``.
+"""The shared ``torch.optim.Optimizer`` base of the learned optimizers (:class:`LearnedOptimizer`).
 
-Each class is a thin wrapper around the pure functional core (:mod:`lightning_lopt.optim.functional`):
-it gathers the parameters that have gradients, calls the architecture's step once on all of them and
-writes the results back. Because they are real optimizer classes, every PyTorch and Lightning surface
-works: plain loops, ``configure_optimizers``, LightningCLI's ``--optimizer lightning_lopt.MuLO``,
-LR schedulers (``lr`` multiplies the step), checkpoints and DDP.
-
-============  ===========================  ================  ====================  ==============
-class         rule                          μP update scales  needs the loss         needs num_steps
-============  ===========================  ================  ====================  ==============
-``LO``        small_fc_lopt, λ1 = 0.001     no (all 1)        no                    no
-``MuLO``      small_fc_lopt, λ1 = 0.01      yes               no                    no
-``Celo``      Celo (MLP + LSTM scheduler)   no (all 1)        yes                   yes
-``VeLO``      VeLO                          no (all 1)        yes                   yes
-``MuVeLO``    μVeLO                         yes               yes                   yes
-============  ===========================  ================  ====================  ==============
+The classes users pick (``LO``, ``MuLO``, ``Celo``, ``VeLO``, ``MuVeLO``) are in
+:mod:`lightning_lopt.optim.optimizers`, Celo2's in :mod:`lightning_lopt.optim.celo2`. Each is a thin
+wrapper around the pure functional core (:mod:`lightning_lopt.optim.functional`): it gathers the
+parameters that have gradients, calls the architecture's step once on all of them and writes the
+results back. Because they are real optimizer classes, every PyTorch and Lightning surface works:
+plain loops, ``configure_optimizers``, LightningCLI's ``--optimizer lightning_lopt.MuLO``, LR
+schedulers (``lr`` multiplies the step), checkpoints and DDP.
 
 **Meta-weights.** ``meta_weights`` is an architecture module (:mod:`lightning_lopt.optim.architectures`),
 a directory / packaged name / hub id for :func:`~lightning_lopt.optim.pretrained.from_pretrained`, or
@@ -54,22 +46,11 @@ in float32 and cast back); float64 parameters are computed in float64 when all o
 ``state_dtype=torch.bfloat16`` stores the momenta and the second moment in bf16 (8 B/param instead
 of 16) with stochastic rounding (:mod:`lightning_lopt.optim.bf16_state`).
 
-Example::
-
-    import lightning_lopt as llo
-    opt = llo.MuLO(model.named_parameters(), scales=model.update_scales())  # or model.parameters()
-    opt = llo.Celo(model.parameters(), num_steps=1000, meta_weights="runs/my-celo")
-    for x, y in loader:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step(loss=loss)            # or opt.step(closure) with a closure returning the loss
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -77,19 +58,14 @@ from os import PathLike
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lopt.optim import pretrained, sharding, tensor_step
-from lightning_lopt.optim.architectures import (
-    CeloLOpt,
-    LearnedOptimizerModule,
-    SmallFCLOpt,
-    VeLOLOpt,
-)
+from lightning_lopt.optim.architectures import LearnedOptimizerModule
 from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.fused import driver as fused_driver
 from lightning_lopt.optim.scaling import scaled_param_groups
+from lightning_lopt.optim.step_loss import resolve_loss
 from lightning_lopt.optim.stuck_tensors import StuckTensorCheck
 
 #: Key of the global (not per-tensor) state in ``optimizer.state``.
@@ -273,40 +249,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         target._loss_hint = None if loss is None else torch.as_tensor(loss).detach()
 
     def _resolve_loss(self, candidate: Any, device: torch.device) -> Tensor | None:
-        """The loss for the step: a checked scalar, all-reduced under DDP, for the rules that read it."""
-        if not self.needs_loss:
-            # small_fc_lopt never reads the loss: keep a scalar one for inspection (``last_loss``),
-            # and accept anything else a closure may return (e.g. ``(loss, logits)``).
-            if isinstance(candidate, (int, float)) or (isinstance(candidate, Tensor) and candidate.numel() == 1):
-                return torch.as_tensor(candidate).detach().reshape(()).to(self.compute_dtype)
-            return None
-        name = type(self).__name__
-        if candidate is None:
-            raise ValueError(
-                f"{name} needs the training loss at every step (its learned scheduler reads loss "
-                "statistics): pass step(loss=loss), call step(closure) with a closure that returns "
-                "the loss, or, under Lightning without a closure (precision='16-mixed'), add the "
-                "lightning_lopt.trainer.LossToOptimizer callback (lightning_lopt.Trainer adds it)."
-            )
-        loss = torch.as_tensor(candidate).detach()
-        if loss.numel() != 1:
-            raise ValueError(f"{name}: the loss must be a scalar, got shape {list(loss.shape)}")
-        loss = loss.reshape(()).to(device=device, dtype=self.compute_dtype).clone()
-        # Each DDP rank sees its own shard's loss; the update depends on it, so average it to keep
-        # the replicas identical (DDP only synchronises gradients).
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss = loss / dist.get_world_size()
-        # Checked (one scalar device sync per step) only until the first warning.
-        if not self._warned_nonfinite and not bool(torch.isfinite(loss)):
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{name}: the loss is {loss.item()}; this step keeps the scheduler's loss statistics "
-                "and LSTM state unchanged (parameters are still updated). Further non-finite losses "
-                "are not reported.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        """The loss for the step (see :func:`lightning_lopt.optim.step_loss.resolve_loss`)."""
+        loss, self._warned_nonfinite = resolve_loss(
+            candidate,
+            owner=type(self).__name__,
+            needs_loss=self.needs_loss,
+            device=device,
+            dtype=self.compute_dtype,
+            warned_nonfinite=self._warned_nonfinite,
+        )
         return loss
 
     # -- the step -----------------------------------------------------------------------------
@@ -424,201 +375,5 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self.state[p] = {k: v.to(p.device, copy=True) for k, v in saved[index].items()}
 
 
-class LO(LearnedOptimizer):
-    """small_fc_lopt in standard parametrization (λ1 = 0.001): every tensor has scale 1.
 
-    Example::
-
-        opt = LO(model.parameters(), meta_weights="runs/my-lo")
-    """
-
-    module_class = SmallFCLOpt
-    module_factory = functools.partial(SmallFCLOpt, step_mult=0.001)
-    pretrained_names = ("lo-fmnist8-w32-128",)
-    registry_name = "lo"
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1.0,
-        *,
-        meta_weights: MetaWeights = None,
-        weight_decay: float = 0.0,
-        fused: bool | None = None,
-        state_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(
-            params, lr, meta_weights=meta_weights, weight_decay=weight_decay, fused=fused, state_dtype=state_dtype
-        )
-
-
-class MuLO(LearnedOptimizer):
-    """μLO: small_fc_lopt (λ1 = 0.01) with per-tensor μP update scales (1/fan_in on hidden matrices).
-
-    Scales come from each group's ``update_scale``, ``scales`` (named parameters), or the parameters
-    (``p.lopt_update_scale``, set by ``lightning_lopt.models``; or mup's ``p.infshape``). Without any,
-    the error names the first parameter and the fix, unless ``allow_sp=True``.
-
-    By default it runs the packaged ``mulo-fmnist8-w32-128`` weights, meta-trained on episodes of at
-    most 1000 steps: measured, they are good to about 2000 steps and diverge around 5000 on a
-    Fashion-MNIST MLP (``docs/results.md``, "Horizon").
-
-    Example::
-
-        opt = MuLO(model.parameters())                                  # lightning_lopt.models
-        opt = MuLO(model.named_parameters(), scales=model.update_scales())
-    """
-
-    module_class = SmallFCLOpt
-    module_factory = functools.partial(SmallFCLOpt, step_mult=0.01)
-    pretrained_names = ("mulo-fmnist8-w32-128",)
-    registry_name = "mulo"
-    mu = True
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1.0,
-        *,
-        meta_weights: MetaWeights = None,
-        weight_decay: float = 0.0,
-        scales: Mapping[str, float] | None = None,
-        allow_sp: bool = False,
-        fused: bool | None = None,
-        state_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            meta_weights=meta_weights,
-            weight_decay=weight_decay,
-            scales=scales,
-            allow_sp=allow_sp,
-            fused=fused,
-            state_dtype=state_dtype,
-        )
-
-
-class _ScheduledLearnedOptimizer(LearnedOptimizer):
-    """A learned optimizer whose scheduler reads the loss and the horizon (Celo, VeLO).
-
-    Spelled out, rather than inherited as ``**kwargs``, so LightningCLI shows every argument.
-    """
-
-    needs_loss = True
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1.0,
-        *,
-        num_steps: int | None = None,
-        meta_weights: MetaWeights = None,
-        weight_decay: float = 0.0,
-        fused: bool | None = None,
-        state_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            meta_weights=meta_weights,
-            weight_decay=weight_decay,
-            num_steps=num_steps,
-            fused=fused,
-            state_dtype=state_dtype,
-        )
-
-
-class Celo(_ScheduledLearnedOptimizer):
-    """Celo: a per-parameter MLP rule scaled by a learned LSTM scheduler; needs the loss.
-
-    ``num_steps`` (required) is the number of optimizer steps of the run: the scheduler reads the
-    fraction of training done and loss averages whose half-lives scale with it.
-
-    Celo multiplies every tensor's step by that tensor's RMS (docs/reference/celo.md), so a tensor that starts
-    at zero barely moves: use it on standard-parametrized models, not on μP models whose readout is
-    zero-initialised (``MuMLP(..., param="sp")``; with ``param="mup"`` the loss stays at ln C).
-
-    Example::
-
-        opt = Celo(model.parameters(), num_steps=1000)
-        ...
-        opt.step(loss=loss)
-    """
-
-    module_class = module_factory = CeloLOpt
-    pretrained_names = ("celo-8x8-mlp-w32",)
-    registry_name = "celo"
-    staged = True
-
-    @classmethod
-    def meta_module(cls, stage: int) -> LearnedOptimizerModule:
-        return CeloLOpt(train_phase=stage)
-
-    @classmethod
-    def frozen_in_stage(cls, stage: int | None) -> Callable[[str], bool]:
-        """docs/reference/celo.md#two-stages: stage 1 freezes the scheduler, stage 2 the MLP rule."""
-        if stage == 1:
-            return lambda name: name.startswith("scheduler.")
-        if stage == 2:
-            return lambda name: not name.startswith("scheduler.")
-        return lambda name: False
-
-
-class VeLO(_ScheduledLearnedOptimizer):
-    """VeLO: a per-tensor LSTM that writes a per-parameter MLP; needs the loss and ``num_steps``.
-
-    Example::
-
-        opt = VeLO(model.parameters(), num_steps=1000, meta_weights="velo-m")
-    """
-
-    module_class = module_factory = VeLOLOpt
-    pretrained_names = ("velo-m", "velo")
-    registry_name = "velo"
-
-
-class MuVeLO(LearnedOptimizer):
-    """μVeLO: VeLO's μP variant (LSTM 16, 8 MLPs, no parameter-scale multiplier) with μP scales.
-
-    Scales are resolved as for :class:`MuLO`; needs the loss and ``num_steps`` as :class:`VeLO`.
-
-    Example::
-
-        opt = MuVeLO(model.parameters(), num_steps=1000)
-    """
-
-    module_class = VeLOLOpt
-    module_factory = VeLOLOpt.mu
-    pretrained_names = ("muvelo-m", "muvelo-s")
-    registry_name = "muvelo"
-    mu = True
-    needs_loss = True
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1.0,
-        *,
-        num_steps: int | None = None,
-        meta_weights: MetaWeights = None,
-        weight_decay: float = 0.0,
-        scales: Mapping[str, float] | None = None,
-        allow_sp: bool = False,
-        fused: bool | None = None,
-        state_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            meta_weights=meta_weights,
-            weight_decay=weight_decay,
-            num_steps=num_steps,
-            scales=scales,
-            allow_sp=allow_sp,
-            fused=fused,
-            state_dtype=state_dtype,
-        )
-
-
-__all__ = ["GLOBAL_STATE_KEY", "LO", "Celo", "LearnedOptimizer", "MuLO", "MuVeLO", "VeLO"]
+__all__ = ["GLOBAL_STATE_KEY", "LearnedOptimizer", "MetaWeights", "RANDOM_META_SEED"]

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
-from lightning_lopt.optim.learned import LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
+from lightning_lopt.optim.learned import LearnedOptimizer
+from lightning_lopt.optim.optimizers import LO, Celo, MuLO, MuVeLO, VeLO
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 

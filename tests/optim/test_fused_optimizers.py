@@ -16,7 +16,8 @@ from torch import nn
 from lightning_lopt.optim import bf16_state, fast_steps, fused, tensor_step
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.fused import build
-from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LO, Celo, MuLO, VeLO
+from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+from lightning_lopt.optim.optimizers import LO, Celo, MuLO, VeLO
 
 SHAPES = [(), (5,), (6, 4), (3, 4, 5), (4, 3, 3, 3), (40, 40)]
 MU_SCALES = [1.0, 1.0, 1 / 4, 1 / 4, 1 / 3, 1 / 40]

@@ -21,7 +21,8 @@ from lightning_lopt import optim
 from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt, VeLOLOpt
 from lightning_lopt.optim.functional import StepContext
-from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LO, Celo, LearnedOptimizer, MuLO, MuVeLO, VeLO
+from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LearnedOptimizer
+from lightning_lopt.optim.optimizers import LO, Celo, MuLO, MuVeLO, VeLO
 
 # Ranks 0 to 4; the rank-4 tensor is a Conv2d weight (OIHW), the rank-3 one a Conv1d weight.
 SHAPES = [(), (5,), (6, 4), (3, 4, 5), (4, 3, 3, 3)]

@@ -28,7 +28,8 @@ from lightning_lopt.datamodules import DigitsDataModule
 from lightning_lopt.models import MuMLP
 from lightning_lopt.optim.architectures import CeloLOpt
 from lightning_lopt.optim.functional import StepContext
-from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, MuLO
+from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+from lightning_lopt.optim.optimizers import MuLO
 from lightning_lopt.trainer import LossToOptimizer, configure_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM meta-initialisation:UserWarning")

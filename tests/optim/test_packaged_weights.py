@@ -21,7 +21,7 @@ from lightning_lopt.optim import build, pretrained
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt
 from lightning_lopt.optim.celo2 import Celo2
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
-from lightning_lopt.optim.learned import LO, Celo, MuLO
+from lightning_lopt.optim.optimizers import LO, Celo, MuLO
 
 PACKAGED = {
     "mulo-fmnist8-w32-128": SmallFCLOpt,

@@ -9,7 +9,8 @@ from torch import nn
 from lightning_lopt.optim import bf16_state, fast_steps, tensor_step
 from lightning_lopt.optim.architectures import SmallFCLOpt
 from lightning_lopt.optim.functional import StepContext
-from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, MuLO
+from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+from lightning_lopt.optim.optimizers import MuLO
 
 SHAPES = [(5,), (6, 4), (3, 4, 5)]
 SCALES = [1.0, 0.25, 0.2]
