@@ -57,7 +57,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt

@@ -32,7 +32,7 @@ from lightning_lopt.optim import fused, gpu
 from lightning_lopt.optim.architectures import LearnedOptimizerModule
 from lightning_lopt.optim.functional import StepContext, chunked
 from lightning_lopt.optim.fused import driver
-from lightning_lopt.optim.tensor_step import State, StepOptions
+from lightning_lopt.optim.step_contract import State, StepOptions
 
 #: ``(module, params, grads, state, ctx, weight_decays) -> new global state or None`` (updated in place).
 InPlaceFn = Callable[[LearnedOptimizerModule, list[Tensor], list[Tensor], State, StepContext, Sequence[float]], State | None]

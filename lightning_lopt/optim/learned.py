@@ -65,11 +65,10 @@ from lightning_lopt.optim.architectures import LearnedOptimizerModule
 from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.fused import driver as fused_driver
 from lightning_lopt.optim.scaling import scaled_param_groups
+from lightning_lopt.optim.step_contract import GLOBAL_STATE_KEY
 from lightning_lopt.optim.step_loss import resolve_loss
 from lightning_lopt.optim.stuck_tensors import StuckTensorCheck
 
-#: Key of the global (not per-tensor) state in ``optimizer.state``.
-GLOBAL_STATE_KEY = "learned_optimizer"
 #: The seed of the random meta-initialisation used when no weights are packaged.
 RANDOM_META_SEED = 0
 

@@ -34,6 +34,7 @@ from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule,
 from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.functional import sharded as core
 from lightning_lopt.optim.functional.accumulators import work_shape
+from lightning_lopt.optim.step_contract import GLOBAL_STATE_KEY
 
 if TYPE_CHECKING:
     from lightning_lopt.optim.learned import LearnedOptimizer
@@ -163,8 +164,6 @@ def sharded_step(
     ctx: StepContext,
 ) -> None:
     """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
-    from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
-
     _check(opt, module)
     init_state(opt, params)  # parameters added since (add_param_group)
     specs, meshes = _specs(params, type(opt).__name__)
@@ -199,8 +198,6 @@ def sharded_step(
 
 def _global_state(opt: LearnedOptimizer, params: list[Tensor]) -> dict[str, Tensor] | None:
     """The global state (iteration, loss buffer, Celo's LSTM), kept under every parameter's state."""
-    from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
-
     if GLOBAL_STATE_KEY in opt.state:  # from a step on plain tensors
         return dict(opt.state[GLOBAL_STATE_KEY])
     for p in params:

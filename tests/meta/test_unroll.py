@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_lopt.meta import ImageMLPTask, LogUniformLengthSchedule, PES, Task
+from lightning_lopt.meta import ImageMLPTask, LogUniformLengthSchedule, Task
 from lightning_lopt.meta.rng import generator
 from lightning_lopt.meta.unroll import init_particles, normalize_loss, unroll_window
 from lightning_lopt.optim.architectures import SmallFCLOpt
