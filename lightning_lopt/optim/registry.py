@@ -7,7 +7,7 @@ Example::
 
     from lightning_lopt import optim
     opt = optim.build("muadam", model.named_parameters(), lr=1e-2)
-    optim.available()   # ['adamw', 'celo', 'lo', 'muadam', 'mulo', 'muvelo', 'sgd', 'velo']
+    optim.available()   # ['adamw', 'celo', 'celo2', 'celo2-base', 'lo', 'muadam', 'mucelo2', 'mulo', ...]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
 from lightning_lopt.optim.learned import LearnedOptimizer
 from lightning_lopt.optim.optimizers import LO, Celo, MuLO, MuVeLO, VeLO
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
