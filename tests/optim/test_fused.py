@@ -25,6 +25,8 @@ from lightning_lopt.optim.particle_step import (
     vmapped_pure_step,
 )
 
+import particle_problems
+
 # Ranks 0-4, square and non-square, conv kernels (OIHW); (12, 700) spans several work units.
 SHAPES = [(), (7,), (6, 6), (5, 8), (8, 3), (3, 4, 5), (4, 3, 3, 3), (8, 8, 3, 3), (12, 700)]
 SCALES = [1.0, 1.0, 1 / 6, 0.25, 1.0, 0.3, 0.5, 1 / 8, 0.1]
@@ -51,22 +53,7 @@ def kernel(request):
 
 def stacked_problem(module, seed: int = 0):
     """θ per particle (distinct), parameters and fresh stacked state."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    theta = {
-        k: v.detach().unsqueeze(0).repeat(P, *[1] * v.dim()) + 0.01 * torch.randn(P, *v.shape, generator=g)
-        for k, v in module.state_dict().items()
-    }
-    params = [0.5 * torch.randn(P, *s, generator=g) for s in SHAPES]
-    state = stack_state(
-        [
-            module.functional.init_state({k: v[i] for k, v in theta.items()}, [p[i] for p in params], layout=module.layout)
-            for i in range(P)
-        ]
-    )
-    return theta, params, state, g
+    return particle_problems.stacked_problem(module, SHAPES, P, seed)
 
 
 def step_inputs(t: int, g: torch.Generator):

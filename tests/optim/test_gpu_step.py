@@ -35,7 +35,8 @@ from lightning_lopt.optim.functional.accumulators import (  # noqa: E402
 )
 from lightning_lopt.optim.functional.features import adafactor_features  # noqa: E402
 from lightning_lopt.optim.gpu import kernels, step, table  # noqa: E402
-from lightning_lopt.optim.particle_step import stack_state, vmapped_pure_step  # noqa: E402
+from lightning_lopt.optim.particle_step import vmapped_pure_step  # noqa: E402
+import particle_problems  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 # Ranks 0-4, square and non-square, conv kernels (OIHW); (5, 300) spans several element blocks.
@@ -55,22 +56,7 @@ CONFIGS = {
 
 def stacked_problem(module, seed: int = 0):
     """θ per particle (distinct), parameters and fresh stacked state, on DEVICE."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    theta = {
-        k: (v.detach().unsqueeze(0).repeat(P, *[1] * v.dim()) + 0.01 * torch.randn(P, *v.shape, generator=g)).to(DEVICE)
-        for k, v in module.state_dict().items()
-    }
-    params = [(0.5 * torch.randn(P, *s, generator=g)).to(DEVICE) for s in SHAPES]
-    state = stack_state(
-        [
-            module.functional.init_state({k: v[i] for k, v in theta.items()}, [p[i] for p in params], layout=module.layout)
-            for i in range(P)
-        ]
-    )
-    return theta, params, state, g
+    return particle_problems.stacked_problem(module, SHAPES, P, seed, device=DEVICE)
 
 
 def step_inputs(t: int, g: torch.Generator):
