@@ -128,8 +128,6 @@ def parse_optimizer(text: str) -> OptimizerSpec:
     schedule = None
     if not sep and name.lower().endswith(COSINE_SUFFIX) and name.lower()[: -len(COSINE_SUFFIX)] in known:
         name, schedule = name[: -len(COSINE_SUFFIX)], "cosine"
-        if issubclass_safe(optim.resolve(name.lower()), LearnedOptimizer):
-            raise ValueError(f"{label!r}: a learned optimizer sets its own step sizes; {COSINE_SUFFIX} is for hand-designed ones")
     if name.lower() in known:
         factory = name.lower()
         if sep:
