@@ -7,9 +7,10 @@ An entry of ``--optimizers`` is one of
   name or a hub id, passed as ``meta_weights`` (``mulo:runs/my-mulo``);
 * an optimizer class by import path, ``package.module:Class`` or ``package.module.Class``;
 
-a hand-designed registry name may end in ``-cosine`` (``adamw-cosine``, ``muadam-cosine``): the same
+a registry name may end in ``-cosine`` (``adamw-cosine``, ``muadam-cosine``, ``mulo-cosine``): the same
 optimizer under a linear warmup (the first 5% of the run) and a cosine decay to zero over the run's
-length, the schedule a practitioner would use; it is tuned separately from the constant-rate one.
+length, the schedule a practitioner would use. A hand-designed one is tuned separately from the
+constant-rate one; a learned one is not tuned (its ``lr`` multiplies its step, peak 1).
 Any entry is optionally followed by ``@mup`` or ``@sp`` to pin the parametrization of the models it trains. By
 default the μ optimizers (``muadam``, ``mulo``, ``muvelo``, and classes that take ``scales``) train
 μP models and the others standard-parametrized ones, as in μLO's evaluation.

@@ -76,8 +76,11 @@ def test_cosine_variants_parse_and_are_tuned_under_their_own_name() -> None:
     mu = parse_optimizer("muadam-cosine")
     assert (mu.factory, mu.param, mu.tuned_name) == ("muadam", "mup", "muadam-cosine")
     assert parse_optimizer("adamw").schedule is None and parse_optimizer("adamw").tuned_name == "adamw"
-    with pytest.raises(ValueError, match="sets its own step sizes"):
-        parse_optimizer("mulo-cosine")
+    # A learned optimizer's lr multiplies its step, so it runs under the schedule too (untuned: peak 1).
+    lo = parse_optimizer("mulo-cosine")
+    assert (lo.factory, lo.param, lo.schedule, lo.is_learned) == ("mulo", "mup", "cosine", True)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        parse_optimizer("nope-cosine")
 
 
 def test_warmup_cosine_multiplier_by_hand() -> None:
