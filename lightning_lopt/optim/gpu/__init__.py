@@ -74,7 +74,8 @@ def available() -> bool:
 
 
 @functools.cache
-def _capable(device: torch.device) -> bool:
+def capable(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` has the compute capability the kernels need (:data:`MIN_CAPABILITY`)."""
     return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
@@ -86,7 +87,7 @@ def supports(module: LearnedOptimizerModule, params: Sequence[Tensor]) -> bool:
     return (
         bool(params)
         and all(p.device.type == "cuda" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
-        and _capable(params[0].device)
+        and capable(params[0].device)
         and architecture_supported(module)
         and available()
     )
@@ -127,4 +128,4 @@ def register_particle_steps() -> None:
         register_particle_step(cls, run, either)
 
 
-__all__ = ["NUMERIC_MODES", "PARTICLE_NUMERICS", "available", "register_particle_steps", "supports"]
+__all__ = ["NUMERIC_MODES", "PARTICLE_NUMERICS", "available", "capable", "register_particle_steps", "supports"]
