@@ -19,6 +19,13 @@ launch each, in this order):
 4. :func:`apply_kernel`: rebuild the inputs of a block of elements, normalise them with ``stats``,
    run the MLP with ``tl.dot`` and write the parameter, ``m``, ``rms`` (and ``v`` of vectors).
 
+A job may be a block of rows of a tensor split along axis 0 (FSDP2's ``Shard(0)``): the element
+loops run over the block (``J_N``, ``J_A``), the means divide by the whole tensor's counts
+(``J_N_TOTAL``, ``J_A_TOTAL``), and the sharded step reduces the sums across blocks between phase 1
+and 2 and between 3 and 4. When the mean of ``v_row`` over d1 crosses the blocks
+(``J_RBAR_SHARED``), :func:`tables_kernel` with ``COMMIT=False`` adds the block's new ``v_row``
+into it in phase 1, storing nothing (see :mod:`lightning_lopt.optim.gpu`).
+
 The MLP inputs of a block are a ``[BLOCK, 32]`` tile assembled with a tree of ``tl.join`` (no
 [numel, features] tensor exists anywhere): the join tree puts channel ``c`` in column
 ``bitrev5(c)``, so the packed first layer is permuted the same way (:func:`bit_reverse5`).
@@ -311,7 +318,7 @@ def reduce_matrix_kernel(jobs_ptr, tile_job_ptr, first_tile_ptr, ws_ptr, ROWS: t
 @triton.jit
 def _batch_of_row_entry(e, job_row):
     """The (pre, mid, post) batch index of entry e of the row statistic (its mean over d1 is per batch)."""
-    a_ = tl.load(job_row + J_A)
+    a_ = tl.maximum(tl.load(job_row + J_A), 1)  # an empty block of rows has A = 0 (nothing to index)
     mid_ = tl.load(job_row + J_MID)
     b_ = tl.load(job_row + J_B)
     post_ = tl.load(job_row + J_POST)

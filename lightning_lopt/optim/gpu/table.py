@@ -5,18 +5,22 @@ A :class:`Plan` describes one step's tensors (all particles): the int64 job tabl
 the workspace offsets. Plans are cached by the tensors' addresses and shapes, so a training loop
 builds its plan once and every later step (or a CUDA-graph replay) only launches kernels.
 
-The two passes are separately callable (the FSDP2 sharded step all-reduces between them):
+The passes are separately callable (the FSDP2 sharded step all-reduces between them; see the
+contract in :mod:`lightning_lopt.optim.gpu`):
 
-- :func:`statistics` (phases 1-3) → ``stats [n_jobs, 32]``: per tensor, the SUM over its elements
-  of each MLP input channel squared (channels in spec order, zero beyond the rule's 28 / 30);
-- :func:`apply` (phase 4) takes ``stats`` and writes the parameters and state in place; the mean
-  square it normalises with is ``stats / n`` with n = :attr:`Plan.numels`.
+- :func:`partial_sums` (phase A: the factored reductions) → the workspace, whose prefix
+  ``[:shared_floats]`` holds the partial sums over axis 0 of split tensors (:attr:`Job.total_rows`);
+- :func:`finish_statistics` (phase B) → ``stats [n_jobs, 32]``: per tensor, the SUM over its
+  elements of each MLP input channel squared (channels in spec order, zero beyond the rule's 28 / 30);
+- :func:`apply` (phase C) takes ``stats`` and writes the parameters and state in place; the mean
+  square it normalises with is ``stats / n`` with n = :attr:`Plan.numels` (the whole tensor's count);
+- :func:`statistics`: phases A and B of an unsharded step.
 
 Example::
 
-    plan = Plan.build(jobs, celo=False)
-    stats = statistics(plan, nets)
-    apply(plan, nets, stats, numerics="fast")
+    plan = plan_for(jobs, layout="torch", celo=False)
+    stats, workspace = statistics(plan, nets)
+    apply(plan, nets, stats, workspace, numerics="fast")
 """
 
 from __future__ import annotations
