@@ -1,16 +1,17 @@
-"""FSDP2 on gloo CPU through the GPU step's Triton phases (used by test_sharded_gpu_phases.py).
+"""FSDP2 through the GPU step's Triton phases, against one process (used by test_sharded.py).
 
-Run as ``TRITON_INTERPRET=1 python _fsdp2_gpu_phases_script.py OUT_DIR WORLD_SIZE PORT``. Triton's
-interpreter runs the kernels on CPU tensors, and the test hook
+Run as ``TRITON_INTERPRET=1 python _fsdp2_gpu_phases_script.py OUT_DIR WORLD_SIZE PORT`` (gloo CPU
+ranks: Triton's interpreter runs the kernels on CPU tensors, and the test hook
 :data:`lightning_lopt.optim.sharding.TRITON_ON_CPU` sends the CPU blocks through
-:func:`lightning_lopt.optim.gpu.step.sharded_step_in_place` (the CUDA path). Every rank feeds the
-same batches, so FSDP2's averaged gradients equal one process's, and compares, after a few steps
-with ``gpu_numerics="exact"``, the gathered parameters with an unsharded copy stepped by the pure
-step. The weights put the factored axis d0 on the split axis 0 ([8, 3]: ``v_row`` replicated), d1
-on it ([5, 8]: the mean of ``v_row`` over d1 crosses the shards), a square ([5, 5]) and one row
-([1, 5] and the biases of 1: empty local shards); 5 rows over 2 or 3 ranks are uneven. Each rank
-writes ``OUT_DIR/rank<r>.json``: the error, how far the reference moved, the local rows, how many
-steps took the Triton phases and how many ``reduce`` calls each step made.
+:func:`lightning_lopt.optim.gpu.step.sharded_step_in_place`, the CUDA path), or with a fifth
+argument ``cuda`` (NCCL, one rank per GPU, the real kernels). Every rank feeds the same batches, so
+FSDP2's averaged gradients equal one process's, and compares, after a few steps with
+``gpu_numerics="exact"``, the gathered parameters with an unsharded copy stepped by the pure step.
+The weights put the factored axis d0 on the split axis 0 ([8, 3]: ``v_row`` replicated), d1 on it
+([5, 8]: the mean of ``v_row`` over d1 crosses the shards), a square ([5, 5]) and one row ([1, 5]
+and the biases of 1: empty local shards); 5 rows over 2 or 3 ranks are uneven. Each rank writes
+``OUT_DIR/rank<r>.json``: the error, how far the reference moved, the local rows, how many steps
+took the Triton phases and how many ``reduce`` calls each step made.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def make_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimiz
     return opt
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+def train(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
     for step in range(STEPS):
         generator = torch.Generator().manual_seed(step)  # the same batch on every rank
-        x = torch.randn(16, 3, generator=generator)
+        x = torch.randn(16, 3, generator=generator).to(device)
         opt.zero_grad()
         loss = model(x).pow(2).mean()
         loss.backward()
@@ -73,11 +74,14 @@ def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def run(rank: int, world: int, out_dir: str, port: int) -> None:
+def run(rank: int, world: int, out_dir: str, port: int, device_type: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    sharding.TRITON_ON_CPU = True
+    sharding.TRITON_ON_CPU = device.type == "cpu"
     phase_steps, reduce_calls = [0], []
     phased, all_reduce = gpu_step.sharded_step_in_place, sharding._all_reduce
 
@@ -97,22 +101,22 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
 
     gpu_step.sharded_step_in_place = counted_phases
     sharding._all_reduce = counted_all_reduce
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device.type, (world,))
     result: dict[str, object] = {}
     for name in ("LO", "MuLO", "Celo"):
-        reference = make_model()
+        reference = make_model().to(device)
         start = full(reference)
-        train(reference, make_optimizer(name, reference, fused=False))
+        train(reference, make_optimizer(name, reference, fused=False), device)
         expected = full(reference)
 
-        model = make_model()
+        model = make_model().to(device)
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         phase_steps[0], reduce_calls[:] = 0, []
         opt = make_optimizer(name, model)
-        train(model, opt)
+        train(model, opt, device)
         state = opt.state_dict()["state"]
         result[name] = {
             "error": max_error(full(model), expected),
@@ -130,7 +134,8 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run with TRITON_INTERPRET=1 (Triton's interpreter runs the kernels on CPU tensors)")
     out, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    mp.spawn(run, args=(world, out, port), nprocs=world)
+    device_type = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("on CPU, run with TRITON_INTERPRET=1 (Triton's interpreter runs the kernels on CPU tensors)")
+    mp.spawn(run, args=(world, out, port, device_type), nprocs=world)
