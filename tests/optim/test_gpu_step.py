@@ -234,9 +234,9 @@ def _phases_on_blocks(module, world, params, grads, ctx):
 
 @pytest.mark.parametrize("config", ["mulo", "celo-stage2"])
 def test_the_phases_on_blocks_of_rows_equal_the_pure_step(config):
-    """The contract of the sharded step: the phases on blocks of rows (2 and 3 ranks, uneven and
-    empty blocks), with the workspace prefix and the split tensors' stats rows summed between
-    them, give the pure step of the whole tensors."""
+    """The contract of the sharded step: the phases on blocks of rows (3 ranks: uneven and empty
+    blocks; 2 ranks run in test_sharded.py), with the workspace prefix and the split tensors' stats
+    rows summed between them, give the pure step of the whole tensors."""
     module = CONFIGS[config]("torch").to(DEVICE)
     g = torch.Generator().manual_seed(11)
     params = [torch.randn(s, generator=g).to(DEVICE) for s in SHARDED_SHAPES]
@@ -244,10 +244,9 @@ def test_the_phases_on_blocks_of_rows_equal_the_pure_step(config):
     ctx = StepContext([1.0, 0.5, 0.25, 1.0, 0.3, 0.1, 1.0], torch.tensor(2.0, device=DEVICE), 100)
     with torch.no_grad():
         ref, _ = module.step(params, grads, module.init_state(params), ctx)
-    for world in (2, 3):
-        got = _phases_on_blocks(module, world, params, grads, ctx)
-        assert_step_close([x.unsqueeze(0) for x in got], [x.unsqueeze(0) for x in ref],
-                          [x.unsqueeze(0) for x in params], f"{config}, {world} ranks")
+    got = _phases_on_blocks(module, 3, params, grads, ctx)
+    assert_step_close([x.unsqueeze(0) for x in got], [x.unsqueeze(0) for x in ref],
+                      [x.unsqueeze(0) for x in params], f"{config}, 3 ranks")
 
 
 def _in_place_problem(param_dtype, state_dtype, seed=5):
