@@ -7,7 +7,11 @@ accumulator to its local block, runs the pure sharded core
 parameters' mesh (two per step, each carrying every tensor's statistics), writes the local results
 back, and keeps the per-tensor state as ``DTensor`` sharded like the parameter (accumulators
 reduced over axis 0 are ``Replicate``), so ``state_dict()`` works with
-``torch.distributed.checkpoint``. The sharded step runs the pure core, not the fused CPU kernel.
+``torch.distributed.checkpoint``. On CUDA (compute capability ≥ 8.0, Triton installed, ``fused``
+not ``False``, float32 compute) the local blocks run the Triton kernels of
+:mod:`lightning_lopt.optim.gpu` in three phases with the same two all-reduces between them
+(:func:`lightning_lopt.optim.gpu.step.sharded_step_in_place`); elsewhere the pure core. The fused
+CPU kernel does not run on sharded parameters.
 
 Supported: ``LO``, ``MuLO`` and ``Celo``; a 1-D device mesh with ``Shard(0)`` or ``Replicate``
 placements (what ``fully_shard`` makes), uneven and empty local shards, float32 state. FSDP1
@@ -24,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +53,11 @@ except ImportError:  # torch built without distributed
 #: ``torch.distributed.checkpoint``'s optimizer state dicts (Lightning's ModelParallelStrategy
 #: checkpoints) accept parameter entries only, not the ``"learned_optimizer"`` entry of one process.
 GLOBAL_PREFIX = "learned_optimizer."
+
+#: Test hook: run the Triton phases on CPU tensors. Only valid in a process started with
+#: ``TRITON_INTERPRET=1`` (Triton's interpreter runs the kernels on CPU memory, slowly);
+#: tests/optim/_fsdp2_gpu_phases_script.py sets it to test the CUDA path on CPU machines.
+TRITON_ON_CPU = False
 
 _FSDP1_FIX = (
     "FSDP1 (FullyShardedDataParallel, Lightning's strategy='fsdp' / FSDPStrategy) gives the optimizer "
@@ -118,10 +128,31 @@ def _check(opt: LearnedOptimizer, module: LearnedOptimizerModule) -> None:
             f"{owner}: sharded (DTensor) parameters are supported by LO, MuLO and Celo; "
             f"{type(module).__name__} is not (VeLO's per-tensor LSTM inputs are not reduced across shards)"
         )
-    if opt.fused:
-        raise NotImplementedError(f"{owner}(fused=True): the fused kernel does not run on sharded (DTensor) parameters")
     if opt.state_dtype != torch.float32:
         raise NotImplementedError(f"{owner}: sharded parameters need state_dtype=torch.float32")
+
+
+def _runs_gpu_phases(opt: LearnedOptimizer, module: LearnedOptimizerModule, device: torch.device) -> bool:
+    """Whether the local blocks on ``device`` take the Triton phases (else the pure core)."""
+    from lightning_lopt.optim import gpu
+
+    if opt.fused is False or opt.compute_dtype != torch.float32 or not gpu.available():
+        return False
+    if device.type == "cuda":
+        runs = gpu.capable(device)
+    else:
+        runs = TRITON_ON_CPU and device.type == "cpu"
+    from lightning_lopt.optim.gpu.step import architecture_supported
+
+    return runs and architecture_supported(module)
+
+
+def _check_fused(opt: LearnedOptimizer, module: LearnedOptimizerModule, device: torch.device) -> None:
+    if opt.fused and not _runs_gpu_phases(opt, module, device):
+        raise NotImplementedError(
+            f"{type(opt).__name__}(fused=True): on sharded (DTensor) parameters only the GPU step runs fused "
+            "(CUDA with compute capability ≥ 8.0 and Triton); the fused CPU kernel does not"
+        )
 
 
 def _specs(params: list[Tensor], owner: str) -> tuple[list[core.ShardSpec], list[Any]]:
@@ -140,6 +171,7 @@ def init_state(opt: LearnedOptimizer, params: list[Tensor]) -> None:
     """
     module = opt.meta_weights
     _check(opt, module)
+    _check_fused(opt, module, _local(params[0]).device)
     specs, meshes = _specs(params, type(opt).__name__)
     dtype = opt.compute_dtype
     global_state = _global_state(opt, params)
@@ -165,26 +197,28 @@ def sharded_step(
 ) -> None:
     """One step of ``opt`` on parameters of which some are DTensors (see the module docstring)."""
     _check(opt, module)
-    init_state(opt, params)  # parameters added since (add_param_group)
+    init_state(opt, params)  # parameters added since (add_param_group); checks fused=True
     specs, meshes = _specs(params, type(opt).__name__)
     mesh = next(m for m in meshes if m is not None)
     dtype = opt.compute_dtype
     local_params = [_local(p) for p in params]
     device = local_params[0].device
     grads = [_local(p.grad).to(dtype) for p in params]
-    work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
     global_state = {k: v.to(device) for k, v in _global_state(opt, params).items()}
     accumulators = [
         {k: _local(v).to(dtype) for k, v in opt.state[p].items() if not k.startswith(GLOBAL_PREFIX)} for p in params
     ]
     state = {**global_state, "tensors": accumulators}
     reduce = _all_reduce(mesh.get_group())
-    core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
-    new_params, new_state = core_step(module.theta(), work, grads, state, ctx, specs, reduce, **module.step_config)
-
-    for lp, old, new, group in zip(local_params, work, new_params, groups):
-        decay = group["lr"] * group["weight_decay"]
-        lp.copy_(new - decay * old if decay else new)
+    if _runs_gpu_phases(opt, module, device):
+        new_state = _gpu_phases_step(opt, module, local_params, grads, state, ctx, groups, specs, reduce)
+    else:
+        core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
+        work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
+        new_params, new_state = core_step(module.theta(), work, grads, state, ctx, specs, reduce, **module.step_config)
+        for lp, old, new, group in zip(local_params, work, new_params, groups):
+            decay = group["lr"] * group["weight_decay"]
+            lp.copy_(new - decay * old if decay else new)
     new_global = {GLOBAL_PREFIX + k: v for k, v in new_state.items() if k != "tensors"}
     opt.state.pop(GLOBAL_STATE_KEY, None)
     # Every parameter of the optimizer carries the global state, also those without a gradient now.
@@ -194,6 +228,29 @@ def sharded_step(
     for p, spec, m, acc in zip(params, specs, meshes, new_state["tensors"]):
         shapes = _global_accumulator_shapes(spec, module.layout)
         opt.state[p] = {**{k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}, **new_global}
+
+
+def _gpu_phases_step(
+    opt: LearnedOptimizer,
+    module: LearnedOptimizerModule,
+    local_params: list[Tensor],
+    grads: list[Tensor],
+    state: dict[str, Any],
+    ctx: StepContext,
+    groups: list[dict[str, Any]],
+    specs: list[core.ShardSpec],
+    reduce: core.Reduce,
+) -> dict[str, Any]:
+    """The Triton phases on the local blocks, in place (non-float32 or non-contiguous blocks through
+    a float32 copy); returns the new state."""
+    from lightning_lopt.optim import fast_steps
+    from lightning_lopt.optim.gpu.step import sharded_step_in_place
+
+    fn = functools.partial(sharded_step_in_place, shards=specs, reduce=reduce, numerics=opt.gpu_numerics)
+    weight_decays = [group["lr"] * group["weight_decay"] for group in groups]
+    return fast_steps.run_in_place(
+        fn, module, local_params, grads, state, ctx, weight_decays, opt._step_options(), float32_only=True
+    )
 
 
 def _global_state(opt: LearnedOptimizer, params: list[Tensor]) -> dict[str, Tensor] | None:

@@ -33,8 +33,12 @@ KERNELS = {
         {"jobs_ptr": "*i64", "tile_job_ptr": "*i32", "first_tile_ptr": "*i64", "ws_ptr": F32},
         {"ROWS": 32, "COLS": 128, "CELO": True, "G_BF16": False},
     ),
-    "tables": (K.tables_kernel, {"jobs_ptr": "*i64", "units_ptr": "*i64", "block_job_ptr": "*i32",
-                                 "first_block_ptr": "*i64", "decays_ptr": F32, "ws_ptr": F32}, {"BLOCK": 256}),
+    **{
+        name: (K.tables_kernel, {"jobs_ptr": "*i64", "units_ptr": "*i64", "block_job_ptr": "*i32",
+                                 "first_block_ptr": "*i64", "decays_ptr": F32, "ws_ptr": F32},
+               {"BLOCK": 256, "COMMIT": commit})
+        for name, commit in (("tables", True), ("tables-partial", False))  # partial: the sharded step's phase A
+    },
     "row_factor": (K.row_factor_kernel, {"jobs_ptr": "*i64", "units_ptr": "*i64", "block_job_ptr": "*i32",
                                          "first_block_ptr": "*i64", "ws_ptr": F32}, {"BLOCK": 256}),
     "stats": (

@@ -183,6 +183,72 @@ def test_statistics_pass_returns_the_channel_sums():
     torch.testing.assert_close(plan.numels, torch.tensor([max(1, p.numel()) for p in params], dtype=torch.float32, device=DEVICE))
 
 
+#: Whole tensors split into blocks of rows: d0 on axis 0 ((5, 3): v_row replicated), d1 on it
+#: ((3, 7): the mean of v_row over d1 crosses the blocks), a tie, 1 row (empty blocks), factored
+#: axes off axis 0, a vector; the scalar is not split.
+SHARDED_SHAPES = [(5, 3), (3, 7), (4, 4), (1, 6), (3, 2, 5, 5), (7,), ()]
+
+
+def _blocks(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Rank r's rows under torch.chunk (FSDP2's split; ranks past the chunks get none)."""
+    chunks = list(t.chunk(world))
+    return [chunks[r].clone() if r < len(chunks) else t[:0].clone() for r in range(world)]
+
+
+def _phases_on_blocks(module, world, params, grads, ctx):
+    """One step of ``world`` simulated ranks through the three phases, the sums across ranks made
+    between them as the all-reduces would; returns the whole tensors."""
+    from lightning_lopt.optim.functional import sharded
+
+    specs = [sharded.ShardSpec(work_shape(p.shape), split=p.dim() > 0) for p in params]
+    theta = {k: v.detach().unsqueeze(0) for k, v in module.state_dict().items()}
+    ranks = []
+    for r in range(world):
+        local = [_blocks(p, world)[r] if s.split else p.clone() for p, s in zip(params, specs)]
+        local_g = [_blocks(g, world)[r] if s.split else g for g, s in zip(grads, specs)]
+        acc = [
+            sharded.init_accumulators(s, p.shape[0] if s.split else s.shape[0], torch.float32, DEVICE, module.layout)
+            for p, s in zip(local, specs)
+        ]
+        state = {k: v for k, v in module.init_state([]).items() if k != "tensors"}
+        nets, _ = step._nets(module, theta, {**state, "tensors": acc}, ctx, particles=False)
+        jobs = [
+            table.Job(work_shape(p.shape), p, g, a, float(scale), 0.0, i, total_rows=s.shape[0] if s.split else None)
+            for i, (p, g, a, scale, s) in enumerate(zip(local, local_g, acc, ctx.scales, specs))
+        ]
+        ranks.append((table.Plan(jobs, module.layout, isinstance(module, CeloLOpt)), nets, local, jobs))
+    workspaces = [table.partial_sums(plan, nets) for plan, nets, _, _ in ranks]
+    k = ranks[0][0].shared_floats
+    total = sum(ws[:k] for ws in workspaces)
+    for ws in workspaces:
+        ws[:k] = total
+    stats = [table.finish_statistics(plan, nets, ws) for (plan, nets, _, _), ws in zip(ranks, workspaces)]
+    rows = ranks[0][0].split_jobs
+    total = sum(st[rows] for st in stats)
+    for st in stats:
+        st[rows] = total
+    for (plan, nets, _, _), st, ws in zip(ranks, stats, workspaces):
+        table.apply(plan, nets, st, ws, numerics="exact")
+    return [torch.cat([rank[2][i] for rank in ranks]) if s.split else ranks[0][2][i] for i, s in enumerate(specs)]
+
+
+@pytest.mark.parametrize("config", ["mulo", "celo-stage2"])
+def test_the_phases_on_blocks_of_rows_equal_the_pure_step(config):
+    """The contract of the sharded step: the phases on blocks of rows (3 ranks: uneven and empty
+    blocks; 2 ranks run in test_sharded.py), with the workspace prefix and the split tensors' stats
+    rows summed between them, give the pure step of the whole tensors."""
+    module = CONFIGS[config]("torch").to(DEVICE)
+    g = torch.Generator().manual_seed(11)
+    params = [torch.randn(s, generator=g).to(DEVICE) for s in SHARDED_SHAPES]
+    grads = [(0.1 * torch.randn(s, generator=g)).to(DEVICE) for s in SHARDED_SHAPES]
+    ctx = StepContext([1.0, 0.5, 0.25, 1.0, 0.3, 0.1, 1.0], torch.tensor(2.0, device=DEVICE), 100)
+    with torch.no_grad():
+        ref, _ = module.step(params, grads, module.init_state(params), ctx)
+    got = _phases_on_blocks(module, 3, params, grads, ctx)
+    assert_step_close([x.unsqueeze(0) for x in got], [x.unsqueeze(0) for x in ref],
+                      [x.unsqueeze(0) for x in params], f"{config}, 3 ranks")
+
+
 def _in_place_problem(param_dtype, state_dtype, seed=5):
     module = SmallFCLOpt()
     g = torch.Generator().manual_seed(seed)

@@ -246,3 +246,46 @@ def test_lightning_model_parallel_strategy_trains_with_mulo(tmp_path):
         assert rank["moved"] > 1e-4
         assert rank["resumed_iterations"] == [5]  # 3 restored from the checkpoint, then 2 steps
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # one model, gathered identically on both ranks
+
+
+def _run_gpu_phases_script(tmp_path, world: int, device: str) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    script = Path(__file__).with_name("_fsdp2_gpu_phases_script.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(world), str(_free_port()), device],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for rank in ranks:
+        for name in ("LO", "MuLO", "Celo"):
+            item = rank[name]
+            assert item["phase_steps"] == 3, (name, item)  # the Triton phases ran, not the pure core
+            assert item["reduce_calls"] == [2, 2, 2], (name, item)  # two batched all-reduces per step
+            assert item["moved"] > 1e-3, (name, item)
+            # exact numerics: fp32 FMA like the pure step; sums split over ranks round differently.
+            assert item["error"] <= 1e-5, (name, item)
+            assert item["state_is_dtensor"], name
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the phases run for real (the next test)")
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_through_the_gpu_phases_equals_one_process(tmp_path, world):
+    """The CUDA path (Triton phases, two all-reduces per step) on CPU tensors under Triton's
+    interpreter: LO, MuLO and Celo with uneven and empty shards equal the unsharded pure step."""
+    pytest.importorskip("triton")
+    ranks = _run_gpu_phases_script(tmp_path, world, "cpu")
+    rows = [rank["LO"]["local_rows"] for rank in ranks]
+    assert len({tuple(r) for r in rows}) > 1 and 0 in rows[-1]  # uneven shards, some empty
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU form is the test above)")
+def test_fsdp2_on_cuda_takes_the_gpu_phases_and_equals_one_process(tmp_path):
+    """FSDP2 on CUDA with NCCL, one rank per GPU (up to 3): the optimizers' default dispatch takes
+    the Triton phases, and the step equals the unsharded pure step."""
+    pytest.importorskip("triton")
+    _run_gpu_phases_script(tmp_path, min(torch.cuda.device_count(), 3), "cuda")

@@ -25,20 +25,34 @@ Numerics (``numerics=``, the optimizers' ``gpu_numerics`` attribute):
   the pure step by at most 1e-2 of the update's RMS per tensor;
 - ``"exact"``: fp32 FMA products; within 1e-5 of the pure step, as the CPU kernel.
 
-Contract of the two passes (for a sharded step, e.g. FSDP2, which all-reduces between them)::
+Contract of the phases (the FSDP2 sharded step all-reduces between them;
+:func:`step.sharded_step_in_place` is this sequence, :mod:`lightning_lopt.optim.sharding` calls
+it for CUDA blocks)::
 
-    plan = table.plan_for(jobs, layout, celo)         # jobs: the local tensors (table.Job)
-    stats, workspace = table.statistics(plan, nets)   # stats: float32 [n_tensors, 32]
-    # stats[i, c] = Σ over tensor i's elements of (MLP input channel c)², channels in spec order
-    # (docs/reference/small_fc.md#features: 28 for small_fc,
-    docs/reference/celo.md#per-parameter-features: 30 for Celo; the rest 0); a SUM, so the
-    # shards' stats all-reduce with SUM. The mean square used is stats / plan.numels (the local
-    # element counts: a sharded caller passes the global counts).
-    table.apply(plan, nets, stats, workspace, numerics="fast")
+    jobs = [table.Job(local_shape, p, g, acc, scale, wd, i, total_rows=rows_of_the_whole_tensor)]
+    plan = table.plan_for(jobs, layout, celo)         # empty blocks of split tensors included
+    ws = table.partial_sums(plan, nets)               # phase A: writes no state
+    ws[:plan.shared_floats] = all_reduce(ws[:plan.shared_floats])
+    stats = table.finish_statistics(plan, nets, ws)   # phase B: float32 [n_jobs, 32]
+    stats[plan.split_jobs] = all_reduce(stats[plan.split_jobs])
+    table.apply(plan, nets, stats, ws, numerics="fast")   # phase C
 
-The factored statistics (row/column means of g², pass 1's first phase) are reduced over the local
-tensor; a shard split along a factored axis needs them reduced across shards as well, which this
-contract does not cover.
+- Phase A sums g² over the factored axes. For a tensor split along axis 0 (``total_rows`` set)
+  whose factored axis ``a`` is axis 0, the sum over it (the statistic reduced over axis 0, which is
+  replicated) is a partial sum; when moreover ``d1`` is axis 0, the mean of ``v_row`` over ``d1``
+  (the row factor's normaliser) is too, and phase A adds the new ``v_row`` of the block into it
+  without storing it. These partial sums are the workspace prefix ``[:plan.shared_floats]``, laid
+  out from the whole tensors' shapes, so it lines up on every rank.
+- Phase B finishes the factored statistics (EMA written to the state once), their tables and
+  ``stats[i, c]`` = Σ over job i's elements of (MLP input channel c)², channels in spec order
+  (docs/reference/small_fc.md#features: 28 for small_fc, docs/reference/celo.md#per-parameter-features:
+  30 for Celo; the rest 0); a SUM, so the rows of split tensors all-reduce with SUM (replicated
+  tensors' rows are complete and are not reduced). Celo's parameter scale mean(p²) is channel 2.
+- Phase C divides by the whole tensors' counts (:attr:`table.Plan.numels`; the factored means by
+  the whole axis 0) and applies on the block.
+
+:func:`table.statistics` is phases A and B without a reduction (the unsharded step: the same
+kernels in the same order as before the split, so its numerics are unchanged).
 
 Example::
 
@@ -74,7 +88,8 @@ def available() -> bool:
 
 
 @functools.cache
-def _capable(device: torch.device) -> bool:
+def capable(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` has the compute capability the kernels need (:data:`MIN_CAPABILITY`)."""
     return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
@@ -86,7 +101,7 @@ def supports(module: LearnedOptimizerModule, params: Sequence[Tensor]) -> bool:
     return (
         bool(params)
         and all(p.device.type == "cuda" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
-        and _capable(params[0].device)
+        and capable(params[0].device)
         and architecture_supported(module)
         and available()
     )
@@ -127,4 +142,4 @@ def register_particle_steps() -> None:
         register_particle_step(cls, run, either)
 
 
-__all__ = ["NUMERIC_MODES", "PARTICLE_NUMERICS", "available", "register_particle_steps", "supports"]
+__all__ = ["NUMERIC_MODES", "PARTICLE_NUMERICS", "available", "capable", "register_particle_steps", "supports"]

@@ -19,6 +19,13 @@ launch each, in this order):
 4. :func:`apply_kernel`: rebuild the inputs of a block of elements, normalise them with ``stats``,
    run the MLP with ``tl.dot`` and write the parameter, ``m``, ``rms`` (and ``v`` of vectors).
 
+A job may be a block of rows of a tensor split along axis 0 (FSDP2's ``Shard(0)``): the element
+loops run over the block (``J_N``, ``J_A``), the means divide by the whole tensor's counts
+(``J_N_TOTAL``, ``J_A_TOTAL``), and the sharded step reduces the sums across blocks between phase 1
+and 2 and between 3 and 4. When the mean of ``v_row`` over d1 crosses the blocks
+(``J_RBAR_SHARED``), :func:`tables_kernel` with ``COMMIT=False`` adds the block's new ``v_row``
+into it in phase 1, storing nothing (see :mod:`lightning_lopt.optim.gpu`).
+
 The MLP inputs of a block are a ``[BLOCK, 32]`` tile assembled with a tree of ``tl.join`` (no
 [numel, features] tensor exists anywhere): the join tree puts channel ``c`` in column
 ``bitrev5(c)``, so the packed first layer is permuted the same way (:func:`bit_reverse5`).
@@ -41,7 +48,11 @@ J_N, J_FACTORED, J_PRE, J_A, J_MID, J_B, J_POST, J_D0_IS_A = (_c(i) for i in ran
 J_P, J_G, J_M, J_RMS, J_VROW, J_VCOL = (_c(i) for i in range(8, 14))  # pointers; non-factored: v in J_VROW
 J_SUM_A, J_SUM_B, J_TAB_A, J_TAB_B, J_RBAR = (_c(i) for i in range(14, 19))  # float offsets into the workspace
 J_INDEX, J_PARTICLE = _c(19), _c(20)
-J_COUNT = _c(21)
+# Counts of the whole tensor when the job is a block of rows of it (FSDP2's Shard(0); otherwise
+# equal to J_N / J_A): the mean of the statistics over axis a, the channel means; and whether the
+# mean of v_row over d1 crosses the blocks (d1 = a = axis 0), so its partial sum is reduced first.
+J_N_TOTAL, J_A_TOTAL, J_RBAR_SHARED = _c(21), _c(22), _c(23)
+J_COUNT = _c(24)
 #: Per table unit (int64): job, side (0: the statistic without axis a, 1: without axis b), entries.
 U_JOB, U_SIDE, U_ENTRIES = (_c(i) for i in range(3))
 U_COUNT = _c(3)
@@ -307,7 +318,7 @@ def reduce_matrix_kernel(jobs_ptr, tile_job_ptr, first_tile_ptr, ws_ptr, ROWS: t
 @triton.jit
 def _batch_of_row_entry(e, job_row):
     """The (pre, mid, post) batch index of entry e of the row statistic (its mean over d1 is per batch)."""
-    a_ = tl.load(job_row + J_A)
+    a_ = tl.maximum(tl.load(job_row + J_A), 1)  # an empty block of rows has A = 0 (nothing to index)
     mid_ = tl.load(job_row + J_MID)
     b_ = tl.load(job_row + J_B)
     post_ = tl.load(job_row + J_POST)
@@ -322,8 +333,14 @@ def _batch_of_row_entry(e, job_row):
 
 
 @triton.jit
-def tables_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, decays_ptr, ws_ptr, BLOCK: tl.constexpr):
-    """Phase 2a: the new factored statistics (into the state) and their table rows; row sums for r̄."""
+def tables_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, decays_ptr, ws_ptr, BLOCK: tl.constexpr,
+                  COMMIT: tl.constexpr):
+    """Phase 2a: the new factored statistics (into the state) and their table rows; row sums for r̄.
+
+    ``COMMIT=False`` (the sharded step's first phase, on the row units of jobs with J_RBAR_SHARED)
+    only adds the new ``v_row`` into r̄, the partial sum reduced across blocks; it stores nothing
+    else. ``COMMIT=True`` stores everything and adds into r̄ for the other jobs.
+    """
     unit, e = _block(block_job_ptr, first_block_ptr, BLOCK)
     unit_row = units_ptr + unit * U_COUNT
     job = tl.load(unit_row + U_JOB)
@@ -333,22 +350,26 @@ def tables_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, decays_pt
     d0_is_a = tl.load(job_row + J_D0_IS_A)
     is_row = (side == 0) == (d0_is_a != 0)
     is_col = (side == 0) != (d0_is_a != 0)
-    count = tl.where(side == 0, tl.load(job_row + J_A), tl.load(job_row + J_B)).to(tl.float32)
+    count = tl.where(side == 0, tl.load(job_row + J_A_TOTAL), tl.load(job_row + J_B)).to(tl.float32)
     sums = ws_ptr + tl.where(side == 0, tl.load(job_row + J_SUM_A), tl.load(job_row + J_SUM_B))
     tab = ws_ptr + tl.where(side == 0, tl.load(job_row + J_TAB_A), tl.load(job_row + J_TAB_B))
     v_ptr = tl.load(job_row + tl.where(is_row, J_VROW, J_VCOL)).to(tl.pointer_type(tl.float32))
     decays_row = decays_ptr + tl.load(job_row + J_PARTICLE) * N_DECAYS
     mean = tl.load(sums + e, mask=mask, other=0.0) / count
     rbar = ws_ptr + tl.load(job_row + J_RBAR) + 3 * _batch_of_row_entry(e, job_row)
+    rbar_here = tl.load(job_row + J_RBAR_SHARED) == 0
     for j in tl.static_range(3):
         fd = tl.minimum(tl.maximum(tl.load(decays_row + 4 + j), 0.0), 1.0)
         v = fd * tl.load(v_ptr + 3 * e + j, mask=mask, other=0.0) + (1.0 - fd) * mean
-        tl.store(v_ptr + 3 * e + j, v, mask=mask)
-        tl.store(tab + 9 * e + j, v, mask=mask)
-        tl.store(tab + 9 * e + 3 + j, tl.rsqrt(v + 1e-8), mask=mask)
-        # Columns: factor = safe_rsqrt(v); rows wait for r̄, the mean of v_row over d1.
-        tl.store(tab + 9 * e + 6 + j, _safe_rsqrt(v), mask=mask & is_col)
-        tl.atomic_add(rbar + j, v, mask=mask & is_row)
+        if COMMIT:
+            tl.store(v_ptr + 3 * e + j, v, mask=mask)
+            tl.store(tab + 9 * e + j, v, mask=mask)
+            tl.store(tab + 9 * e + 3 + j, tl.rsqrt(v + 1e-8), mask=mask)
+            # Columns: factor = safe_rsqrt(v); rows wait for r̄, the mean of v_row over d1.
+            tl.store(tab + 9 * e + 6 + j, _safe_rsqrt(v), mask=mask & is_col)
+            tl.atomic_add(rbar + j, v, mask=mask & is_row & rbar_here)
+        else:
+            tl.atomic_add(rbar + j, v, mask=mask & is_row)
 
 
 @triton.jit
@@ -362,7 +383,7 @@ def row_factor_kernel(jobs_ptr, units_ptr, block_job_ptr, first_block_ptr, ws_pt
     mask = e < tl.load(unit_row + U_ENTRIES)
     job_row = jobs_ptr + job * J_COUNT
     d0_is_a = tl.load(job_row + J_D0_IS_A)
-    span = tl.where(d0_is_a != 0, tl.load(job_row + J_B), tl.load(job_row + J_A)).to(tl.float32)
+    span = tl.where(d0_is_a != 0, tl.load(job_row + J_B), tl.load(job_row + J_A_TOTAL)).to(tl.float32)
     tab = ws_ptr + tl.where(side == 0, tl.load(job_row + J_TAB_A), tl.load(job_row + J_TAB_B))
     rbar = ws_ptr + tl.load(job_row + J_RBAR) + 3 * _batch_of_row_entry(e, job_row)
     for j in tl.static_range(3):
@@ -417,7 +438,7 @@ def apply_kernel(jobs_ptr, block_job_ptr, first_block_ptr, decays_ptr, ws_ptr, s
                                                   P_BF16, G_BF16)
 
     cols = tl.arange(0, WIDTH)
-    count = n.to(tl.float32)
+    count = tl.load(job_row + J_N_TOTAL).to(tl.float32)
     sq = tl.load(stats_ptr + job * WIDTH + _leaf_of_column(cols))
     x = x * tl.rsqrt(1e-5 + sq / count)[None, :]
     rows = tl.arange(0, WIDTH)

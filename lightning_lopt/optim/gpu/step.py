@@ -4,7 +4,9 @@
   loss buffer and LSTM state) are all updated in place, so repeated steps reuse the same memory
   and can be captured in a CUDA graph;
 - :func:`particle_step`: P particles on a leading axis, each with its own θ; returns new tensors
-  like :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step` (the registered seam).
+  like :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step` (the registered seam);
+- :func:`sharded_step_in_place`: :func:`step_in_place` on blocks of rows of tensors (FSDP2's
+  ``Shard(0)``), with the two sums across blocks made by ``reduce`` between the passes.
 
 Example::
 
@@ -23,6 +25,7 @@ from torch import Tensor
 from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt
 from lightning_lopt.optim.functional import StepContext, celo
 from lightning_lopt.optim.functional.accumulators import work_shape
+from lightning_lopt.optim.functional.sharded import Reduce, ShardSpec
 from lightning_lopt.optim.gpu import table
 from lightning_lopt.optim.gpu.theta import PackedNets, celo_nets, small_fc_nets
 
@@ -92,6 +95,58 @@ def step_in_place(
         for index, (p, g, acc, scale, wd) in enumerate(zip(params, grads, state["tensors"], ctx.scales, weight_decays))
     ]
     _run(module, jobs, nets, numerics)
+    for key, value in new_global.items():
+        state[key].copy_(value.reshape(state[key].shape))
+
+
+def sharded_step_in_place(
+    module: LearnedOptimizerModule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: State,
+    ctx: StepContext,
+    weight_decays: Sequence[float],
+    shards: Sequence[ShardSpec],
+    reduce: Reduce,
+    *,
+    numerics: str = "fast",
+) -> None:
+    """:func:`step_in_place` on local blocks of rows: ``shards[i]`` is the whole tensor's work shape
+    and whether ``params[i]`` is a block of its rows (else the whole, replicated tensor).
+
+    Three phases with a ``reduce`` (the sum over ranks of one flat float32 tensor, as in
+    :mod:`lightning_lopt.optim.functional.sharded`) between each two: the partial sums over axis 0
+    of the factored statistics (:func:`table.partial_sums`), then the channel sums of squares of the
+    split tensors (:func:`table.finish_statistics`), then the update with the whole tensors' counts
+    (:func:`table.apply`). Every rank must pass the same tensors in the same order (empty blocks
+    included), so that the reductions line up. Parameters, gradients and ``m`` / ``rms`` must each
+    be all float32 or all bf16 (one plan); every other requirement is :func:`step_in_place`'s.
+
+    Example::
+
+        shards = [ShardSpec(work_shape(p.shape), split=True) for p in dtensor_params]
+        sharded_step_in_place(lopt, local_params, local_grads, state, ctx, [0.0] * n, shards, reduce)
+    """
+    theta = {k: v.detach().unsqueeze(0) for k, v in module.state_dict().items()}
+    nets, new_global = _nets(module, theta, state, ctx, particles=False)
+    jobs = [
+        table.Job(work_shape(p.shape), p, g, acc, float(scale), float(wd), index,
+                  total_rows=shard.shape[0] if shard.split else None)
+        for index, (p, g, acc, scale, wd, shard) in enumerate(
+            zip(params, grads, state["tensors"], ctx.scales, weight_decays, shards)
+        )
+    ]
+    if any(job.p.numel() or job.total_rows is not None for job in jobs):
+        plan = table.plan_for(jobs, module.layout, isinstance(module, CeloLOpt))
+        workspace = table.partial_sums(plan, nets)
+        if plan.shared_floats:  # the same on every rank: it follows from the whole tensors' shapes
+            shared = workspace[: plan.shared_floats]
+            shared.copy_(reduce(shared))
+        stats = table.finish_statistics(plan, nets, workspace)
+        if plan.n_split:
+            partial = stats.index_select(0, plan.split_jobs)
+            stats.index_copy_(0, plan.split_jobs, reduce(partial.reshape(-1)).reshape(partial.shape))
+        table.apply(plan, nets, stats, workspace, numerics=numerics)
     for key, value in new_global.items():
         state[key].copy_(value.reshape(state[key].shape))
 
