@@ -1,4 +1,5 @@
-"""The fused CPU step of small_fc_lopt / μLO (``LO``, ``MuLO``) and Celo.
+"""The fused CPU step of small_fc_lopt / μLO (``LO``, ``MuLO``) and Celo, and the elementwise part of
+Celo2's (``Celo2``, ``Celo2Base``, ``MuCelo2``; :mod:`.celo2_step` completes it in torch).
 
 A C kernel (``kernel.c``, compiled at first use by :mod:`.build`) computes a step in two passes over
 each tensor: the statistics (Adafactor row/column means, the per-channel second moments of the MLP

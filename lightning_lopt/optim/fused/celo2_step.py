@@ -1,0 +1,80 @@
+"""The fused CPU step of Celo2 / Celo2Base / MuCelo2: the C kernel's elementwise part, the rest in torch.
+
+Per tensor routed to the learned rule (docs/reference/celo2.md#one-step):
+
+- kernel.c (:func:`~lightning_lopt.optim.fused.driver.celo2_directions`): steps 1–4, the clipped
+  gradient, the accumulators (written in place), the 30 (or 15) features, their second-moment
+  normalisation over the matrix axes per slice, and the 30→8→8→3 MLP, giving d;
+- torch (:func:`lightning_lopt.optim.functional.celo2.output_direction`, the pure step's own code):
+  Newton–Schulz on every matrix slice (Celo2, batched matmuls) and the RMS-1 normalisation;
+- torch: ``p ← p − step_mult·s·u − weight_decay·p``, in place.
+
+Tensors routed to the Adam branch take the pure step's Adam update
+(:func:`lightning_lopt.optim.functional.celo2.adam_direction`) in torch: it is a handful of
+elementwise operations with no statistics, so a kernel would gain little.
+
+Example::
+
+    from lightning_lopt.optim import fused
+    from lightning_lopt.optim.fused import celo2_step
+    new_global = celo2_step.step_in_place(fused.kernel(), lopt, params, grads, state, ctx, [0.0] * len(params))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
+from lightning_lopt.optim.functional import StepContext, celo2
+from lightning_lopt.optim.functional.accumulators import work_shape
+from lightning_lopt.optim.fused import driver
+from lightning_lopt.optim.fused.build import Kernel
+from lightning_lopt.optim.step_contract import State
+
+
+def step_in_place(
+    kernel: Kernel,
+    module: Celo2LOpt,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: State,
+    ctx: StepContext,
+    weight_decays: Sequence[float],
+) -> State:
+    """One Celo2 step of one optimizer: writes ``params`` and ``state["tensors"]`` in place and
+    returns the new global state (``iteration``).
+
+    ``params``, ``grads`` and the accumulators must be contiguous float32 (the tensor-step seam
+    makes them so, :func:`lightning_lopt.optim.fast_steps.run_in_place`).
+    """
+    iteration = state["iteration"] + 1
+    accumulators = state["tensors"]
+    learned = [i for i, acc in enumerate(accumulators) if "adam_m" not in acc]
+    directions = driver.celo2_directions(
+        kernel,
+        module,
+        [params[i] for i in learned],
+        [grads[i] for i in learned],
+        [accumulators[i] for i in learned],
+        learned,
+    )
+    updates: dict[int, Tensor] = {}
+    for i, d in zip(learned, directions):
+        updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+    for i, acc in enumerate(accumulators):
+        if i in updates:
+            continue
+        u, new_acc = celo2.adam_direction(
+            grads[i].reshape(work_shape(grads[i].shape)), acc, iteration, adam_mode=module.adam_mode
+        )
+        acc.update(new_acc)
+        updates[i] = module.adam_lr_mult * u
+    for i, p in enumerate(params):
+        # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p).
+        step = updates[i].reshape(p.shape).mul_(module.step_mult * float(ctx.scales[i]))
+        if weight_decays[i]:
+            step.add_(p, alpha=float(weight_decays[i]))
+        p.sub_(step)
+    return {"iteration": iteration}
