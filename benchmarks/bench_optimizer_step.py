@@ -44,7 +44,9 @@ Learned optimizers: ``lo``, ``mulo`` and ``celo`` use the fused CPU kernel on CP
 step on CUDA (:mod:`lightning_lopt.optim.gpu`, fast numerics) where they run (the default,
 ``fused=None``); ``mulo-exact`` is the GPU step in exact numerics; ``lo-pure``, ``mulo-pure`` and
 ``celo-pure`` force the pure functional step (``fused=False``; on CUDA it is evaluated in chunks,
-in place); ``mulo-bf16`` keeps bf16 state. On CUDA each result records ``peak_step_extra_bytes``
+in place); ``celo2`` and ``celo2-base`` run Celo2's fused CPU step on CPU (the kernel's element-wise
+part, Newton–Schulz in torch) and the pure step elsewhere, ``celo2-pure`` and ``celo2-base-pure``
+the pure step (Celo2Base has no Newton–Schulz, so ``celo2 − celo2-base`` is its cost); ``mulo-bf16`` keeps bf16 state. On CUDA each result records ``peak_step_extra_bytes``
 (the scratch memory of one step: ``torch.cuda.max_memory_allocated`` during the step minus the
 memory allocated before it) and that as a fraction of the parameters' bytes. On a particle case the ``-pure`` variants
 run the vmapped pure step (``vmapped_pure_step``) and the others the registered fused step.
@@ -261,9 +263,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, capped=True),
     "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
     # Celo2Base is Celo2's element-wise part alone (no Newton–Schulz): Celo2 minus it is the
-    # orthogonalisation's cost.
+    # orthogonalisation's cost. Both run the fused CPU step by default; "-pure" forces the pure step.
     "celo2": OptimizerSpec("celo2"),
     "celo2-base": OptimizerSpec("celo2-base"),
+    "celo2-pure": OptimizerSpec("celo2", {"fused": False}),
+    "celo2-base-pure": OptimizerSpec("celo2-base", {"fused": False}),
 }
 
 #: (cases, optimizers, warmup, repeats) per preset.

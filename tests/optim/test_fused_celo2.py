@@ -16,6 +16,8 @@ parameters and state):
 from __future__ import annotations
 
 import ctypes
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -25,10 +27,14 @@ from torch import nn
 from lightning_lopt.optim import fast_steps, fused, tensor_step
 from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
-from lightning_lopt.optim.functional import celo2
+from lightning_lopt.optim.functional import StepContext, celo2
 from lightning_lopt.optim.functional.accumulators import work_shape
 from lightning_lopt.optim.fused import driver
 from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
+from lightning_lopt.optim.particle_step import implementation, particle_step, vmapped_pure_step
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import particle_problems  # noqa: E402
 
 # Ranks 0–4; a square matrix (the Adafactor tie); more than one kernel work unit (150·130 > 16384);
 # convs whose matrix axes (in, out) are, or are not (2, 3, 5, 5), the factored axes; 42 slices.
@@ -119,7 +125,9 @@ def test_the_elementwise_part_matches_the_pure_step(layout, pathological):
     for t in range(NUM_STEPS):
         grads = gradients(params, t, pathological)
         kernel_acc = [{k: v.clone() for k, v in acc.items()} for acc in accumulators]
-        directions = driver.celo2_directions(kernel, module, params, grads, kernel_acc, range(len(params)))
+        directions = driver.celo2_directions(
+            kernel, module, params, grads, kernel_acc, range(len(params)), torch.tensor(t)
+        )
         for i, (p, g, d) in enumerate(zip(params, grads, directions)):
             shape = work_shape(p.shape)
             u, accumulators[i] = celo2.learned_direction(
@@ -190,7 +198,7 @@ def test_the_kernel_refuses_an_inconsistent_normalisation_view():
     p, g = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     acc = Celo2LOpt().init_state([p], adam=[False])["tensors"][0]
     job = driver._Job((3, 4, 5), "torch", p, torch.empty(60), g, acc, acc, 0.0, 0.0, 0, (1, 12, 4))
-    nets = driver._celo2_nets({k: v.unsqueeze(0) for k, v in Celo2LOpt().state_dict().items()})
+    nets = driver._celo2_nets({k: v.unsqueeze(0) for k, v in Celo2LOpt().state_dict().items()}, torch.zeros(1))
     before = {k: v.clone() for k, v in acc.items()}
     with pytest.raises(ValueError, match="refused its arguments"):
         driver._launch(kernel, Celo2LOpt(), nets, [job])
@@ -214,3 +222,31 @@ def test_wrong_state_is_refused_before_the_kernel_runs():
     opt.state[params[3]]["v_row"] = torch.zeros(2, 3)  # the wrong size for a (7, 7) matrix
     with pytest.raises(ValueError, match="'v_row' has 6 elements"):
         opt.step()
+
+
+PARTICLE_CONFIGS = {
+    "celo2-meta-training": lambda: Celo2LOpt.meta_training(generator=torch.Generator().manual_seed(4)),
+    "celo2-base-jax-layout": lambda: Celo2LOpt.base(step_mult=1e-3, layout="jax", generator=torch.Generator().manual_seed(4)),
+}
+
+
+@pytest.mark.parametrize("config", PARTICLE_CONFIGS)
+def test_the_particle_form_matches_the_vmapped_pure_step(config):
+    """The meta-training seam: 3 particles, each its own θ, 12 steps in lockstep."""
+    module = PARTICLE_CONFIGS[config]()
+    assert implementation(Celo2LOpt) is not None
+    theta, params, state, g = particle_problems.stacked_problem(module, SHAPES, 3)
+    scales = [0.5] * len(SHAPES)
+    for t in range(NUM_STEPS):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        grads[3].view(-1)[t] = float("nan") if t % 3 == 0 else 1e30
+        ctx = StepContext(scales, None, 0)
+        new, new_state = particle_step(module, theta, params, grads, state, ctx)
+        ref, ref_state = vmapped_pure_step(module, theta, params, grads, state, ctx)
+        assert_step_close(new, ref, params, f"{config} step {t}", module.orthogonalize)
+        assert torch.equal(new_state["iteration"], ref_state["iteration"])
+        for acc, ref_acc in zip(new_state["tensors"], ref_state["tensors"]):
+            assert acc.keys() == ref_acc.keys()
+            for key in acc:
+                assert relative_error(acc[key], ref_acc[key]) <= TOL, f"{config} step {t}: {key}"
+        params, state = ref, ref_state

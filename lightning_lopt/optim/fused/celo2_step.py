@@ -13,17 +13,24 @@ Tensors routed to the Adam branch take the pure step's Adam update
 (:func:`lightning_lopt.optim.functional.celo2.adam_direction`) in torch: it is a handful of
 elementwise operations with no statistics, so a kernel would gain little.
 
+Two forms, as for the other rules (:mod:`.driver`): :func:`step_in_place` for the optimizer classes
+and :func:`particle_step` for meta-training (P stacked particles, θ per particle; the torch part is
+the pure functions mapped over the particle axis with ``torch.func.vmap``).
+
 Example::
 
     from lightning_lopt.optim import fused
     from lightning_lopt.optim.fused import celo2_step
     new_global = celo2_step.step_in_place(fused.kernel(), lopt, params, grads, state, ctx, [0.0] * len(params))
+    params, state = celo2_step.particle_step(fused.kernel(), lopt, theta, stacked, grads, stacked_state, ctx)
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
@@ -59,6 +66,7 @@ def step_in_place(
         [grads[i] for i in learned],
         [accumulators[i] for i in learned],
         learned,
+        state["iteration"],
     )
     updates: dict[int, Tensor] = {}
     for i, d in zip(learned, directions):
@@ -78,3 +86,61 @@ def step_in_place(
             step.add_(p, alpha=float(weight_decays[i]))
         p.sub_(step)
     return {"iteration": iteration}
+
+
+def particle_step(
+    kernel: Kernel,
+    module: Celo2LOpt,
+    theta: dict[str, Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: State,
+    ctx: StepContext,
+) -> tuple[list[Tensor], State]:
+    """P stacked particles (leading axis everywhere, θ per particle); new tensors, inputs untouched.
+
+    Returns what :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step` returns, within
+    float32 rounding.
+    """
+    iteration = state["iteration"]
+    new_iteration = iteration + 1
+    accumulators = state["tensors"]
+    learned = [i for i, acc in enumerate(accumulators) if "adam_m" not in acc]
+    params = [p.contiguous() for p in params]
+    new_tensors: list[dict[str, Tensor]] = [{} for _ in accumulators]
+    jobs = []
+    directions: dict[int, Tensor] = {}
+    for i in learned:
+        shape = work_shape(params[i].shape[1:])
+        directions[i] = torch.empty((params[i].shape[0], *shape), dtype=torch.float32)
+        new_tensors[i] = {k: torch.empty_like(v) for k, v in accumulators[i].items()}
+        jobs.append(
+            driver._Job(
+                shape,
+                module.layout,
+                params[i],
+                directions[i],
+                grads[i].to(torch.float32).contiguous(),
+                {k: v.contiguous() for k, v in accumulators[i].items()},
+                new_tensors[i],
+                0.0,
+                0.0,
+                i,
+                driver.normalisation_view(shape, module.layout),
+            )
+        )
+    if jobs:
+        driver._launch(kernel, module, driver._celo2_nets(theta, iteration), jobs)
+    output = torch.func.vmap(
+        functools.partial(celo2.output_direction, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+    )
+    adam = torch.func.vmap(functools.partial(celo2.adam_direction, adam_mode=module.adam_mode))
+    new_params = []
+    for i, (p, g, acc) in enumerate(zip(params, grads, accumulators)):
+        if i in directions:
+            u = output(directions[i])
+        else:
+            u, new_tensors[i] = adam(g.reshape(g.shape[0], *work_shape(g.shape[1:])), acc, new_iteration)
+            u = module.adam_lr_mult * u
+        new_params.append((p - (module.step_mult * float(ctx.scales[i])) * u.reshape(p.shape)))
+    return new_params, {"iteration": new_iteration, "tensors": new_tensors}

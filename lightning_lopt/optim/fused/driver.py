@@ -157,8 +157,8 @@ def _celo_nets(module: CeloLOpt, theta: dict[str, Tensor], eta: Tensor, iteratio
     )
 
 
-def _celo2_nets(theta: dict[str, Tensor]) -> _Nets:
-    """Celo2's θ (one particle, leading axis) → kernel inputs; its decays are constants, there is no
+def _celo2_nets(theta: dict[str, Tensor], iteration: Tensor) -> _Nets:
+    """Celo2's θ of P particles (leading axis) → kernel inputs; its decays are constants, there is no
     learning rate or exp_mult in the kernel's part (the step is completed in torch)."""
     w0 = theta["mlp.0.weight"]
     constant = torch.tensor([*celo2.MOMENTUM_DECAYS, *celo2.RMS_DECAYS, *celo2.ADAFACTOR_DECAYS], dtype=torch.float32)
@@ -171,7 +171,7 @@ def _celo2_nets(theta: dict[str, Tensor]) -> _Nets:
         b2=theta["mlp.2.bias"].contiguous(),
         decays=constant.expand(w0.shape[0], -1).contiguous(),
         lr=torch.zeros(w0.shape[0], dtype=torch.float32),
-        seeds=np.zeros(w0.shape[0], dtype=np.uint32),
+        seeds=_seeds(iteration),
         exp_mult=0.0,
     )
 
@@ -405,16 +405,18 @@ def celo2_directions(
     grads: Sequence[Tensor],
     accumulators: Sequence[dict[str, Tensor]],
     indices: Sequence[int],
+    iteration: Tensor,
 ) -> list[Tensor]:
     """Celo2's elementwise part for tensors routed to the learned rule: updates their accumulators
     in place and returns the MLP output ``d`` of each (float32, work shape), before Newton–Schulz
     and the output normalisation (docs/reference/celo2.md#one-step, steps 1–4).
 
     ``params``, ``grads`` and the accumulators must be contiguous float32 (``m`` / ``rms`` may be
-    bf16); ``indices`` are the tensors' positions in the step (they key bf16 rounding).
+    bf16); ``indices`` are the tensors' positions in the step and ``iteration`` the updates done
+    before it (together they key the stochastic rounding of bf16 state).
     """
     theta = {k: v.detach().unsqueeze(0) for k, v in module.state_dict().items()}
-    nets = _celo2_nets(theta)
+    nets = _celo2_nets(theta, iteration.reshape(1))
     directions = [torch.empty(work_shape(p.shape), dtype=torch.float32) for p in params]
     jobs = [
         _Job(
