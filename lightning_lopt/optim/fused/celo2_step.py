@@ -69,8 +69,15 @@ def step_in_place(
         state["iteration"],
     )
     updates: dict[int, Tensor] = {}
+    whole = []  # tensors whose one matrix slice is the whole tensor and that skip Newton–Schulz
     for i, d in zip(learned, directions):
-        updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+        if d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize):
+            whole.append((i, d))
+        else:
+            updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+    if whole:
+        _normalize_whole_tensors(whole)
+        updates.update(whole)
     for i, acc in enumerate(accumulators):
         if i in updates:
             continue
@@ -79,13 +86,27 @@ def step_in_place(
         )
         acc.update(new_acc)
         updates[i] = module.adam_lr_mult * u
-    for i, p in enumerate(params):
-        # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p).
-        step = updates[i].reshape(p.shape).mul_(module.step_mult * float(ctx.scales[i]))
-        if weight_decays[i]:
-            step.add_(p, alpha=float(weight_decays[i]))
-        p.sub_(step)
+    # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p), as
+    # foreach operations: with many small tensors the per-operation overhead dominates.
+    steps = [updates[i].view(p.shape) for i, p in enumerate(params)]
+    torch._foreach_mul_(steps, [module.step_mult * float(s) for s in ctx.scales])
+    decayed = [i for i, wd in enumerate(weight_decays) if wd]
+    if decayed:
+        torch._foreach_add_(
+            [steps[i] for i in decayed], torch._foreach_mul([params[i] for i in decayed], [float(weight_decays[i]) for i in decayed])
+        )
+    torch._foreach_sub_(list(params), steps)
     return {"iteration": iteration}
+
+
+def _normalize_whole_tensors(directions: list[tuple[int, Tensor]]) -> None:
+    """u = d · rsqrt(1e-9 + mean(d²)) in place for tensors normalised as a whole (vectors, and
+    matrices without Newton–Schulz): the pure step's output normalisation, in a few foreach calls."""
+    ds = [d for _, d in directions]
+    norms = torch.stack(torch._foreach_norm(ds))
+    sizes = torch.tensor([d.numel() for d in ds], dtype=norms.dtype)
+    factors = torch.rsqrt(celo2.NORMALIZER_EPS + norms.square() / sizes)
+    torch._foreach_mul_(ds, factors.tolist())
 
 
 def particle_step(
