@@ -29,6 +29,8 @@ Parameter sets ("cases"):
   tied to the token embedding). μP scales: 1/fan_in on hidden matrices, 1 on embeddings, biases and
   norms. ``gpt2-124m`` and ``gpt2-355m`` are shape-faithful to GPT-2 small and medium;
   ``gpt2-1.3b`` is the d_model 2048, 24-layer shape of the 1.3B anchor; ``gpt2-cpu`` is scaled down.
+- ``conv-cpu``: four 3x3 conv kernels (``[out, in, 3, 3]``, 1.1M parameters) and their biases:
+  Celo2 normalises and orthogonalises them per kernel position (nine ``in × out`` slices each).
 - ``many-small``: 256 tensors of 64 elements; its time divided by 256 is the fixed cost per tensor
   (Python and kernel-launch overhead), which dominates models with many small tensors.
 - ``mlp-particles16``: the meta-training inner step: 16 particles (each its own θ) of a MuMLP
@@ -211,6 +213,15 @@ def vit_specs(width: int = 768, depth: int = 12, mlp_dim: int = 3072, patch: int
     ]
 
 
+def conv_specs(channels: Sequence[int] = (64, 128, 128, 256, 256), kernel: int = 3) -> list[TensorSpec]:
+    """Conv weights ``[out, in, k, k]`` (μP scale 1/fan_in) and their biases."""
+    specs = []
+    for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+        specs.append(TensorSpec(f"conv{i}.weight", (c_out, c_in, kernel, kernel), 1.0 / (c_in * kernel * kernel)))
+        specs.append(TensorSpec(f"conv{i}.bias", (c_out,), 1.0))
+    return specs
+
+
 CASES: dict[str, Case] = {
     case.name: case
     for case in [
@@ -227,6 +238,11 @@ CASES: dict[str, Case] = {
             "gpt2-cpu",
             "GPT-2-shaped, d_model 256, 2 layers, vocab 2048, context 256 (scaled down for CPU)",
             lambda: gpt2_specs(256, 2, 2048, 256),
+        ),
+        Case(
+            "conv-cpu",
+            "four 3x3 conv kernels, 64→128→128→256→256 channels, with biases (conv weights: rank 4)",
+            conv_specs,
         ),
         Case(
             "many-small",

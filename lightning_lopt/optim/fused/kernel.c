@@ -715,7 +715,9 @@ static inline __attribute__((always_inline)) void stats_unit_rule(const plan_t *
 }
 
 /* A grouped job's STATS unit: the slices (x, z0 .. z1-1) of the [gx][gy][gz] view, over all their
- * rows y in order, every input's square summed per slice in double (each slice belongs to one unit). */
+ * rows y in order, every input's square summed per slice in double (each slice belongs to one unit).
+ * When the unit holds every z (gz ≤ ZSTRIPE) its elements are one contiguous range, walked in full
+ * blocks; either way each slice's terms are added in increasing element order. */
 static void stats_unit_grouped(const plan_t *pl, job_t *J, int64_t lu) {
     const int F = pl->F;
     const int64_t nzs = cdiv(J->gz, ZSTRIPE), x = lu / nzs, z0 = (lu % nzs) * ZSTRIPE;
@@ -725,6 +727,19 @@ static void stats_unit_grouped(const plan_t *pl, job_t *J, int64_t lu) {
     stage_t s;
     float X[MAX_F][E] __attribute__((aligned(64)));
     cursor_t cur;
+    if (z0 == 0 && z1 == J->gz) {
+        const int64_t e0 = x * J->gy * J->gz, e1 = e0 + J->gy * J->gz;
+        if (J->factored) cursor_init(J, &cur, e0);
+        for (int64_t e = e0; e < e1; e += E) {
+            const int cnt = (int)imin(E, e1 - e);
+            build_block(pl, J, e, cnt, &cur, &s, X);
+            for (int k = 0; k < cnt; k++) {
+                double *o = out + ((e + k) % J->gz) * F;
+                for (int f = 0; f < F; f++) o[f] += (double)X[f][k] * (double)X[f][k];
+            }
+        }
+        return;
+    }
     for (int64_t y = 0; y < J->gy; y++) {
         const int64_t base = (x * J->gy + y) * J->gz;
         for (int64_t z = z0; z < z1; z += E) {
