@@ -34,7 +34,9 @@
  * matrix axes, per slice of the others: a job whose slices number more than one is "grouped"
  * (descriptor T_GX, T_GY, T_GZ: the tensor as [GX][GY][GZ], one slice per (x, z), the statistic a
  * mean over y), its STATS units are stripes of slices over all their rows, and APPLY multiplies
- * the MLP inputs by their slice's factors (no projection). APPLY writes d to p_out.
+ * the MLP inputs by their slice's factors. It projects only when its factored axes are its matrix
+ * axes (each table entry then lies in one slice, whose factors the projection takes; TABLE gives
+ * the broadcast channels' mean squares per slice). APPLY writes d to p_out.
  *
  * Memory: besides the outputs, a call allocates (lopt_workspace_bytes reports the total) the
  * statistics tables (36 bytes per entry of v_row and v_col), reduction partials (at most n/256
@@ -161,6 +163,7 @@ typedef struct {
     int grouped;                      /* Celo2 with more than one normalisation slice */
     int64_t gx, gy, gz, n_sunits;     /* grouped: the view and its STATS units (else n_units) */
     float *ginv;                      /* grouped: [ngroups][F] normalisation factors */
+    double *gtmean;                   /* grouped and projected: [ngroups][12], as tmean per slice */
     int k0;                           /* MLP inputs read from X (fewer when projected or Celo2 vectors) */
     double tmean[12];                 /* factored: mean square of the 12 broadcast channels */
     float *w0n;                       /* [H][F]: first layer, columns in X row order, normalised */
@@ -323,6 +326,13 @@ static inline int64_t batch_index(const job_t *J, int64_t e) {
     return (ipre * J->mid + imid) * J->post + ipost;
 }
 
+/* The slice of entry e of table a (table_a) or b of a grouped, projected job: its factored axes are
+ * its matrix axes (mid == 1, slices (pre, post)). */
+static inline int64_t entry_slice(const job_t *J, int64_t e, int table_a) {
+    const int64_t per = (table_a ? J->B : J->A) * J->post;
+    return (e / per) * J->post + e % J->post;
+}
+
 static void table_job(const plan_t *pl, job_t *J) {
     const float *d = pl->c->decays + 7 * J->particle;
     float fd[3];
@@ -397,6 +407,32 @@ static void table_job(const plan_t *pl, job_t *J) {
         J->tmean[3 + j] = sv_c / (double)ncol;
         J->tmean[6 + j] = sr_r / (double)nrow;
         J->tmean[9 + j] = sr_c / (double)ncol;
+    }
+    if (J->grouped && J->proj) {
+        /* Per slice (each table entry lies in one slice, and each slice has as many entries). */
+        const int64_t ng = J->gx * J->gz;
+        for (int64_t q = 0; q < ng * 12; q++) J->gtmean[q] = 0.0;
+        for (int64_t e = 0; e < nrow; e++) {
+            double *m = J->gtmean + entry_slice(J, e, J->d0_is_a) * 12;
+            for (int j = 0; j < 3; j++) {
+                const double v = trow[j * nrow + e], r = trow[(3 + j) * nrow + e];
+                m[j] += v * v; m[6 + j] += r * r;
+            }
+        }
+        for (int64_t e = 0; e < ncol; e++) {
+            double *m = J->gtmean + entry_slice(J, e, !J->d0_is_a) * 12;
+            for (int j = 0; j < 3; j++) {
+                const double v = tcol[j * ncol + e], r = tcol[(3 + j) * ncol + e];
+                m[3 + j] += v * v; m[9 + j] += r * r;
+            }
+        }
+        for (int64_t q = 0; q < ng; q++)
+            for (int j = 0; j < 3; j++) {
+                J->gtmean[q * 12 + j] /= (double)(nrow / ng);
+                J->gtmean[q * 12 + 6 + j] /= (double)(nrow / ng);
+                J->gtmean[q * 12 + 3 + j] /= (double)(ncol / ng);
+                J->gtmean[q * 12 + 9 + j] /= (double)(ncol / ng);
+            }
     }
 }
 
@@ -719,7 +755,7 @@ static inline __attribute__((always_inline)) void stats_unit_rule(const plan_t *
  * When the unit holds every z (gz ≤ ZSTRIPE) its elements are one contiguous range, walked in full
  * blocks; either way each slice's terms are added in increasing element order. */
 static void stats_unit_grouped(const plan_t *pl, job_t *J, int64_t lu) {
-    const int F = pl->F;
+    const int F = pl->F, rows = J->proj ? pl->NE : F; /* projected: the broadcast rows come from TABLE */
     const int64_t nzs = cdiv(J->gz, ZSTRIPE), x = lu / nzs, z0 = (lu % nzs) * ZSTRIPE;
     const int64_t z1 = imin(J->gz, z0 + ZSTRIPE);
     double *out = J->sums + x * J->gz * F;
@@ -735,7 +771,7 @@ static void stats_unit_grouped(const plan_t *pl, job_t *J, int64_t lu) {
             build_block(pl, J, e, cnt, &cur, &s, X);
             for (int k = 0; k < cnt; k++) {
                 double *o = out + ((e + k) % J->gz) * F;
-                for (int f = 0; f < F; f++) o[f] += (double)X[f][k] * (double)X[f][k];
+                for (int f = 0; f < rows; f++) o[f] += (double)X[f][k] * (double)X[f][k];
             }
         }
         return;
@@ -748,7 +784,7 @@ static void stats_unit_grouped(const plan_t *pl, job_t *J, int64_t lu) {
             build_block(pl, J, base + z, cnt, &cur, &s, X);
             for (int k = 0; k < cnt; k++) {
                 double *o = out + (z + k) * F;
-                for (int f = 0; f < F; f++) o[f] += (double)X[f][k] * (double)X[f][k];
+                for (int f = 0; f < rows; f++) o[f] += (double)X[f][k] * (double)X[f][k];
             }
         }
     }
@@ -770,7 +806,14 @@ static void project(const plan_t *pl, const job_t *J, const float *t, int64_t nt
         const float *w = J->w0n + o * F;
         for (int64_t e = e0; e < e1; e++) {
             float acc = 0.0f;
-            for (int j = 0; j < 3; j++) acc += w[r_v + j] * t[j * nt + e] + w[r_rs + j] * t[(3 + j) * nt + e];
+            if (J->grouped) {
+                /* The first layer is not normalised: each entry takes its slice's factors. */
+                const float *gi = J->ginv + entry_slice(J, e, t == J->tab_a) * F;
+                for (int j = 0; j < 3; j++)
+                    acc += (w[r_v + j] * gi[r_v + j]) * t[j * nt + e] + (w[r_rs + j] * gi[r_rs + j]) * t[(3 + j) * nt + e];
+            } else {
+                for (int j = 0; j < 3; j++) acc += w[r_v + j] * t[j * nt + e] + w[r_rs + j] * t[(3 + j) * nt + e];
+            }
             out[o * ld + (e - e0)] = acc;
         }
     }
@@ -785,8 +828,10 @@ static void finalize_job(const plan_t *pl, job_t *J) {
     if (J->grouped) {
         /* Per slice: the factors multiply the inputs in APPLY; the first layer stays as it is. */
         for (int64_t q = 0; q < J->gx * J->gz; q++)
-            for (int f = 0; f < F; f++)
-                J->ginv[q * F + f] = rsqrt_exact(eps + (float)(J->sums[q * F + f] / (double)J->gy));
+            for (int f = 0; f < F; f++) {
+                const double m = J->proj && f >= tb0 ? J->gtmean[q * 12 + f - tb0] : J->sums[q * F + f] / (double)J->gy;
+                J->ginv[q * F + f] = rsqrt_exact(eps + (float)m);
+            }
         for (int f = 0; f < F; f++) inv[f] = 1.0f;
     } else {
         for (int64_t u = 0; u < J->n_units; u++)
@@ -921,7 +966,7 @@ static void apply_unit(const plan_t *pl, job_t *J, int64_t lu) {
             int64_t q[E];
             const int64_t plane = J->gy * J->gz;
             for (int k = 0; k < E; k++) q[k] = k < cnt ? ((e + k) / plane * J->gz + (e + k) % J->gz) * F : 0;
-            for (int f = 0; f < F; f++)
+            for (int f = 0; f < K0; f++)
                 for (int k = 0; k < E; k++) X[f][k] *= J->ginv[q[k] + f];
         }
         if (celo2) {
@@ -1039,7 +1084,10 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
             TAKE(J->tab_b, float, NQ * J->nb);
             TAKE(J->rbar, double, 3 * J->nbatch);
             const double proj_bytes = 4.0 * H * (double)(J->na + (J->post > 1 ? J->nb : 0));
-            J->proj = !J->grouped && proj_bytes <= proj_left;
+            /* A grouped job can project when its factored axes are its matrix axes (each table
+             * entry then lies in one slice): the usual conv kernel. */
+            const int aligned = J->mid == 1 && J->gx == J->pre && J->gz == J->post;
+            J->proj = (!J->grouped || aligned) && proj_bytes <= proj_left;
             if (J->proj) {
                 proj_left -= proj_bytes;
                 TAKE(J->pa, float, H * J->na);
@@ -1048,6 +1096,7 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
         }
         TAKE(J->sums, double, (J->grouped ? J->gx * J->gz : J->n_units) * F);
         if (J->grouped) TAKE(J->ginv, float, J->gx * J->gz * F);
+        if (J->grouped && J->proj) TAKE(J->gtmean, double, J->gx * J->gz * 12);
         TAKE(J->w0n, float, H * F);
         /* Celo2 vectors read the first 15 inputs only (spec groups 0–8). */
         J->k0 = J->proj ? pl->NE : (c->rule == RULE_CELO2 && !J->factored ? pl->NE - 3 : F);
