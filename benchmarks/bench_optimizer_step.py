@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -216,7 +217,7 @@ def vit_specs(width: int = 768, depth: int = 12, mlp_dim: int = 3072, patch: int
 def conv_specs(channels: Sequence[int] = (64, 128, 128, 256, 256), kernel: int = 3) -> list[TensorSpec]:
     """Conv weights ``[out, in, k, k]`` (μP scale 1/fan_in) and their biases."""
     specs = []
-    for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+    for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
         specs.append(TensorSpec(f"conv{i}.weight", (c_out, c_in, kernel, kernel), 1.0 / (c_in * kernel * kernel)))
         specs.append(TensorSpec(f"conv{i}.bias", (c_out,), 1.0))
     return specs

@@ -31,13 +31,19 @@ from lightning_lopt.optim.functional import StepContext, celo2
 from lightning_lopt.optim.functional.accumulators import work_shape
 from lightning_lopt.optim.fused import driver
 from lightning_lopt.optim.learned import GLOBAL_STATE_KEY
-from lightning_lopt.optim.particle_step import implementation, particle_step, vmapped_pure_step
+from lightning_lopt.optim.particle_step import (
+    implementation,
+    particle_step,
+    vmapped_pure_step,
+)
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import particle_problems  # noqa: E402
+import particle_problems
 
 # Ranks 0–4; a square matrix (the Adafactor tie); more than one kernel work unit (150·130 > 16384);
-# convs whose matrix axes (in, out) are, or are not (2, 3, 5, 5), the factored axes; 42 slices.
+# rank ≥ 3 tensors normalised per slice, whose factored axes are their matrix axes (the kernel
+# projects the broadcast channels per slice: (4, 3, 3, 3) in the torch layout, the other three in
+# the JAX layout) or are not (all 30 inputs per element: the others; (3, 2, 6, 7) torch has 42 slices).
 SHAPES = [(), (5,), (6, 4), (7, 7), (3, 4, 5), (4, 3, 3, 3), (2, 3, 5, 5), (3, 2, 6, 7), (150, 130)]
 NUM_STEPS = 12
 TOL = 1e-5

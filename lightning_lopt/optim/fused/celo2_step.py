@@ -163,5 +163,5 @@ def particle_step(
         else:
             u, new_tensors[i] = adam(g.reshape(g.shape[0], *work_shape(g.shape[1:])), acc, new_iteration)
             u = module.adam_lr_mult * u
-        new_params.append((p - (module.step_mult * float(ctx.scales[i])) * u.reshape(p.shape)))
+        new_params.append(p - (module.step_mult * float(ctx.scales[i])) * u.reshape(p.shape))
     return new_params, {"iteration": new_iteration, "tensors": new_tensors}
