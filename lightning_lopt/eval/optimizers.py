@@ -4,7 +4,7 @@ An entry of ``--optimizers`` is one of
 
 * a registry name (``lightning_lopt.optim.available()``): ``mulo``, ``lo``, ``adamw``, ``muadam``, ...;
 * ``name:weights`` for a learned optimizer: a directory written by ``save_pretrained``, a packaged
-  name or a hub id, passed as ``meta_weights`` (``mulo:runs/my-mulo``);
+  name or a hub id, passed as ``meta_weights`` (``mulo:runs/my-mulo``, ``mulo-cosine:runs/my-mulo``);
 * an optimizer class by import path, ``package.module:Class`` or ``package.module.Class``;
 
 a registry name may end in ``-cosine`` (``adamw-cosine``, ``muadam-cosine``, ``mulo-cosine``): the same
@@ -127,7 +127,7 @@ def parse_optimizer(text: str) -> OptimizerSpec:
     )
     meta_weights = None
     schedule = None
-    if not sep and name.lower().endswith(COSINE_SUFFIX) and name.lower()[: -len(COSINE_SUFFIX)] in known:
+    if name.lower().endswith(COSINE_SUFFIX) and name.lower()[: -len(COSINE_SUFFIX)] in known:
         name, schedule = name[: -len(COSINE_SUFFIX)], "cosine"
     if name.lower() in known:
         factory = name.lower()

@@ -85,7 +85,7 @@ class MuLO(LearnedOptimizer):
 
     module_class = SmallFCLOpt
     module_factory = functools.partial(SmallFCLOpt, step_mult=0.01)
-    pretrained_names = ("mulo-fmnist8-w32-128",)
+    pretrained_names = ("mulo-fmnist8-w32-128", "mulo-fmnist8-w32-128-long4k")
     registry_name = "mulo"
     mu = True
 

@@ -79,8 +79,12 @@ def test_cosine_variants_parse_and_are_tuned_under_their_own_name() -> None:
     # A learned optimizer's lr multiplies its step, so it runs under the schedule too (untuned: peak 1).
     lo = parse_optimizer("mulo-cosine")
     assert (lo.factory, lo.param, lo.schedule, lo.is_learned) == ("mulo", "mup", "cosine", True)
+    with_weights = parse_optimizer("mulo-cosine:some/dir")
+    assert (with_weights.factory, with_weights.schedule, with_weights.meta_weights) == ("mulo", "cosine", "some/dir")
     with pytest.raises(ValueError, match="unknown optimizer"):
         parse_optimizer("nope-cosine")
+    with pytest.raises(ValueError, match="takes no learned-optimizer weights"):
+        parse_optimizer("adamw-cosine:some/dir")
 
 
 def test_warmup_cosine_multiplier_by_hand() -> None:

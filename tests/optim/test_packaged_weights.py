@@ -25,6 +25,7 @@ from lightning_lopt.optim.optimizers import LO, Celo, MuLO
 
 PACKAGED = {
     "mulo-fmnist8-w32-128": SmallFCLOpt,
+    "mulo-fmnist8-w32-128-long4k": SmallFCLOpt,
     "lo-fmnist8-w32-128": SmallFCLOpt,
     "celo-8x8-mlp-w32": CeloLOpt,
     "celo2-8x8-mlp-w32": Celo2LOpt,
