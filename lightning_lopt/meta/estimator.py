@@ -171,7 +171,8 @@ def run_group(workers: Sequence[TaskWorker], flat: Tensor, step: int, pairs: ran
     prepared = [w.window_input(flat, step, pairs) for w in workers]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(s.seed, first.index, step, int(Stream.DROPOUT)))
-        outs = unroll_windows(first.lopt, [inp for inp, _ in prepared], s.truncation, s.augmentation, first._loss_and_grad)
+        inputs = [inp for inp, _ in prepared]
+        outs = unroll_windows(first.lopt, inputs, s.truncation, s.augmentation, first._loss_and_grad)
     return [w.finish(particles, out, eps) for w, (particles, out), (_, eps) in zip(workers, outs, prepared)]
 
 

@@ -241,11 +241,10 @@ def batch_key(inst: TaskInstance) -> tuple[Any, ...] | None:
         return None
     params = dict(module.named_parameters())
     buffers = tuple((n, b.shape, b.dtype, tuple(b.flatten().tolist())) for n, b in inst.buffers.items())
-    leaves, spec = tree_flatten(inst.sample(1, [torch.Generator(device=inst.data.device).manual_seed(0)]))
-    batch = (repr(spec), tuple((x.shape, x.dtype) if isinstance(x, Tensor) else repr(x) for x in leaves))
     return (
         type(module), repr(module), tuple(inst.names), tuple(tuple(s) for s in inst.shapes),
-        tuple(params[n].dtype for n in inst.names), buffers, tuple(inst.scales), str(inst.data.device), batch,
+        tuple(params[n].dtype for n in inst.names), buffers, tuple(inst.scales), str(inst.data.device),
+        inst.batch_structure,
     )
 
 
@@ -342,7 +341,8 @@ def unroll_windows(
             # A particle that stopped being finite ends its pair's episode (both members are
             # re-initialised together on the next step). Reset steps hold fresh, finite parameters.
             part_loss = loss[a:b]
-            finite = torch.isfinite(part_loss) & torch.stack([torch.isfinite(x.flatten(1)).all(dim=1) for x in part]).all(0)
+            finite_params = torch.stack([torch.isfinite(x.flatten(1)).all(dim=1) for x in part]).all(0)
+            finite = torch.isfinite(part_loss) & finite_params
             broken = ~(finite[:n] & finite[n:]) & mask
             nan_resets[m] += int(broken.sum())
             done = (inner_step >= lengths[m]) | broken
@@ -353,7 +353,8 @@ def unroll_windows(
             logs[m]["masks"].append(mask)
             logs[m]["dones"].append(done)
             logs[m]["raw"].append(part_loss)
-            logs[m]["losses"].append(torch.where(doubled(mask), normalize_loss(part_loss, inst.loss_cap), torch.zeros_like(part_loss)))
+            normalized = normalize_loss(part_loss, inst.loss_cap)
+            logs[m]["losses"].append(torch.where(doubled(mask), normalized, torch.zeros_like(part_loss)))
 
     # Separate storage per instance, so that one instance's checkpoint holds only its own particles.
     own = (lambda x: x.clone()) if len(inputs) > 1 else (lambda x: x)  # noqa: E731

@@ -23,8 +23,8 @@ def _estimators():
         PES(num_pairs=2, std=0.01, trunc_length=5), LogUniformLengthSchedule(6, 12), 5,
         ReparamAugmentation("global", 1e-3, 1e3), seed=3,
     )
-    make = lambda batched: PESEstimator(meta.lopt, meta.trainable_names, meta.instances, settings, batched)  # noqa: E731
-    return meta, make(True), make(False)
+    batched, alone = (PESEstimator(meta.lopt, meta.trainable_names, meta.instances, settings, b) for b in (True, False))
+    return meta, batched, alone
 
 
 def test_batched_estimate_equals_the_instance_by_instance_one():
