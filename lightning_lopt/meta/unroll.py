@@ -278,7 +278,7 @@ def unroll_windows(
     """:func:`unroll_window` for several instances of one architecture at once, one result each.
 
     The instances must share parameter names, shapes and dtypes, update scales and the loss
-    function (``inputs[0].inst.loss`` runs for all; :func:`compatible` says when that is right).
+    function (``inputs[0].inst.loss`` runs for all; equal :func:`batch_key` s say when that is right).
     Their particles are concatenated on the particle axis so that each inner step is one vmapped
     loss-and-grad and one :func:`~lightning_lopt.optim.particle_step.particle_step` call for all of
     them: for tiny tasks the per-call overhead, not the arithmetic, is most of a step. Everything
