@@ -6,7 +6,10 @@ vmapped loss-and-grad, and a saved state waiting to be restored after a full-che
 :class:`PESEstimator` runs every worker for one truncation window and averages their estimates:
 
 1. per worker, draw ε for its pairs, unroll the ± particles for one window
-   (:func:`~.unroll.unroll_window`) and form the PES estimate (:func:`~.pes.pes_gradient`);
+   (:func:`~.unroll.unroll_windows`) and form the PES estimate (:func:`~.pes.pes_gradient`);
+   workers whose instances share an architecture (:func:`~.unroll.batch_key`, e.g. one MLP on
+   several data sets) unroll as one group, one vmapped loss-and-grad and one particle step per
+   inner step for all of them, which is what a tiny task's step costs: per-call overhead;
 2. average the estimates of all instances with equal weight and zero NaN/inf entries.
 
 Every random draw is keyed by (seed, task instance, global pair, meta-step, purpose)
@@ -34,7 +37,9 @@ from lightning_lopt.meta.pes import PES, pes_gradient, sample_perturbations, win
 from lightning_lopt.meta.rng import Stream, generator, seed_of
 from lightning_lopt.meta.tasks import TaskInstance
 from lightning_lopt.meta.truncation import LogUniformLengthSchedule
-from lightning_lopt.meta.unroll import Particles, init_particles, make_loss_and_grad, unroll_window
+from lightning_lopt.meta.unroll import (
+    Particles, WindowInput, WindowResult, batch_key, init_particles, make_loss_and_grad, unroll_windows,
+)
 from lightning_lopt.optim.architectures import LearnedOptimizerModule
 
 
@@ -134,27 +139,41 @@ class TaskWorker:
             return restored
         return fresh
 
-    def estimate(self, flat: Tensor, step: int, pairs: range) -> WorkerResult:
-        """Advance this instance's particles by one window at θ = ``flat``; its PES estimate of ``pairs``."""
+    def window_input(self, flat: Tensor, step: int, pairs: range) -> tuple[WindowInput, Tensor]:
+        """This instance's share of the window at θ = ``flat`` for ``pairs``, and its ε ``[N, D]``."""
         s, inst = self.settings, self.instance
-        n, dim = len(pairs), flat.numel()
+        dim = flat.numel()
         eps_gens = [generator(s.seed, self.index, j, step, int(Stream.PERTURBATION)) for j in pairs]
         eps = sample_perturbations(dim, s.pes.std, eps_gens).to(flat.device)
         theta_pm = stack_theta(self.lopt, self.trainable_names, flat, eps)
         particles = self.particles or self._particles_for(theta_pm, step, pairs, dim)
         data_gens = [generator(s.seed, self.index, j, step, int(Stream.DATA)) for j in pairs]
         batches = inst.sample(s.pes.trunc_length, data_gens)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(s.seed, self.index, step, int(Stream.DROPOUT)))
-            particles, out = unroll_window(
-                inst, self.lopt, theta_pm, particles, batches, self._keys(step, pairs.start),
-                s.truncation, s.augmentation, self._loss_and_grad,
-            )
+        return WindowInput(inst, theta_pm, particles, batches, self._keys(step, pairs.start)), eps
+
+    def finish(self, particles: Particles, out: WindowResult, eps: Tensor) -> WorkerResult:
+        """Keep the advanced particles; the PES estimate and meta-loss of the window."""
+        n = eps.shape[0]
         delta = out.losses[:, :n] - out.losses[:, n:]
-        grad, particles.accum = pes_gradient(delta, out.masks, out.dones, eps, particles.accum, s.pes.std)
+        grad, particles.accum = pes_gradient(delta, out.masks, out.dones, eps, particles.accum, self.settings.pes.std)
         self.particles = particles
         meta_loss = float(window_meta_loss(out.losses[:, :n], out.losses[:, n:], out.masks))
         return WorkerResult(grad, meta_loss, out.resets, out.nan_resets)
+
+
+def run_group(workers: Sequence[TaskWorker], flat: Tensor, step: int, pairs: range) -> list[WorkerResult]:
+    """Advance ``workers`` (one :func:`~.unroll.batch_key`, or a single worker) by one window together.
+
+    The dropout seed is the first worker's, which is each worker's own when it runs alone (instances
+    with dropout always do).
+    """
+    first, s = workers[0], workers[0].settings
+    prepared = [w.window_input(flat, step, pairs) for w in workers]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(s.seed, first.index, step, int(Stream.DROPOUT)))
+        inputs = [inp for inp, _ in prepared]
+        outs = unroll_windows(first.lopt, inputs, s.truncation, s.augmentation, first._loss_and_grad)
+    return [w.finish(particles, out, eps) for w, (particles, out), (_, eps) in zip(workers, outs, prepared)]
 
 
 class PESEstimator:
@@ -165,6 +184,9 @@ class PESEstimator:
         trainable_names: the θ entries that ``theta`` in :meth:`estimate` holds, in order.
         instances: the task instances, one worker each.
         settings: what all workers share.
+        batched: run instances with equal :func:`~.unroll.batch_key` as one group (one vmapped
+            loss-and-grad and particle step per inner step for all of them); ``False`` runs each
+            instance alone. The estimate is the same either way, up to float rounding.
     """
 
     def __init__(
@@ -173,10 +195,13 @@ class PESEstimator:
         trainable_names: Sequence[str],
         instances: Sequence[TaskInstance],
         settings: EstimatorSettings,
+        batched: bool = True,
     ) -> None:
         self.settings = settings
         self.workers = [TaskWorker(inst, i, lopt, trainable_names, settings) for i, inst in enumerate(instances)]
         self.pairs = range(settings.pes.num_pairs)
+        self.batched = batched
+        self.groups: list[list[TaskWorker]] = []
 
     @property
     def instances(self) -> list[TaskInstance]:
@@ -201,6 +226,7 @@ class PESEstimator:
                 worker.instance = inst
         for worker in self.workers:
             worker.prepare()
+        self.groups = group_workers(self.workers) if self.batched else [[w] for w in self.workers]
 
     def state_dict(self) -> list[dict[str, Any] | None]:
         """Every worker's particles, in instance order (the ``particles`` entry of a full checkpoint)."""
@@ -217,8 +243,9 @@ class PESEstimator:
         """Advance every particle by one window at θ (``[D]``, trainable entries); ``(grad [D], logs)``."""
         grads, logs = [], {}
         resets = nan_resets = 0
+        results = {id(w): r for group in self.groups for w, r in zip(group, run_group(group, theta, step, self.pairs))}
         for worker in self.workers:
-            result = worker.estimate(theta, step, self.pairs)
+            result = results[id(worker)]
             grads.append(result.grad)
             logs[f"meta/loss/{worker.instance.label}"] = result.meta_loss
             resets += result.resets
@@ -229,3 +256,13 @@ class PESEstimator:
         logs["meta/nan_resets"] = float(nan_resets)
         logs["meta/loss"] = sum(v for k, v in logs.items() if k.startswith("meta/loss/")) / len(self.workers)
         return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0), logs
+
+
+def group_workers(workers: Sequence[TaskWorker]) -> list[list[TaskWorker]]:
+    """``workers`` split into groups of equal :func:`~.unroll.batch_key` (in first-seen order);
+    a worker whose key is ``None`` is a group of its own."""
+    groups: dict[Any, list[TaskWorker]] = {}
+    for worker in workers:
+        key = batch_key(worker.instance)
+        groups.setdefault(("alone", worker.index) if key is None else key, []).append(worker)
+    return list(groups.values())

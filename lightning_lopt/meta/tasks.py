@@ -313,6 +313,10 @@ class TaskInstance:
         # Run the loss once, eagerly, on a real batch: a module whose training_step returns no loss
         # fails here, before any meta-training compute.
         probe = self.data.sample(1, [torch.Generator(device=self.data.device).manual_seed(0)])
+        # What unroll.batch_key compares, kept so that it need not draw (from a DataLoader: consume) a batch.
+        leaves, spec = tree_flatten(probe)
+        described = tuple((x.shape, x.dtype) if isinstance(x, Tensor) else repr(x) for x in leaves)
+        self.batch_structure = (repr(spec), described)
         params = {n: p.detach() for n, p in named}
         loss = self.loss(params, self.batch_at(probe, 0, 0))
         if not torch.is_floating_point(loss):

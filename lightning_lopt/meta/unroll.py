@@ -217,6 +217,37 @@ def make_loss_and_grad(inst: TaskInstance, augmented: bool) -> Callable[..., tup
     return torch.func.vmap(value_and_grad, in_dims=(0, 0 if augmented else None, 0), randomness="same")
 
 
+@dataclass
+class WindowInput:
+    """One task instance's share of a window run together with others (:func:`unroll_windows`)."""
+
+    inst: TaskInstance
+    theta_pm: dict[str, Tensor]  # {name: [2N, ...]}
+    particles: Particles
+    batches: Any  # leaves [T, N, ...]
+    keys: Keys
+
+
+def batch_key(inst: TaskInstance) -> tuple[Any, ...] | None:
+    """Instances with equal keys can share :func:`unroll_windows`; ``None``: this one runs alone.
+
+    Equal keys mean the same module (its class and printed configuration), parameter names, shapes
+    and dtypes, buffers, update scales, device and batch structure (shapes and dtypes), so one
+    instance's loss is every one's and their batches stack. A module with dropout runs alone: its
+    draws come from the global generator, seeded per instance.
+    """
+    module = inst.module
+    if any("Dropout" in type(m).__name__ for m in module.modules()):
+        return None
+    params = dict(module.named_parameters())
+    buffers = tuple((n, b.shape, b.dtype, tuple(b.flatten().tolist())) for n, b in inst.buffers.items())
+    return (
+        type(module), repr(module), tuple(inst.names), tuple(tuple(s) for s in inst.shapes),
+        tuple(params[n].dtype for n in inst.names), buffers, tuple(inst.scales), str(inst.data.device),
+        inst.batch_structure,
+    )
+
+
 def unroll_window(
     inst: TaskInstance,
     lopt: LearnedOptimizerModule,
@@ -233,66 +264,113 @@ def unroll_window(
     ``batches`` holds one batch per step and pair (leaves ``[T, N, ...]``); the ± members of a pair
     get the same one. ``keys`` owns every draw (resets, lengths, augmentation).
     """
-    n = particles.num_pairs
-    steps = tree_flatten(batches)[0][0].shape[0]
-    loss_and_grad = loss_and_grad or make_loss_and_grad(inst, augmentation is not None)
+    inputs = [WindowInput(inst, theta_pm, particles, batches, keys)]
+    return unroll_windows(lopt, inputs, schedule, augmentation, loss_and_grad)[0]
+
+
+def unroll_windows(
+    lopt: LearnedOptimizerModule,
+    inputs: list[WindowInput],
+    schedule: LogUniformLengthSchedule,
+    augmentation: ReparamAugmentation | None,
+    loss_and_grad: Callable[..., tuple[Tensor, list[Tensor]]] | None = None,
+) -> list[tuple[Particles, WindowResult]]:
+    """:func:`unroll_window` for several instances of one architecture at once, one result each.
+
+    The instances must share parameter names, shapes and dtypes, update scales and the loss
+    function (``inputs[0].inst.loss`` runs for all; equal :func:`batch_key` s say when that is right).
+    Their particles are concatenated on the particle axis so that each inner step is one vmapped
+    loss-and-grad and one :func:`~lightning_lopt.optim.particle_step.particle_step` call for all of
+    them: for tiny tasks the per-call overhead, not the arithmetic, is most of a step. Everything
+    else (batches, resets, lengths, augmentation, the meta-loss cap) stays each instance's own, so
+    each result equals what :func:`unroll_window` gives for that instance alone, up to float rounding.
+    """
+    first = inputs[0].inst
+    steps = tree_flatten(inputs[0].batches)[0][0].shape[0]
+    loss_and_grad = loss_and_grad or make_loss_and_grad(first, augmentation is not None)
     doubled = lambda t: torch.cat([t, t])  # noqa: E731  (pair j and j + N share it)
-    cap = inst.loss_cap
-    p = particles
-    params, opt_state, inner_step, length, is_done = p.params, p.opt_state, p.inner_step, p.length, p.is_done
-    tau = p.tau
-    losses, raw_losses, masks, dones = [], [], [], []
-    resets = nan_resets = 0
+    joined = lambda *xs: torch.cat(xs) if len(xs) > 1 else xs[0]  # noqa: E731
+    sizes = [w.particles.num_pairs for w in inputs]
+    bounds = [(sum(2 * s for s in sizes[:m]), sum(2 * s for s in sizes[: m + 1])) for m in range(len(inputs))]
+    theta_pm = {k: joined(*[w.theta_pm[k] for w in inputs]) for k in inputs[0].theta_pm}
+    params = [joined(*ps) for ps in zip(*[w.particles.params for w in inputs])]
+    opt_state = tree_map(joined, inputs[0].particles.opt_state, *[w.particles.opt_state for w in inputs[1:]])
+    inner_steps = [w.particles.inner_step for w in inputs]
+    lengths = [w.particles.length for w in inputs]
+    is_dones = [w.particles.is_done for w in inputs]
+    taus = [w.particles.tau for w in inputs]
+    logs: list[dict[str, list[Tensor]]] = [{"losses": [], "raw": [], "masks": [], "dones": []} for _ in inputs]
+    resets = [0] * len(inputs)
+    nan_resets = [0] * len(inputs)
     for t in range(steps):
-        batch = tree_map(lambda x: doubled(x[t]) if isinstance(x, Tensor) else x, batches)
-        tau2 = None if tau is None else [doubled(x) for x in tau]
+        batch = tree_map(
+            lambda *xs: joined(*[doubled(x[t]) for x in xs]) if isinstance(xs[0], Tensor) else xs[0],
+            inputs[0].batches, *[w.batches for w in inputs[1:]],
+        )
+        tau2 = None if taus[0] is None else [joined(*[doubled(tau[k]) for tau in taus]) for k in range(len(taus[0]))]
         with torch.enable_grad():
             loss, grads = loss_and_grad(params, tau2, batch)
         loss = loss.detach()
-        ctx = StepContext(inst.scales, loss, doubled(length))
+        ctx = StepContext(first.scales, loss, joined(*[doubled(length) for length in lengths]))
         params, opt_state = particle_step(lopt, theta_pm, params, [g.detach() for g in grads], opt_state, ctx)
+        # Each instance's bookkeeping works on its rows (views, so resets write into the joined tensors).
+        for m, (w, (a, b)) in enumerate(zip(inputs, bounds)):
+            n, inst, keys = sizes[m], w.inst, w.keys
+            part = [p[a:b] for p in params]
+            part_state = tree_map(lambda s: s[a:b], opt_state)  # noqa: B023
+            tau = taus[m]
+            reset = is_dones[m]
+            inner_step = torch.where(reset, torch.zeros_like(inner_steps[m]), inner_steps[m] + 1)
+            reset_pairs = reset.nonzero().flatten().tolist()
+            resets[m] += len(reset_pairs)
+            for j in reset_pairs:
+                new_params, states, new_tau = _fresh_pair(
+                    inst, lopt, w.theta_pm, j, n, _seed(keys(Stream.RESET, j, t)), augmentation,
+                    keys(Stream.AUGMENTATION, j, t) if augmentation is not None else None,
+                )
+                for k, value in enumerate(new_params):
+                    part[k][j].copy_(value)
+                    part[k][j + n].copy_(value)
+                _write(part_state, j, states[0])
+                _write(part_state, j + n, states[1])
+                if tau is not None and new_tau is not None:
+                    for k, value in enumerate(new_tau):
+                        tau[k][j].copy_(value)
 
-        reset = is_done
-        inner_step = torch.where(reset, torch.zeros_like(inner_step), inner_step + 1)
-        reset_pairs = reset.nonzero().flatten().tolist()
-        resets += len(reset_pairs)
-        for j in reset_pairs:
-            new_params, states, new_tau = _fresh_pair(
-                inst, lopt, theta_pm, j, n, _seed(keys(Stream.RESET, j, t)), augmentation,
-                keys(Stream.AUGMENTATION, j, t) if augmentation is not None else None,
-            )
-            for k, value in enumerate(new_params):
-                params[k][j].copy_(value)
-                params[k][j + n].copy_(value)
-            _write(opt_state, j, states[0])
-            _write(opt_state, j + n, states[1])
-            if tau is not None and new_tau is not None:
-                for k, value in enumerate(new_tau):
-                    tau[k][j].copy_(value)
+            mask = inner_step != 0
+            # A particle that stopped being finite ends its pair's episode (both members are
+            # re-initialised together on the next step). Reset steps hold fresh, finite parameters.
+            part_loss = loss[a:b]
+            finite_params = torch.stack([torch.isfinite(x.flatten(1)).all(dim=1) for x in part]).all(0)
+            finite = torch.isfinite(part_loss) & finite_params
+            broken = ~(finite[:n] & finite[n:]) & mask
+            nan_resets[m] += int(broken.sum())
+            done = (inner_step >= lengths[m]) | broken
+            for j in done.nonzero().flatten().tolist():
+                lengths[m][j] = schedule.sample(1, keys(Stream.LENGTH, j, t + 1))[0]
+            inner_steps[m], is_dones[m] = inner_step, done
 
-        mask = inner_step != 0
-        # A particle that stopped being finite ends its pair's episode (both members are re-initialised
-        # together on the next step). Reset steps hold fresh, finite parameters.
-        finite = torch.isfinite(loss) & torch.stack([torch.isfinite(x.flatten(1)).all(dim=1) for x in params]).all(0)
-        broken = ~(finite[:n] & finite[n:]) & mask
-        nan_resets += int(broken.sum())
-        done = (inner_step >= length) | broken
-        for j in done.nonzero().flatten().tolist():
-            length[j] = schedule.sample(1, keys(Stream.LENGTH, j, t + 1))[0]
-        is_done = done
+            logs[m]["masks"].append(mask)
+            logs[m]["dones"].append(done)
+            logs[m]["raw"].append(part_loss)
+            normalized = normalize_loss(part_loss, inst.loss_cap)
+            logs[m]["losses"].append(torch.where(doubled(mask), normalized, torch.zeros_like(part_loss)))
 
-        masks.append(mask)
-        dones.append(done)
-        raw_losses.append(loss)
-        losses.append(torch.where(doubled(mask), normalize_loss(loss, cap), torch.zeros_like(loss)))
-
-    new = Particles(params, opt_state, inner_step, length, is_done, tau, particles.accum)
-    return new, WindowResult(
-        losses=torch.stack(losses),
-        raw_losses=torch.stack(raw_losses),
-        masks=torch.stack(masks),
-        dones=torch.stack(dones),
-        resets=resets,
-        nan_resets=nan_resets,
-    )
-
+    # Separate storage per instance, so that one instance's checkpoint holds only its own particles.
+    own = (lambda x: x.clone()) if len(inputs) > 1 else (lambda x: x)  # noqa: E731
+    results = []
+    for m, (w, (a, b)) in enumerate(zip(inputs, bounds)):
+        new = Particles(
+            [own(p[a:b]) for p in params], tree_map(lambda s: own(s[a:b]), opt_state),  # noqa: B023
+            inner_steps[m], lengths[m], is_dones[m], taus[m], w.particles.accum,
+        )
+        log = logs[m]
+        results.append((new, WindowResult(
+            losses=torch.stack(log["losses"]),
+            raw_losses=torch.stack(log["raw"]),
+            masks=torch.stack(log["masks"]),
+            dones=torch.stack(log["dones"]),
+            resets=resets[m],
+            nan_resets=nan_resets[m],
+        )))
+    return results
