@@ -192,7 +192,8 @@ class _Job:
             v = [self.acc_in["v_row"], self.acc_out["v_row"], self.acc_in["v_col"], self.acc_out["v_col"]]
             ptrs = [t.data_ptr() for t in v]
         tensors = [self.p_in, self.p_out, self.g, self.acc_in["m"], self.acc_out["m"], self.acc_in["rms"], self.acc_out["rms"]]
-        return [*_view(self.shape, self.layout), *(t.data_ptr() for t in tensors), *ptrs, self.index]
+        view = _view(self.shape, self.layout)  # one process: the whole-tensor counts are the block's
+        return [*view, *(t.data_ptr() for t in tensors), *ptrs, self.index, view[0], view[3], 0]
 
 
 def is_plain_dense(t: object) -> bool:
@@ -305,7 +306,10 @@ def workspace_bytes(
     layers; the parameters and the state themselves are not counted (they are written in place).
     """
     null_pointers = [0] * 11
-    rows = [[*_view(work_shape(shape), module.layout), *null_pointers, index] for index, shape in enumerate(shapes)]
+    rows = [
+        [*view, *null_pointers, index, view[0], view[3], 0]
+        for index, view in enumerate(_view(work_shape(shape), module.layout) for shape in shapes)
+    ]
     descriptors = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
     scalars = np.zeros((len(rows), 2), dtype=np.float32)
     call = _call(module, None, descriptors, scalars, n_particles, state_bf16)
