@@ -6,8 +6,9 @@ The optimizers' default dispatch sends the local blocks through
 rank feeds the same batches, so FSDP2's averaged gradients equal one process's, and compares, after
 5 steps, the gathered parameters with an unsharded copy stepped by the pure step. The weights put
 the factored axis d0 on the split axis 0 ([8, 3]: ``v_row`` replicated), d1 on it ([5, 8]: the mean
-of ``v_row`` over d1 crosses the shards), a square ([5, 5]) and one row ([1, 5] and the biases of
-1: empty local shards); 5 rows over 2 or 3 ranks are uneven. ``SKIP_ROUND`` (1 or 2) leaves that
+of ``v_row`` over d1 crosses the shards), axis 0 outside the factored axes (the convolution's [3, 8,
+5, 1]: both tables keep the split axis), a square ([5, 5]) and one row ([1, 5] and the biases of 1:
+empty local shards); 3 and 5 rows over 2 or 3 ranks are uneven. ``SKIP_ROUND`` (1 or 2) leaves that
 round's sums unreduced, to show that the comparison catches a missing reduction. Each rank writes
 ``OUT_DIR/rank<r>.json``: the error, how far the reference moved, the local rows, how many steps
 took the kernel's phases and how many ``reduce`` calls each step made.
@@ -32,13 +33,15 @@ from lightning_lopt.optim import sharding
 from lightning_lopt.optim.fused import driver
 
 STEPS = 5
-SCALES = {"0.weight": 1.0, "2.weight": 1 / 8, "4.weight": 1 / 5, "6.weight": 1 / 5}
+SCALES = {"0.weight": 1.0, "2.weight": 1 / 8, "5.weight": 1 / 3, "7.weight": 1 / 8, "9.weight": 1 / 5, "11.weight": 1 / 5}
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)
+        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 40), nn.Unflatten(1, (8, 5, 1)), nn.Conv2d(8, 3, (5, 1)),
+        nn.Flatten(), nn.Tanh(), nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 5),
+        nn.Tanh(), nn.Linear(5, 1),
     )
 
 
@@ -103,7 +106,7 @@ def run(rank: int, world: int, out_dir: str, port: int, skip_round: int) -> None
 
         model = make_model()
         for layer in model:
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         phase_steps[0], reduce_calls[:] = 0, []
