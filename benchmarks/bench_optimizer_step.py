@@ -29,6 +29,8 @@ Parameter sets ("cases"):
   tied to the token embedding). μP scales: 1/fan_in on hidden matrices, 1 on embeddings, biases and
   norms. ``gpt2-124m`` and ``gpt2-355m`` are shape-faithful to GPT-2 small and medium;
   ``gpt2-1.3b`` is the d_model 2048, 24-layer shape of the 1.3B anchor; ``gpt2-cpu`` is scaled down.
+- ``conv-cpu``: four 3x3 conv kernels (``[out, in, 3, 3]``, 1.1M parameters) and their biases:
+  Celo2 normalises and orthogonalises them per kernel position (nine ``in × out`` slices each).
 - ``many-small``: 256 tensors of 64 elements; its time divided by 256 is the fixed cost per tensor
   (Python and kernel-launch overhead), which dominates models with many small tensors.
 - ``mlp-particles16``: the meta-training inner step: 16 particles (each its own θ) of a MuMLP
@@ -44,7 +46,9 @@ Learned optimizers: ``lo``, ``mulo`` and ``celo`` use the fused CPU kernel on CP
 step on CUDA (:mod:`lightning_lopt.optim.gpu`, fast numerics) where they run (the default,
 ``fused=None``); ``mulo-exact`` is the GPU step in exact numerics; ``lo-pure``, ``mulo-pure`` and
 ``celo-pure`` force the pure functional step (``fused=False``; on CUDA it is evaluated in chunks,
-in place); ``mulo-bf16`` keeps bf16 state. On CUDA each result records ``peak_step_extra_bytes``
+in place); ``celo2`` and ``celo2-base`` run Celo2's fused CPU step on CPU (the kernel's element-wise
+part, Newton–Schulz in torch) and the pure step elsewhere, ``celo2-pure`` and ``celo2-base-pure``
+the pure step (Celo2Base has no Newton–Schulz, so ``celo2 − celo2-base`` is its cost); ``mulo-bf16`` keeps bf16 state. On CUDA each result records ``peak_step_extra_bytes``
 (the scratch memory of one step: ``torch.cuda.max_memory_allocated`` during the step minus the
 memory allocated before it) and that as a fraction of the parameters' bytes. On a particle case the ``-pure`` variants
 run the vmapped pure step (``vmapped_pure_step``) and the others the registered fused step.
@@ -69,6 +73,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -209,6 +214,15 @@ def vit_specs(width: int = 768, depth: int = 12, mlp_dim: int = 3072, patch: int
     ]
 
 
+def conv_specs(channels: Sequence[int] = (64, 128, 128, 256, 256), kernel: int = 3) -> list[TensorSpec]:
+    """Conv weights ``[out, in, k, k]`` (μP scale 1/fan_in) and their biases."""
+    specs = []
+    for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
+        specs.append(TensorSpec(f"conv{i}.weight", (c_out, c_in, kernel, kernel), 1.0 / (c_in * kernel * kernel)))
+        specs.append(TensorSpec(f"conv{i}.bias", (c_out,), 1.0))
+    return specs
+
+
 CASES: dict[str, Case] = {
     case.name: case
     for case in [
@@ -225,6 +239,11 @@ CASES: dict[str, Case] = {
             "gpt2-cpu",
             "GPT-2-shaped, d_model 256, 2 layers, vocab 2048, context 256 (scaled down for CPU)",
             lambda: gpt2_specs(256, 2, 2048, 256),
+        ),
+        Case(
+            "conv-cpu",
+            "four 3x3 conv kernels, 64→128→128→256→256 channels, with biases (conv weights: rank 4)",
+            conv_specs,
         ),
         Case(
             "many-small",
@@ -261,9 +280,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "velo": OptimizerSpec("velo", {"num_steps": NUM_STEPS}, capped=True),
     "muvelo": OptimizerSpec("muvelo", {"num_steps": NUM_STEPS}),
     # Celo2Base is Celo2's element-wise part alone (no Newton–Schulz): Celo2 minus it is the
-    # orthogonalisation's cost.
+    # orthogonalisation's cost. Both run the fused CPU step by default; "-pure" forces the pure step.
     "celo2": OptimizerSpec("celo2"),
     "celo2-base": OptimizerSpec("celo2-base"),
+    "celo2-pure": OptimizerSpec("celo2", {"fused": False}),
+    "celo2-base-pure": OptimizerSpec("celo2-base", {"fused": False}),
 }
 
 #: (cases, optimizers, warmup, repeats) per preset.

@@ -33,6 +33,14 @@ the sqrt). Weight decay on this branch is ``lr · weight_decay · p`` (optax.ada
 per-element step of AdamW at the same nominal lr: start near 1e-3 (the meta-training value) and
 tune by factors of √10; ``weight_decay`` as for AdamW; use a warmup + cosine schedule for long runs.
 
+**Which step runs.** On CPU with float32 parameters the classes run the fused step by default
+(``fused=None``): the C kernel of :mod:`lightning_lopt.optim.fused` computes the elementwise part
+(accumulators, the features, their normalisation over the matrix axes, the MLP) and torch does
+Newton–Schulz (batched matmuls), the RMS normalisation, the Adam branch and the update
+(:mod:`lightning_lopt.optim.fused.celo2_step`); it matches the pure step to float32 rounding.
+``fused=False`` runs the pure step (:mod:`lightning_lopt.optim.functional.celo2`), as do float64
+parameters and CUDA; ``fused=True`` raises where the fused step cannot run.
+
 **Meta-weights.** ``Celo2`` loads the packaged ``celo2-8x8-mlp-w32`` by default: meta-trained here on
 CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
 it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
@@ -110,6 +118,7 @@ class _Celo2Optimizer(LearnedOptimizer):
         adam_mode: str = "adamw",
         scales: Mapping[str, float] | None = None,
         allow_sp: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if adam_mode not in celo2.ADAM_MODES:
             raise ValueError(f"{type(self).__name__}: adam_mode must be one of {celo2.ADAM_MODES}, got {adam_mode!r}")
@@ -117,7 +126,7 @@ class _Celo2Optimizer(LearnedOptimizer):
             raise ValueError(f"{type(self).__name__}: adam_lr_mult must be a non-negative number, got {adam_lr_mult!r}")
         groups = route_embeddings(params) if self.adam_routing else params
         super().__init__(
-            groups, lr, meta_weights=meta_weights, weight_decay=weight_decay, scales=scales, allow_sp=allow_sp, fused=False
+            groups, lr, meta_weights=meta_weights, weight_decay=weight_decay, scales=scales, allow_sp=allow_sp, fused=fused
         )
         # The step configuration is the optimizer's, whatever the card of the loaded θ says.
         self.meta_weights.orthogonalize = self.orthogonalize
@@ -150,6 +159,8 @@ class Celo2(_Celo2Optimizer):
         weight_decay: decoupled: ``p ← p − lr · weight_decay · p`` (pre-update ``p``).
         adam_lr_mult: the Adam branch's learning rate is ``adam_lr_mult · lr``.
         adam_mode: ``"adamw"`` (test time) or ``"meta_training"`` (see the module docstring).
+        fused: the fused CPU step (see the module docstring): ``None`` where it runs, ``False``
+            the pure step, ``True`` the fused step or an error.
 
     Example::
 
@@ -173,9 +184,16 @@ class Celo2(_Celo2Optimizer):
         weight_decay: float = 0.0,
         adam_lr_mult: float = 1.0,
         adam_mode: str = "adamw",
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
-            params, lr, meta_weights=meta_weights, weight_decay=weight_decay, adam_lr_mult=adam_lr_mult, adam_mode=adam_mode
+            params,
+            lr,
+            meta_weights=meta_weights,
+            weight_decay=weight_decay,
+            adam_lr_mult=adam_lr_mult,
+            adam_mode=adam_mode,
+            fused=fused,
         )
 
 
@@ -203,8 +221,9 @@ class Celo2Base(_Celo2Optimizer):
         *,
         meta_weights: MetaWeights = None,
         weight_decay: float = 0.0,
+        fused: bool | None = None,
     ) -> None:
-        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay)
+        super().__init__(params, lr, meta_weights=meta_weights, weight_decay=weight_decay, fused=fused)
 
 
 class MuCelo2(_Celo2Optimizer):
@@ -237,6 +256,7 @@ class MuCelo2(_Celo2Optimizer):
         adam_mode: str = "adamw",
         scales: Mapping[str, float] | None = None,
         allow_sp: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -247,6 +267,7 @@ class MuCelo2(_Celo2Optimizer):
             adam_mode=adam_mode,
             scales=scales,
             allow_sp=allow_sp,
+            fused=fused,
         )
 
 

@@ -5,7 +5,8 @@
 - :data:`CHUNKED_CUDA`: the pure step evaluated in chunks, in place
   (:mod:`lightning_lopt.optim.functional.chunked`; CUDA, float32 state; not a fused kernel, so it
   is what ``fused=False`` runs on CUDA);
-- :data:`FUSED_CPU`: the fused C kernel of :mod:`lightning_lopt.optim.fused` (CPU float32).
+- :data:`FUSED_CPU`: the fused C kernel of :mod:`lightning_lopt.optim.fused` (CPU float32); for
+  Celo2 the kernel's elementwise part completed in torch (:mod:`lightning_lopt.optim.fused.celo2_step`).
 
 All three read and write raw contiguous memory in place: parameters that are not contiguous (or,
 for the float32-only paths, not float32) go through a contiguous copy that is written back;
@@ -30,8 +31,9 @@ from torch import Tensor
 
 from lightning_lopt.optim import fused, gpu
 from lightning_lopt.optim.architectures import LearnedOptimizerModule
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.functional import StepContext, chunked
-from lightning_lopt.optim.fused import driver
+from lightning_lopt.optim.fused import celo2_step, driver
 from lightning_lopt.optim.step_contract import State, StepOptions
 
 #: ``(module, params, grads, state, ctx, weight_decays) -> new global state or None`` (updated in place).
@@ -125,6 +127,7 @@ class ChunkedCudaStep:
             and options.compute_dtype == torch.float32
             and options.state_dtype == torch.float32
             and driver.architecture_supported(module)
+            and not isinstance(module, Celo2LOpt)  # the chunked evaluation implements small_fc and Celo
         )
 
     def refusal(self, module, params, grads, options) -> str | None:  # noqa: ANN001
@@ -186,7 +189,8 @@ class FusedCpuStep:
         options: StepOptions,
     ) -> State:
         kernel = fused.kernel()
-        fn = functools.partial(driver.step_in_place, kernel)
+        step = celo2_step.step_in_place if isinstance(module, Celo2LOpt) else driver.step_in_place
+        fn = functools.partial(step, kernel)
         grads = [g.to(torch.float32) for g in grads]
         return run_in_place(fn, module, params, grads, state, ctx, weight_decays, options, float32_only=True)
 

@@ -185,9 +185,16 @@ def learned_direction(
         (w0, b0), rest = layers[0], layers[1:]
         layers = [(w0[:, :NUM_INPUTS_VECTOR], b0), *rest]
     d = mlp_forward(x, layers)[..., 0]  # exp(0 · channel 1) = 1; channel 2 is unused (§1.6)
-    if orthogonalize_matrices and p.dim() >= 2:
+    return output_direction(d, orthogonalize_matrices=orthogonalize_matrices, layout=layout), acc
+
+
+def output_direction(d: Tensor, *, orthogonalize_matrices: bool, layout: str) -> Tensor:
+    """Steps 5–6 from the MLP output ``d`` (work shape): Newton–Schulz on every matrix slice (if
+    ``orthogonalize_matrices`` and rank ≥ 2), then RMS 1 per matrix slice. The fused CPU step
+    (:mod:`lightning_lopt.optim.fused.celo2_step`) runs it on the kernel's ``d``."""
+    if orthogonalize_matrices and d.dim() >= 2:
         d = orthogonalize(d, layout)
-    return _normalize(d, axes), acc
+    return _normalize(d, matrix_axes(d.dim(), layout))
 
 
 def adam_direction(

@@ -1,4 +1,5 @@
-"""The fused CPU step of small_fc_lopt / μLO (``LO``, ``MuLO``) and Celo.
+"""The fused CPU step of small_fc_lopt / μLO (``LO``, ``MuLO``) and Celo, and the elementwise part of
+Celo2's (``Celo2``, ``Celo2Base``, ``MuCelo2``; :mod:`.celo2_step` completes it in torch).
 
 A C kernel (``kernel.c``, compiled at first use by :mod:`.build`) computes a step in two passes over
 each tensor: the statistics (Adafactor row/column means, the per-channel second moments of the MLP
@@ -10,7 +11,8 @@ fallback: the tests hold the fused step to it within 1e-5 relative.
 - The ``torch.optim`` wrappers (:mod:`lightning_lopt.optim.learned`) use it automatically on CPU in
   float32 (``fused=None``); ``fused=False`` forces the pure step.
 - Meta-training reaches it through :func:`lightning_lopt.optim.particle_step.particle_step`, where
-  :func:`register_particle_steps` registers it for :class:`SmallFCLOpt` and :class:`CeloLOpt`.
+  :func:`register_particle_steps` registers it for :class:`SmallFCLOpt`, :class:`CeloLOpt` and
+  :class:`Celo2LOpt`.
 - If the kernel cannot be built (no C compiler, say), :func:`kernel` warns once and returns
   ``None``, and both fall back to the pure step.
 
@@ -33,8 +35,9 @@ from lightning_lopt.optim.architectures import (
     LearnedOptimizerModule,
     SmallFCLOpt,
 )
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.functional import StepContext
-from lightning_lopt.optim.fused import build, driver
+from lightning_lopt.optim.fused import build, celo2_step, driver
 from lightning_lopt.optim.fused.build import BuildError, Kernel
 from lightning_lopt.optim.particle_step import (
     State,
@@ -83,14 +86,16 @@ def _particle_step(
     the reference, whose type promotion the kernel does not reproduce."""
     if any(v.dtype != torch.float32 for v in theta.values() if v.is_floating_point()):
         return vmapped_pure_step(module, theta, params, grads, state, ctx)
-    return driver.particle_step(kernel(), module, theta, params, grads, state, ctx)
+    step = celo2_step.particle_step if isinstance(module, Celo2LOpt) else driver.particle_step
+    return step(kernel(), module, theta, params, grads, state, ctx)
 
 
 def register_particle_steps() -> None:
-    """Register the kernel's particle form for :class:`SmallFCLOpt` and :class:`CeloLOpt` (called by
-    :func:`lightning_lopt.optim.particle_step.register_default_particle_steps`)."""
+    """Register the kernel's particle form for :class:`SmallFCLOpt`, :class:`CeloLOpt` and
+    :class:`Celo2LOpt` (called by :func:`lightning_lopt.optim.particle_step.register_default_particle_steps`)."""
     register_particle_step(SmallFCLOpt, _particle_step, _supports)
     register_particle_step(CeloLOpt, _particle_step, _supports)
+    register_particle_step(Celo2LOpt, _particle_step, _supports)
 
 
 __all__ = ["BuildError", "build_error", "kernel", "register_particle_steps"]

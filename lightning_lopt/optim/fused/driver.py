@@ -1,11 +1,13 @@
 """Run one learned-optimizer step through the fused kernel: marshalling, θ preparation, both forms.
 
-Two entry points, with the numbers of the pure step (within float32 rounding):
+Three entry points, with the numbers of the pure step (within float32 rounding):
 
 - :func:`step_in_place` for the ``torch.optim`` wrappers: one θ, the parameters, their
   accumulators written in place (no second copy of the state or the parameters);
 - :func:`particle_step` for meta-training: P particles stacked on a leading axis, each with its own
-  θ; returns new tensors like :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step`.
+  θ; returns new tensors like :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step`;
+- :func:`celo2_directions`: Celo2's elementwise part (accumulators in place, the MLP output ``d``),
+  which :mod:`.celo2_step` completes in torch.
 
 What stays in torch: everything that is per step and per particle rather than per element (the
 decays from their offsets, small_fc's time features folded into the first-layer bias, Celo's loss
@@ -37,7 +39,8 @@ from lightning_lopt.optim.architectures import (
     LearnedOptimizerModule,
     SmallFCLOpt,
 )
-from lightning_lopt.optim.functional import StepContext, celo, small_fc
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
+from lightning_lopt.optim.functional import StepContext, celo, celo2, small_fc
 from lightning_lopt.optim.functional.accumulators import (
     ADAFACTOR_DECAYS,
     MOMENTUM_DECAYS,
@@ -49,7 +52,9 @@ from lightning_lopt.optim.functional.features import time_embedding
 from lightning_lopt.optim.fused.build import Kernel
 
 State = dict[str, Any]
-_RULE = {SmallFCLOpt: 0, CeloLOpt: 1}
+_RULE = {SmallFCLOpt: 0, CeloLOpt: 1, Celo2LOpt: 2}
+#: lopt_step's status for a call it refuses (unknown rule, hidden size or normalisation view).
+_INVALID_CALL = -2
 #: small_fc hidden sizes the kernel's register tiles divide (8 outputs per tile on AVX-512).
 _HIDDEN_SIZES = (8, 16, 24, 32)
 
@@ -73,7 +78,7 @@ def architecture_supported(module: LearnedOptimizerModule) -> bool:
     """Whether the kernel implements this architecture and configuration."""
     if isinstance(module, SmallFCLOpt):
         return type(module) is SmallFCLOpt and module.hidden_size in _HIDDEN_SIZES
-    return type(module) is CeloLOpt
+    return type(module) in (CeloLOpt, Celo2LOpt)
 
 
 def supports(module: LearnedOptimizerModule, params: Sequence[Tensor]) -> bool:
@@ -152,7 +157,42 @@ def _celo_nets(module: CeloLOpt, theta: dict[str, Tensor], eta: Tensor, iteratio
     )
 
 
+def _celo2_nets(theta: dict[str, Tensor], iteration: Tensor) -> _Nets:
+    """Celo2's θ of P particles (leading axis) → kernel inputs; its decays are constants, there is no
+    learning rate or exp_mult in the kernel's part (the step is completed in torch)."""
+    w0 = theta["mlp.0.weight"]
+    constant = torch.tensor([*celo2.MOMENTUM_DECAYS, *celo2.RMS_DECAYS, *celo2.ADAFACTOR_DECAYS], dtype=torch.float32)
+    return _Nets(
+        w0=w0.contiguous(),
+        b0=theta["mlp.0.bias"].contiguous(),
+        w1=theta["mlp.1.weight"].contiguous(),
+        b1=theta["mlp.1.bias"].contiguous(),
+        w2=theta["mlp.2.weight"].contiguous(),
+        b2=theta["mlp.2.bias"].contiguous(),
+        decays=constant.expand(w0.shape[0], -1).contiguous(),
+        lr=torch.zeros(w0.shape[0], dtype=torch.float32),
+        seeds=_seeds(iteration),
+        exp_mult=0.0,
+    )
+
+
 # -- tensors --------------------------------------------------------------------------------------
+
+
+def normalisation_view(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
+    """``T_GX, T_GY, T_GZ`` of kernel.c: the work-shape tensor as ``[X][Y][Z]`` whose slices
+    ``(x, z)`` are Celo2's matrix slices (the statistic is a mean over ``y``, the matrix axes).
+
+    Rank ≤ 2: one slice. Torch layout: the matrix axes are ``(1, 0)``, slices over axes 2...
+    (``[1][out·in][kh·kw]``); JAX layout: the last two axes, slices over the leading ones.
+    """
+    n = math.prod(shape)
+    if len(shape) <= 2:
+        return (1, n, 1)
+    if layout == "torch":
+        return (1, shape[0] * shape[1], math.prod(shape[2:]))
+    return (math.prod(shape[:-2]), shape[-2] * shape[-1], 1)
+
 
 
 def _view(shape: tuple[int, ...], layout: str) -> list[int]:
@@ -168,10 +208,10 @@ def _view(shape: tuple[int, ...], layout: str) -> list[int]:
     return [n, 1, *view, int(dims[1] == a)]
 
 
-def _block_view(whole: tuple[int, ...], rows: int, layout: str, pointers: list[int]) -> list[int]:
+def _block_view(whole: tuple[int, ...], rows: int, layout: str, fields: list[int]) -> list[int]:
     """The descriptor of a block of ``rows`` rows of axis 0 of a tensor of work shape ``whole``: the
     whole tensor's factored axes and 5-D view with axis 0 cut to the block (it lies in ``pre``, or is
-    ``A``), then ``T_N_TOTAL``, ``T_A_TOTAL`` and ``T_SPLIT_A``."""
+    ``A``), the given ``fields`` (``T_P_IN`` … ``T_GZ``), then ``T_N_TOTAL``, ``T_A_TOTAL``, ``T_SPLIT_A``."""
     view = _view(whole, layout)
     n_total, a_total = view[0], view[3]
     view[0] = n_total // whole[0] * rows
@@ -181,7 +221,7 @@ def _block_view(whole: tuple[int, ...], rows: int, layout: str, pointers: list[i
             view[3], split_a = rows, 1
         else:
             view[2] = view[2] // whole[0] * rows
-    return [*view, *pointers, n_total, a_total, split_a]
+    return [*view, *fields, n_total, a_total, split_a]
 
 
 @dataclass
@@ -198,11 +238,12 @@ class _Job:
     scale: float
     weight_decay: float
     index: int  # position in the step's tensor list (keys the stochastic rounding of bf16 state)
+    view: tuple[int, int, int] | None = None  # Celo2: normalisation_view; else one slice
     #: The whole tensor's work shape when ``shape`` is this rank's block of rows of axis 0 (sharded step).
     whole_shape: tuple[int, ...] | None = None
 
     def descriptor(self) -> list[int]:
-        """The int64 fields of kernel.c's tensor descriptor (``T_N`` … ``T_INDEX``)."""
+        """The int64 fields of kernel.c's tensor descriptor (``T_N`` … ``T_SPLIT_A``)."""
         if "v" in self.acc_in:
             v = [self.acc_in["v"], self.acc_out["v"]]
             ptrs = [t.data_ptr() for t in v] + [0, 0]
@@ -210,10 +251,11 @@ class _Job:
             v = [self.acc_in["v_row"], self.acc_out["v_row"], self.acc_in["v_col"], self.acc_out["v_col"]]
             ptrs = [t.data_ptr() for t in v]
         tensors = [self.p_in, self.p_out, self.g, self.acc_in["m"], self.acc_out["m"], self.acc_in["rms"], self.acc_out["rms"]]
-        pointers = [*(t.data_ptr() for t in tensors), *ptrs, self.index]
+        view = self.view or (1, math.prod(self.shape), 1)
+        pointers = [*(t.data_ptr() for t in tensors), *ptrs, self.index, *view]
         if self.whole_shape is None:
-            view = _view(self.shape, self.layout)  # one process: the whole-tensor counts are the block's
-            return [*view, *pointers, view[0], view[3], 0]
+            shape_view = _view(self.shape, self.layout)  # one process: the whole-tensor counts are the block's
+            return [*shape_view, *pointers, shape_view[0], shape_view[3], 0]
         return _block_view(self.whole_shape, self.shape[0], self.layout, pointers)
 
 
@@ -283,7 +325,7 @@ def _call(
         n_tensors=len(descriptors),
         n_threads=torch.get_num_threads(),
         state_bf16=int(state_bf16),
-        hidden=module.hidden_size if isinstance(module, SmallFCLOpt) else 4,
+        hidden=module.hidden_size if isinstance(module, SmallFCLOpt) else 0,  # fixed by Celo's and Celo2's rule
         tensors=descriptors.ctypes.data,
         tscale=scalars.ctypes.data,
     )
@@ -310,6 +352,8 @@ def _launch(kernel: Kernel, module: LearnedOptimizerModule, nets: _Nets, jobs: S
     scalars = np.asarray([[job.scale, job.weight_decay] for job in jobs], dtype=np.float32)
     call = _call(module, nets, descriptors, scalars, nets.w0.shape[0], _state_is_bf16(jobs))
     status = kernel.lib.lopt_step(ctypes.byref(call))
+    if status == _INVALID_CALL:
+        raise ValueError("the fused learned-optimizer step refused its arguments (rule, hidden size or tensor view)")
     if status != 0:
         raise MemoryError(f"the fused learned-optimizer step failed (status {status}): workspace allocation")
 
@@ -328,10 +372,14 @@ def workspace_bytes(
     layers; the parameters and the state themselves are not counted (they are written in place).
     """
     null_pointers = [0] * 11
-    rows = [
-        [*view, *null_pointers, index, view[0], view[3], 0]
-        for index, view in enumerate(_view(work_shape(shape), module.layout) for shape in shapes)
+    views = [
+        normalisation_view(work_shape(shape), module.layout) if isinstance(module, Celo2LOpt) else (1, math.prod(shape), 1)
+        for shape in shapes
     ]
+    rows = []
+    for index, (shape, view) in enumerate(zip(shapes, views)):
+        shape_view = _view(work_shape(shape), module.layout)
+        rows.append([*shape_view, *null_pointers, index, *view, shape_view[0], shape_view[3], 0])
     descriptors = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
     scalars = np.zeros((len(rows), 2), dtype=np.float32)
     call = _call(module, None, descriptors, scalars, n_particles, state_bf16)
@@ -403,7 +451,7 @@ def sharded_step_in_place(
     """
     nets, new_global = _one_theta(module, state, ctx)
     jobs = [
-        _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index, tuple(whole))
+        _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index, whole_shape=tuple(whole))
         for index, (p, g, acc, scale, wd, whole) in enumerate(
             zip(params, grads, state["tensors"], ctx.scales, weight_decays, whole_shapes)
         )
@@ -425,6 +473,46 @@ def sharded_step_in_place(
         if phase < 3:
             reduced = reduce(out).contiguous() if length else out
     return new_global
+
+
+def celo2_directions(
+    kernel: Kernel,
+    module: Celo2LOpt,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    accumulators: Sequence[dict[str, Tensor]],
+    indices: Sequence[int],
+    iteration: Tensor,
+) -> list[Tensor]:
+    """Celo2's elementwise part for tensors routed to the learned rule: updates their accumulators
+    in place and returns the MLP output ``d`` of each (float32, work shape), before Newton–Schulz
+    and the output normalisation (docs/reference/celo2.md#one-step, steps 1–4).
+
+    ``params``, ``grads`` and the accumulators must be contiguous float32 (``m`` / ``rms`` may be
+    bf16); ``indices`` are the tensors' positions in the step and ``iteration`` the updates done
+    before it (together they key the stochastic rounding of bf16 state).
+    """
+    theta = {k: v.detach().unsqueeze(0) for k, v in module.state_dict().items()}
+    nets = _celo2_nets(theta, iteration.reshape(1))
+    directions = [torch.empty(work_shape(p.shape), dtype=torch.float32) for p in params]
+    jobs = [
+        _Job(
+            work_shape(p.shape),
+            module.layout,
+            p,
+            d,
+            _dense_contiguous(g),
+            acc,
+            acc,
+            0.0,
+            0.0,
+            index,
+            normalisation_view(work_shape(p.shape), module.layout),
+        )
+        for p, g, acc, d, index in zip(params, grads, accumulators, directions, indices)
+    ]
+    _launch(kernel, module, nets, jobs)
+    return directions
 
 
 def particle_step(

@@ -1,4 +1,6 @@
-/* The fused CPU step of small_fc_lopt / μLO and of Celo's per-parameter MLP rule.
+/* The fused CPU step of small_fc_lopt / μLO and of Celo's per-parameter MLP rule, and the
+ * elementwise part of Celo2's (its MLP output d; Newton–Schulz, the output normalisation and the
+ * update stay in torch, lightning_lopt/optim/fused/celo2.py).
  *
  * Built at first use by lightning_lopt/optim/fused/build.py (C11 with GNU vector extensions and
  * OpenMP, no torch headers), once per instruction set: the vector width follows the -m flags
@@ -26,6 +28,15 @@
  * shapes, each unit is reduced in a fixed order, and partial results are combined in unit order;
  * which tensors get a projection table also depends on the shapes only. Threads only decide who
  * computes a unit, so every thread count gives bit-identical numbers.
+ *
+ * Celo2 (RULE_CELO2, docs/reference/celo2.md#one-step): Celo's features with rsqrt(rms + 1e-8),
+ * 15 inputs for vectors, the 30→8→8→3 MLP, input normalisation with eps 1e-9 over the tensor's
+ * matrix axes, per slice of the others: a job whose slices number more than one is "grouped"
+ * (descriptor T_GX, T_GY, T_GZ: the tensor as [GX][GY][GZ], one slice per (x, z), the statistic a
+ * mean over y), its STATS units are stripes of slices over all their rows, and APPLY multiplies
+ * the MLP inputs by their slice's factors. It projects only when its factored axes are its matrix
+ * axes (each table entry then lies in one slice, whose factors the projection takes; TABLE gives
+ * the broadcast channels' mean squares per slice). APPLY writes d to p_out.
  *
  * Memory: besides the outputs, a call allocates (lopt_workspace_bytes reports the total) the
  * statistics tables (36 bytes per entry of v_row and v_col), reduction partials (at most n/256
@@ -68,6 +79,7 @@
 
 #define RULE_SMALL_FC 0
 #define RULE_CELO 1
+#define RULE_CELO2 2
 #define MAX_F 30        /* MLP inputs: 28 (small_fc, time features folded into the bias) or 30 */
 #define MAX_H 32
 #define NQ 9            /* values per statistic entry in a table: v, rsqrt(v + 1e-8), factor, x3 */
@@ -110,6 +122,7 @@ enum {
     T_P_IN, T_P_OUT, T_G, T_M_IN, T_M_OUT, T_RMS_IN, T_RMS_OUT,
     T_VROW_IN, T_VROW_OUT, T_VCOL_IN, T_VCOL_OUT,
     T_INDEX, /* position in the step's tensor list: keys the stochastic rounding of bf16 state */
+    T_GX, T_GY, T_GZ, /* Celo2: the normalisation view (slices (x, z), mean over y); else 1, n, 1 */
     /* Sharded steps (phases 1-3): the tensor's rank's block of rows of axis 0. */
     T_N_TOTAL,   /* elements of the whole tensor (= T_N for one process) */
     T_A_TOTAL,   /* axis a of the whole tensor (= T_A unless axis a is the split axis 0) */
@@ -124,9 +137,9 @@ typedef struct {
     const float *tscale;      /* [n_tensors][2]: update scale s_p·lr, weight decay lr·wd */
     const float *w0, *b0;     /* [P][H][F] (small_fc: the 28 tensor-feature columns), [P][H] */
     const float *w1, *b1;     /* [P][H][H], [P][H] */
-    const float *w2, *b2;     /* [P][O][H], [P][O]: O = 2 (small_fc) or 3 (Celo, third unused) */
+    const float *w2, *b2;     /* [P][O][H], [P][O]: O = 2 (small_fc) or 3 (Celo, Celo2; unused) */
     const float *decays;      /* [P][7]: momentum (3), rms (1), adafactor (3), as in θ */
-    const float *lr;          /* [P]: small_fc step_mult; Celo η·1e-3 (1e-3 in stage 1) */
+    const float *lr;          /* [P]: small_fc step_mult; Celo η·1e-3 (1e-3 in stage 1); Celo2 unused */
     const uint32_t *seed;     /* [P]: the iteration, keys the stochastic rounding of bf16 state */
     float exp_mult;
 } lopt_call;
@@ -153,7 +166,12 @@ typedef struct {
     red_t ra, rb;                     /* reductions over axis a and axis b */
     float *tab_a, *tab_b;             /* [NQ][na], [NQ][nb] */
     double *rbar;                     /* [nbatch][3] */
-    double *sums;                     /* [n_units][F] */
+    double *sums;                     /* [n_units][F]; grouped: [ngroups][F] */
+    int grouped;                      /* Celo2 with more than one normalisation slice */
+    int64_t gx, gy, gz, n_sunits;     /* grouped: the view and its STATS units (else n_units) */
+    float *ginv;                      /* grouped: [ngroups][F] normalisation factors */
+    double *gtmean;                   /* grouped and projected: [ngroups][12], as tmean per slice */
+    int k0;                           /* MLP inputs read from X (fewer when projected or Celo2 vectors) */
     double tmean[12];                 /* factored: mean square of the 12 broadcast channels */
     float *w0n;                       /* [H][F]: first layer, columns in X row order, normalised */
     int proj;                         /* factored: broadcast channels folded into a bias */
@@ -164,11 +182,12 @@ typedef struct {
 typedef struct {
     const lopt_call *c;
     int F, H, NE;   /* MLP inputs, hidden width, per-element inputs (X rows before the broadcast ones) */
-    int64_t n_jobs, n_red_units, n_elem_units;
+    int64_t n_jobs, n_red_units, n_elem_units, n_stat_units;
     int64_t n_x1, n_x2;   /* lengths of the sums a sharded step exchanges after phases 1 and 2 */
     job_t *jobs;
     int64_t *red_start;   /* [n_jobs + 1] prefix of reduction units */
-    int64_t *elem_start;  /* [n_jobs + 1] prefix of element units */
+    int64_t *elem_start;  /* [n_jobs + 1] prefix of element units (APPLY) */
+    int64_t *stat_start;  /* [n_jobs + 1] prefix of STATS units (the element units, or a grouped job's) */
     char *ws;
     size_t ws_bytes;
 } plan_t;
@@ -339,6 +358,13 @@ static void table_factors(const job_t *J, float *trow, float *tcol, int64_t nrow
     }
 }
 
+/* The slice of entry e of table a (table_a) or b of a grouped, projected job: its factored axes are
+ * its matrix axes (mid == 1, slices (pre, post)). */
+static inline int64_t entry_slice(const job_t *J, int64_t e, int table_a) {
+    const int64_t per = (table_a ? J->B : J->A) * J->post;
+    return (e / per) * J->post + e % J->post;
+}
+
 static void table_job(const plan_t *pl, job_t *J) {
     const float *d = pl->c->decays + 7 * J->particle;
     float fd[3];
@@ -397,6 +423,32 @@ static void table_job(const plan_t *pl, job_t *J) {
         J->tmean[3 + j] = sv_c / (double)ncol;
         J->tmean[6 + j] = sr_r / (double)nrow;
         J->tmean[9 + j] = sr_c / (double)ncol;
+    }
+    if (J->grouped && J->proj) {
+        /* Per slice (each table entry lies in one slice, and each slice has as many entries). */
+        const int64_t ng = J->gx * J->gz;
+        for (int64_t q = 0; q < ng * 12; q++) J->gtmean[q] = 0.0;
+        for (int64_t e = 0; e < nrow; e++) {
+            double *m = J->gtmean + entry_slice(J, e, J->d0_is_a) * 12;
+            for (int j = 0; j < 3; j++) {
+                const double v = trow[j * nrow + e], r = trow[(3 + j) * nrow + e];
+                m[j] += v * v; m[6 + j] += r * r;
+            }
+        }
+        for (int64_t e = 0; e < ncol; e++) {
+            double *m = J->gtmean + entry_slice(J, e, !J->d0_is_a) * 12;
+            for (int j = 0; j < 3; j++) {
+                const double v = tcol[j * ncol + e], r = tcol[(3 + j) * ncol + e];
+                m[3 + j] += v * v; m[9 + j] += r * r;
+            }
+        }
+        for (int64_t q = 0; q < ng; q++)
+            for (int j = 0; j < 3; j++) {
+                J->gtmean[q * 12 + j] /= (double)(nrow / ng);
+                J->gtmean[q * 12 + 6 + j] /= (double)(nrow / ng);
+                J->gtmean[q * 12 + 3 + j] /= (double)(ncol / ng);
+                J->gtmean[q * 12 + 9 + j] /= (double)(ncol / ng);
+            }
     }
 }
 
@@ -499,7 +551,8 @@ static void gather_tables(const job_t *J, int cnt, cursor_t *cur, float (*restri
 }
 
 /* Fill the stage and the MLP inputs X[F][E] for elements [e0, e0 + cnt) (lanes ≥ cnt get zero
- * inputs). celo is a compile-time constant in each instantiation below, so channel indices are too. */
+ * inputs). celo (0: small_fc, 1: Celo, 2: Celo2) is a compile-time constant in each instantiation
+ * below, so channel indices are too. */
 static inline __attribute__((always_inline)) void build_block_rule(const plan_t *pl, const job_t *J, int64_t e0,
                                                                    int cnt, cursor_t *cur, stage_t *restrict s,
                                                                    float (*restrict X)[E], const int celo) {
@@ -543,11 +596,13 @@ static inline __attribute__((always_inline)) void build_block_rule(const plan_t 
         s->r[k] = rd * ro[k] + (1.0f - rd) * (gk * gk);
     }
 
-    /* The channels before fac_g: g, [Celo: clip(g, ±0.1)], p, m (3), rms, m·rsqrt(rms + 1e-6) (3),
-     * rsqrt(rms + 1e-6); Celo puts g·rsqrt(rms + 1e-6) after fac_g. c1 shifts Celo's channels. */
-    const int c1 = celo, fg = 10 + c1, ada = celo ? 15 : 13, fm = ada, tb0 = ada + 3;
+    /* The channels before fac_g: g, [Celo: clip(g, ±0.1)], p, m (3), rms, m·rsqrt(rms + ε) (3),
+     * rsqrt(rms + ε) with ε = 1e-6 (1e-8 for Celo2); Celo puts g·rsqrt(rms + ε) after fac_g. c1
+     * shifts Celo's channels. */
+    const int c1 = celo ? 1 : 0, fg = 10 + c1, ada = celo ? 15 : 13, fm = ada, tb0 = ada + 3;
+    const float rs_eps = celo == 2 ? 1e-8f : 1e-6f;
     for (int k = 0; k < E; k++) {
-        const float gk = s->g[k], rs = rsqrt_exact(s->r[k] + 1e-6f);
+        const float gk = s->g[k], rs = rsqrt_exact(s->r[k] + rs_eps);
         X[0][k] = gk;
         X[1 + c1][k] = s->p[k];
         X[2 + c1][k] = s->m[0][k];
@@ -617,9 +672,15 @@ __attribute__((noinline)) static void build_block_celo(const plan_t *pl, const j
     build_block_rule(pl, J, e0, cnt, cur, s, X, 1);
 }
 
+__attribute__((noinline)) static void build_block_celo2(const plan_t *pl, const job_t *J, int64_t e0, int cnt,
+                                                        cursor_t *cur, stage_t *s, float (*X)[E]) {
+    build_block_rule(pl, J, e0, cnt, cur, s, X, 2);
+}
+
 static inline void build_block(const plan_t *pl, const job_t *J, int64_t e0, int cnt, cursor_t *cur, stage_t *s,
                                float (*X)[E]) {
     if (pl->c->rule == RULE_CELO) build_block_celo(pl, J, e0, cnt, cur, s, X);
+    else if (pl->c->rule == RULE_CELO2) build_block_celo2(pl, J, e0, cnt, cur, s, X);
     else build_block_small_fc(pl, J, e0, cnt, cur, s, X);
 }
 
@@ -705,8 +766,49 @@ static inline __attribute__((always_inline)) void stats_unit_rule(const plan_t *
     }
 }
 
+/* A grouped job's STATS unit: the slices (x, z0 .. z1-1) of the [gx][gy][gz] view, over all their
+ * rows y in order, every input's square summed per slice in double (each slice belongs to one unit).
+ * When the unit holds every z (gz ≤ ZSTRIPE) its elements are one contiguous range, walked in full
+ * blocks; either way each slice's terms are added in increasing element order. */
+static void stats_unit_grouped(const plan_t *pl, job_t *J, int64_t lu) {
+    const int F = pl->F, rows = J->proj ? pl->NE : F; /* projected: the broadcast rows come from TABLE */
+    const int64_t nzs = cdiv(J->gz, ZSTRIPE), x = lu / nzs, z0 = (lu % nzs) * ZSTRIPE;
+    const int64_t z1 = imin(J->gz, z0 + ZSTRIPE);
+    double *out = J->sums + x * J->gz * F;
+    for (int64_t q = z0 * F; q < z1 * F; q++) out[q] = 0.0;
+    stage_t s;
+    float X[MAX_F][E] __attribute__((aligned(64)));
+    cursor_t cur;
+    if (z0 == 0 && z1 == J->gz) {
+        const int64_t e0 = x * J->gy * J->gz, e1 = e0 + J->gy * J->gz;
+        if (J->factored) cursor_init(J, &cur, e0);
+        for (int64_t e = e0; e < e1; e += E) {
+            const int cnt = (int)imin(E, e1 - e);
+            build_block(pl, J, e, cnt, &cur, &s, X);
+            for (int k = 0; k < cnt; k++) {
+                double *o = out + ((e + k) % J->gz) * F;
+                for (int f = 0; f < rows; f++) o[f] += (double)X[f][k] * (double)X[f][k];
+            }
+        }
+        return;
+    }
+    for (int64_t y = 0; y < J->gy; y++) {
+        const int64_t base = (x * J->gy + y) * J->gz;
+        for (int64_t z = z0; z < z1; z += E) {
+            const int cnt = (int)imin(E, z1 - z);
+            if (J->factored) cursor_init(J, &cur, base + z);
+            build_block(pl, J, base + z, cnt, &cur, &s, X);
+            for (int k = 0; k < cnt; k++) {
+                double *o = out + (z + k) * F;
+                for (int f = 0; f < rows; f++) o[f] += (double)X[f][k] * (double)X[f][k];
+            }
+        }
+    }
+}
+
 static void stats_unit(const plan_t *pl, job_t *J, int64_t lu) {
-    if (pl->c->rule == RULE_CELO) stats_unit_rule(pl, J, lu, 30);
+    if (J->grouped) stats_unit_grouped(pl, J, lu);
+    else if (pl->c->rule != RULE_SMALL_FC) stats_unit_rule(pl, J, lu, 30);
     else stats_unit_rule(pl, J, lu, 28);
 }
 
@@ -720,17 +822,36 @@ static void project(const plan_t *pl, const job_t *J, const float *t, int64_t nt
         const float *w = J->w0n + o * F;
         for (int64_t e = e0; e < e1; e++) {
             float acc = 0.0f;
-            for (int j = 0; j < 3; j++) acc += w[r_v + j] * t[j * nt + e] + w[r_rs + j] * t[(3 + j) * nt + e];
+            if (J->grouped) {
+                /* The first layer is not normalised: each entry takes its slice's factors. */
+                const float *gi = J->ginv + entry_slice(J, e, t == J->tab_a) * F;
+                for (int j = 0; j < 3; j++)
+                    acc += (w[r_v + j] * gi[r_v + j]) * t[j * nt + e] + (w[r_rs + j] * gi[r_rs + j]) * t[(3 + j) * nt + e];
+            } else {
+                for (int j = 0; j < 3; j++) acc += w[r_v + j] * t[j * nt + e] + w[r_rs + j] * t[(3 + j) * nt + e];
+            }
             out[o * ld + (e - e0)] = acc;
         }
     }
 }
 
-/* FIN from the mean squares of the F inputs (X row order). */
+/* FIN from the mean squares of the F inputs (X row order; grouped jobs use their per-slice sums). */
 static void finalize_from_means(const plan_t *pl, job_t *J, const double *mean) {
     const int F = pl->F, H = pl->H, ada = pl->NE - 3, tb0 = pl->NE;
+    /* The second-moment normaliser's eps: 1e-5 (small_fc, Celo) or 1e-9 (Celo2). */
+    const float eps = pl->c->rule == RULE_CELO2 ? 1e-9f : 1e-5f;
     float inv[MAX_F];
-    for (int f = 0; f < F; f++) inv[f] = rsqrt_exact(1e-5f + (float)mean[f]);
+    if (J->grouped) {
+        /* Per slice: the factors multiply the inputs in APPLY; the first layer stays as it is. */
+        for (int64_t q = 0; q < J->gx * J->gz; q++)
+            for (int f = 0; f < F; f++) {
+                const double m = J->proj && f >= tb0 ? J->gtmean[q * 12 + f - tb0] : J->sums[q * F + f] / (double)J->gy;
+                J->ginv[q * F + f] = rsqrt_exact(eps + (float)m);
+            }
+        for (int f = 0; f < F; f++) inv[f] = 1.0f;
+    } else {
+        for (int f = 0; f < F; f++) inv[f] = rsqrt_exact(eps + (float)mean[f]);
+    }
     const float *w0 = pl->c->w0 + (int64_t)J->particle * H * F;
     for (int o = 0; o < H; o++)
         for (int f = 0; f < F; f++) J->w0n[o * F + f] = w0[o * F + spec_channel(f, ada)] * inv[f];
@@ -746,12 +867,14 @@ static void finalize_from_means(const plan_t *pl, job_t *J, const double *mean) 
 
 static void finalize_job(const plan_t *pl, job_t *J) {
     const int F = pl->F, tb0 = pl->NE;
-    double mean[MAX_F] = {0};
-    for (int64_t u = 0; u < J->n_units; u++)
-        for (int f = 0; f < F; f++) mean[f] += J->sums[u * F + f];
-    for (int f = 0; f < F; f++) mean[f] /= (double)J->n;
-    if (J->factored)
-        for (int q = 0; q < 12; q++) mean[tb0 + q] = J->tmean[q];
+    double mean[MAX_F] = {0}; /* stays 0 for grouped jobs (Celo2: no pscale) */
+    if (!J->grouped) {
+        for (int64_t u = 0; u < J->n_units; u++)
+            for (int f = 0; f < F; f++) mean[f] += J->sums[u * F + f];
+        for (int f = 0; f < F; f++) mean[f] /= (double)J->n;
+        if (J->factored)
+            for (int q = 0; q < 12; q++) mean[tb0 + q] = J->tmean[q];
+    }
     finalize_from_means(pl, J, mean);
 }
 
@@ -821,8 +944,8 @@ static void apply_unit(const plan_t *pl, job_t *J, int64_t lu) {
     int64_t e0, e1;
     unit_range(J, lu, &e0, &e1);
     const lopt_call *c = pl->c;
-    const int F = pl->F, H = pl->H, celo = c->rule == RULE_CELO, pi = J->particle;
-    const int O2 = celo ? 3 : 2;
+    const int F = pl->F, H = pl->H, celo = c->rule == RULE_CELO, celo2 = c->rule == RULE_CELO2, pi = J->particle;
+    const int O2 = celo || celo2 ? 3 : 2;
     const float *b0 = c->b0 + (int64_t)pi * H, *w1 = c->w1 + (int64_t)pi * H * H, *b1 = c->b1 + (int64_t)pi * H;
     const float *w2 = c->w2 + (int64_t)pi * O2 * H, *b2 = c->b2 + (int64_t)pi * O2;
     const float lr = c->lr[pi], exp_mult = c->exp_mult, ps = J->pscale, scale = J->scale, wd = J->wd;
@@ -835,7 +958,7 @@ static void apply_unit(const plan_t *pl, job_t *J, int64_t lu) {
     float lb[MAX_H], b_line[MAX_H];
     int64_t lb_entry = -1, b_line_entry = -1;
     /* Projected factored tensors feed only the per-element rows to the first layer. */
-    const int K0 = J->proj ? pl->NE : F;
+    const int K0 = J->k0;
     cursor_t cur;
     if (J->factored) cursor_init(J, &cur, e0);
     for (int64_t e = e0; e < e1; e += E) {
@@ -862,7 +985,19 @@ static void apply_unit(const plan_t *pl, job_t *J, int64_t lu) {
             }
         }
         build_block(pl, J, e, cnt, &cur, &s, X);
-        if (celo) {
+        if (J->grouped) {
+            /* Each element's inputs times its slice's normalisation factors. */
+            int64_t q[E];
+            const int64_t plane = J->gy * J->gz;
+            for (int k = 0; k < E; k++) q[k] = k < cnt ? ((e + k) / plane * J->gz + (e + k) % J->gz) * F : 0;
+            for (int f = 0; f < K0; f++)
+                for (int k = 0; k < E; k++) X[f][k] *= J->ginv[q[k] + f];
+        }
+        if (celo2) {
+            DENSE(OT_WIDE)(J->w0n, F, bias, bv, ldb, (const float (*)[E])X, H1, 8, K0, 1);
+            DENSE(OT_WIDE)(w1, 8, b1, NULL, 0, (const float (*)[E])H1, H2, 8, 8, 1);
+            DENSE(2)(w2, 8, b2, NULL, 0, (const float (*)[E])H2, Y, 2, 8, 0);
+        } else if (celo) {
             DENSE(4)(J->w0n, F, bias, bv, ldb, (const float (*)[E])X, H1, 4, K0, 1);
             DENSE(4)(w1, 4, b1, NULL, 0, (const float (*)[E])H1, H2, 4, 4, 1);
             DENSE(2)(w2, 4, b2, NULL, 0, (const float (*)[E])H2, Y, 2, 4, 0);
@@ -875,9 +1010,14 @@ static void apply_unit(const plan_t *pl, job_t *J, int64_t lu) {
         /* small_fc: step_mult·d·exp(λ2·μ)·s_p; Celo: η·1e-3·d·exp(1e-3·a)·rms(p)·s_p (ps = 1 for
          * small_fc, an exact no-op), in the pure step's order of operations; then the wrappers'
          * decoupled weight decay on the pre-update p (skipped at 0, as the wrappers skip it). */
-        for (int k = 0; k < E; k++)
-            pn[k] = s.p[k] - (((lr * Y[0][k]) * exp_poly(exp_mult * Y[1][k])) * ps) * scale;
-        if (wd != 0.0f)
+        if (celo2) {
+            /* Celo2: the direction d (exp(0·o₁) = 1); torch orthogonalises, normalises and steps. */
+            for (int k = 0; k < E; k++) pn[k] = Y[0][k];
+        } else {
+            for (int k = 0; k < E; k++)
+                pn[k] = s.p[k] - (((lr * Y[0][k]) * exp_poly(exp_mult * Y[1][k])) * ps) * scale;
+        }
+        if (wd != 0.0f && !celo2)
             for (int k = 0; k < E; k++) pn[k] = pn[k] - wd * s.p[k];
         if (cnt == E) store_block(c, J, e, E, &s, pn);
         else store_block(c, J, e, cnt, &s, pn);
@@ -1013,9 +1153,9 @@ static void shard_finalize(const plan_t *pl, job_t *J, const double *reduced) {
 /* Lay out the jobs and the workspace; with ws == NULL only the byte count is computed. */
 static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
     pl->c = c;
-    pl->F = c->rule == RULE_CELO ? 30 : 28;
-    pl->H = c->rule == RULE_CELO ? 4 : c->hidden;
-    pl->NE = c->rule == RULE_CELO ? 18 : 16;
+    pl->F = c->rule != RULE_SMALL_FC ? 30 : 28;
+    pl->H = c->rule == RULE_CELO ? 4 : (c->rule == RULE_CELO2 ? 8 : c->hidden);
+    pl->NE = c->rule != RULE_SMALL_FC ? 18 : 16;
     const int F = pl->F, H = pl->H;
     /* Projection tables get max(2% of the parameter bytes, PROJ_MIN_BYTES), first come first served
      * in job order: a function of the shapes only, so the numbers never depend on the threads. */
@@ -1035,8 +1175,10 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
     TAKE(pl->jobs, job_t, nj);
     TAKE(pl->red_start, int64_t, nj + 1);
     TAKE(pl->elem_start, int64_t, nj + 1);
+    TAKE(pl->stat_start, int64_t, nj + 1);
     job_t scratch;
-    int64_t red_units = 0, elem_units = 0, x1 = 0, x2 = 0;
+    int64_t red_units = 0, elem_units = 0, stat_units = 0, x1 = 0, x2 = 0;
+    int status = 0;
     const size_t esz = c->state_bf16 ? 2 : 4;
     for (int64_t j = 0; j < nj; j++) {
         job_t *J = ws ? &pl->jobs[j] : &scratch;
@@ -1074,6 +1216,14 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
         J->vcol_in = J->factored ? (const float *)(intptr_t)d[T_VCOL_IN] + pi * 3 * ncol : NULL;
         J->vcol_out = J->factored ? (float *)(intptr_t)d[T_VCOL_OUT] + pi * 3 * ncol : NULL;
         J->n_units = cdiv(n, CHUNK);
+        J->gx = d[T_GX]; J->gy = d[T_GY]; J->gz = d[T_GZ];
+        /* gy = 0 only for the empty local block of a sharded tensor. */
+        if (J->gx < 1 || J->gy < (n > 0) || J->gz < 1 || J->gx * J->gy * J->gz != n) {
+            status = -2; /* an inconsistent descriptor: treat the job as one slice and refuse the call */
+            J->gx = J->gz = 1; J->gy = n;
+        }
+        J->grouped = c->rule == RULE_CELO2 && J->gx * J->gz > 1;
+        J->n_sunits = J->grouped ? J->gx * cdiv(J->gz, ZSTRIPE) : J->n_units;
         if (J->factored) {
             red_plan(&J->ra, J->pre, J->A, J->mid * J->B * J->post);
             red_plan(&J->rb, J->pre * J->A * J->mid, J->B, J->post);
@@ -1083,21 +1233,30 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
             TAKE(J->tab_b, float, NQ * J->nb);
             TAKE(J->rbar, double, 3 * J->nbatch);
             const double proj_bytes = 4.0 * H * (double)(J->na + (J->post > 1 ? J->nb : 0));
-            J->proj = proj_bytes <= proj_left;
+            /* A grouped job can project when its factored axes are its matrix axes (each table
+             * entry then lies in one slice): the usual conv kernel. */
+            const int aligned = J->mid == 1 && J->gx == J->pre && J->gz == J->post;
+            J->proj = (!J->grouped || aligned) && proj_bytes <= proj_left;
             if (J->proj) {
                 proj_left -= proj_bytes;
                 TAKE(J->pa, float, H * J->na);
                 if (J->post > 1) TAKE(J->pb, float, H * J->nb);
             }
         }
-        TAKE(J->sums, double, J->n_units * F);
+        TAKE(J->sums, double, (J->grouped ? J->gx * J->gz : J->n_units) * F);
+        if (J->grouped) TAKE(J->ginv, float, J->gx * J->gz * F);
+        if (J->grouped && J->proj) TAKE(J->gtmean, double, J->gx * J->gz * 12);
         TAKE(J->w0n, float, H * F);
+        /* Celo2 vectors read the first 15 inputs only (spec groups 0–8). */
+        J->k0 = J->proj ? pl->NE : (c->rule == RULE_CELO2 && !J->factored ? pl->NE - 3 : F);
         if (ws) {
             pl->red_start[j] = red_units;
             pl->elem_start[j] = elem_units;
+            pl->stat_start[j] = stat_units;
         }
         red_units += J->factored ? J->ra.n_units + J->rb.n_units : 0;
         elem_units += J->n_units;
+        stat_units += J->n_sunits;
         J->x1_off = x1;
         J->x2_off = x2;
         x1 += J->split_a ? J->na + (J->d0_is_a ? 0 : 3 * J->nbatch) : 0;
@@ -1108,12 +1267,14 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
     if (ws) {
         pl->red_start[nj] = red_units;
         pl->elem_start[nj] = elem_units;
+        pl->stat_start[nj] = stat_units;
     }
     pl->n_red_units = red_units;
     pl->n_elem_units = elem_units;
+    pl->n_stat_units = stat_units;
     pl->ws_bytes = off;
 #undef TAKE
-    return 0;
+    return status;
 }
 
 /* The job whose units [start[j], start[j+1]) contain u. */
@@ -1137,37 +1298,39 @@ int64_t lopt_workspace_bytes(const lopt_call *c) {
 int32_t lopt_vector_width(void) { return VL; }
 
 /* Run the RED units. */
-#define RUN_RED(pl, celo)                                                                           \
+#define RUN_RED(pl, clip)                                                                           \
     _Pragma("omp for schedule(dynamic, 1)") for (int64_t u = 0; u < (pl).n_red_units; u++) {       \
         job_t *J = &(pl).jobs[job_of((pl).red_start, (pl).n_jobs, u)];                              \
         const int64_t lu = u - (pl).red_start[J - (pl).jobs];                                       \
-        if (lu < J->ra.n_units) red_unit(&J->ra, lu, J->g, celo);                                   \
-        else red_unit(&J->rb, lu - J->ra.n_units, J->g, celo);                                      \
+        if (lu < J->ra.n_units) red_unit(&J->ra, lu, J->g, clip);                                   \
+        else red_unit(&J->rb, lu - J->ra.n_units, J->g, clip);                                      \
     }
 
 /* One step in phases (0: the whole step). ws: lopt_workspace_bytes of memory, 64-byte aligned, kept
  * by the caller between the phases of one step (the tables, r̄ and the sums persist in it). Phase 1
  * writes lopt_exchange_length(c, 1) sums to out; the caller sums them over the ranks and hands them
  * to phase 2 as reduced; phase 2 writes lopt_exchange_length(c, 2) sums to out, reduced likewise for
- * phase 3. Returns 0, -2 for an unsupported hidden size, -3 for an unknown phase. */
+ * phase 3 (LO / Celo rules only). Returns 0, -2 for an invalid call (as lopt_step), -3 for an
+ * unknown phase. */
 int32_t lopt_step_phase(const lopt_call *c, int32_t phase, char *ws, const double *reduced, double *out) {
     if (c->n_particles <= 0 || c->n_tensors <= 0) return 0;
-    if (c->rule != RULE_CELO && (c->hidden <= 0 || c->hidden > MAX_H || c->hidden % OT_WIDE)) return -2;
-    if (phase < 0 || phase > 3) return -3;
+    if (c->rule != RULE_SMALL_FC && c->rule != RULE_CELO && c->rule != RULE_CELO2) return -2;
+    if (c->rule == RULE_SMALL_FC && (c->hidden <= 0 || c->hidden > MAX_H || c->hidden % OT_WIDE)) return -2;
+    if (phase < 0 || phase > 3 || (phase > 0 && c->rule == RULE_CELO2)) return -3;
     plan_t pl;
-    plan_build(&pl, c, ws);
-    const int celo = c->rule == RULE_CELO;
+    if (plan_build(&pl, c, ws) != 0) return -2;
+    const int clip = c->rule != RULE_SMALL_FC; /* Celo and Celo2 clip g to ±1000 */
     const int64_t nj = pl.n_jobs;
 #pragma omp parallel num_threads(c->n_threads > 0 ? c->n_threads : 1)
     {
         if (phase == 0) {
-            RUN_RED(pl, celo)
+            RUN_RED(pl, clip)
 #pragma omp for schedule(dynamic, 1)
             for (int64_t j = 0; j < nj; j++)
                 if (pl.jobs[j].factored) table_job(&pl, &pl.jobs[j]);
         }
         if (phase == 1) {
-            RUN_RED(pl, celo)
+            RUN_RED(pl, clip)
 #pragma omp for schedule(dynamic, 1)
             for (int64_t j = 0; j < nj; j++)
                 if (pl.jobs[j].factored) shard_tables_local(&pl, &pl.jobs[j], out);
@@ -1179,9 +1342,9 @@ int32_t lopt_step_phase(const lopt_call *c, int32_t phase, char *ws, const doubl
         }
         if (phase == 0 || phase == 2) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t u = 0; u < pl.n_elem_units; u++) {
-                job_t *J = &pl.jobs[job_of(pl.elem_start, nj, u)];
-                stats_unit(&pl, J, u - pl.elem_start[J - pl.jobs]);
+            for (int64_t u = 0; u < pl.n_stat_units; u++) {
+                job_t *J = &pl.jobs[job_of(pl.stat_start, nj, u)];
+                stats_unit(&pl, J, u - pl.stat_start[J - pl.jobs]);
             }
         }
         if (phase == 2) {
@@ -1214,12 +1377,14 @@ int64_t lopt_exchange_length(const lopt_call *c, int32_t round) {
     return round == 1 ? pl.n_x1 : pl.n_x2;
 }
 
-/* One fused step. Returns 0, or -1 if the workspace could not be allocated. */
+/* One fused step. Returns 0, -1 if the workspace could not be allocated, or -2 for an invalid call
+ * (unknown rule, unsupported hidden size, inconsistent normalisation view), before writing anything. */
 int32_t lopt_step(const lopt_call *c) {
     if (c->n_particles <= 0 || c->n_tensors <= 0) return 0;
-    if (c->rule != RULE_CELO && (c->hidden <= 0 || c->hidden > MAX_H || c->hidden % OT_WIDE)) return -2;
+    if (c->rule != RULE_SMALL_FC && c->rule != RULE_CELO && c->rule != RULE_CELO2) return -2;
+    if (c->rule == RULE_SMALL_FC && (c->hidden <= 0 || c->hidden > MAX_H || c->hidden % OT_WIDE)) return -2;
     plan_t pl;
-    plan_build(&pl, c, NULL);
+    if (plan_build(&pl, c, NULL) != 0) return -2;
     char *ws = (char *)aligned_alloc(64, ALIGN_UP(pl.ws_bytes));
     if (!ws) return -1;
     const int32_t status = lopt_step_phase(c, 0, ws, NULL, NULL);

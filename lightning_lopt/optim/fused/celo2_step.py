@@ -1,0 +1,167 @@
+"""The fused CPU step of Celo2 / Celo2Base / MuCelo2: the C kernel's elementwise part, the rest in torch.
+
+Per tensor routed to the learned rule (docs/reference/celo2.md#one-step):
+
+- kernel.c (:func:`~lightning_lopt.optim.fused.driver.celo2_directions`): steps 1–4, the clipped
+  gradient, the accumulators (written in place), the 30 (or 15) features, their second-moment
+  normalisation over the matrix axes per slice, and the 30→8→8→3 MLP, giving d;
+- torch (:func:`lightning_lopt.optim.functional.celo2.output_direction`, the pure step's own code):
+  Newton–Schulz on every matrix slice (Celo2, batched matmuls) and the RMS-1 normalisation;
+- torch: ``p ← p − step_mult·s·u − weight_decay·p``, in place.
+
+Tensors routed to the Adam branch take the pure step's Adam update
+(:func:`lightning_lopt.optim.functional.celo2.adam_direction`) in torch: it is a handful of
+elementwise operations with no statistics, so a kernel would gain little.
+
+Two forms, as for the other rules (:mod:`.driver`): :func:`step_in_place` for the optimizer classes
+and :func:`particle_step` for meta-training (P stacked particles, θ per particle; the torch part is
+the pure functions mapped over the particle axis with ``torch.func.vmap``).
+
+Example::
+
+    from lightning_lopt.optim import fused
+    from lightning_lopt.optim.fused import celo2_step
+    new_global = celo2_step.step_in_place(fused.kernel(), lopt, params, grads, state, ctx, [0.0] * len(params))
+    params, state = celo2_step.particle_step(fused.kernel(), lopt, theta, stacked, grads, stacked_state, ctx)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_lopt.optim.celo2_lopt import Celo2LOpt
+from lightning_lopt.optim.functional import StepContext, celo2
+from lightning_lopt.optim.functional.accumulators import work_shape
+from lightning_lopt.optim.fused import driver
+from lightning_lopt.optim.fused.build import Kernel
+from lightning_lopt.optim.step_contract import State
+
+
+def step_in_place(
+    kernel: Kernel,
+    module: Celo2LOpt,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: State,
+    ctx: StepContext,
+    weight_decays: Sequence[float],
+) -> State:
+    """One Celo2 step of one optimizer: writes ``params`` and ``state["tensors"]`` in place and
+    returns the new global state (``iteration``).
+
+    ``params``, ``grads`` and the accumulators must be contiguous float32 (the tensor-step seam
+    makes them so, :func:`lightning_lopt.optim.fast_steps.run_in_place`).
+    """
+    iteration = state["iteration"] + 1
+    accumulators = state["tensors"]
+    learned = [i for i, acc in enumerate(accumulators) if "adam_m" not in acc]
+    directions = driver.celo2_directions(
+        kernel,
+        module,
+        [params[i] for i in learned],
+        [grads[i] for i in learned],
+        [accumulators[i] for i in learned],
+        learned,
+        state["iteration"],
+    )
+    updates: dict[int, Tensor] = {}
+    whole = []  # tensors whose one matrix slice is the whole tensor and that skip Newton–Schulz
+    for i, d in zip(learned, directions):
+        if d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize):
+            whole.append((i, d))
+        else:
+            updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+    if whole:
+        _normalize_whole_tensors(whole)
+        updates.update(whole)
+    for i, acc in enumerate(accumulators):
+        if i in updates:
+            continue
+        u, new_acc = celo2.adam_direction(
+            grads[i].reshape(work_shape(grads[i].shape)), acc, iteration, adam_mode=module.adam_mode
+        )
+        acc.update(new_acc)
+        updates[i] = module.adam_lr_mult * u
+    # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p), as
+    # foreach operations: with many small tensors the per-operation overhead dominates.
+    steps = [updates[i].view(p.shape) for i, p in enumerate(params)]
+    torch._foreach_mul_(steps, [module.step_mult * float(s) for s in ctx.scales])
+    decayed = [i for i, wd in enumerate(weight_decays) if wd]
+    if decayed:
+        torch._foreach_add_(
+            [steps[i] for i in decayed], torch._foreach_mul([params[i] for i in decayed], [float(weight_decays[i]) for i in decayed])
+        )
+    torch._foreach_sub_(list(params), steps)
+    return {"iteration": iteration}
+
+
+def _normalize_whole_tensors(directions: list[tuple[int, Tensor]]) -> None:
+    """u = d · rsqrt(1e-9 + mean(d²)) in place for tensors normalised as a whole (vectors, and
+    matrices without Newton–Schulz): the pure step's output normalisation, in a few foreach calls."""
+    ds = [d for _, d in directions]
+    norms = torch.stack(torch._foreach_norm(ds))
+    sizes = torch.tensor([d.numel() for d in ds], dtype=norms.dtype)
+    factors = torch.rsqrt(celo2.NORMALIZER_EPS + norms.square() / sizes)
+    torch._foreach_mul_(ds, factors.tolist())
+
+
+def particle_step(
+    kernel: Kernel,
+    module: Celo2LOpt,
+    theta: dict[str, Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: State,
+    ctx: StepContext,
+) -> tuple[list[Tensor], State]:
+    """P stacked particles (leading axis everywhere, θ per particle); new tensors, inputs untouched.
+
+    Returns what :func:`~lightning_lopt.optim.particle_step.vmapped_pure_step` returns, within
+    float32 rounding.
+    """
+    iteration = state["iteration"]
+    new_iteration = iteration + 1
+    accumulators = state["tensors"]
+    learned = [i for i, acc in enumerate(accumulators) if "adam_m" not in acc]
+    params = [p.contiguous() for p in params]
+    new_tensors: list[dict[str, Tensor]] = [{} for _ in accumulators]
+    jobs = []
+    directions: dict[int, Tensor] = {}
+    for i in learned:
+        shape = work_shape(params[i].shape[1:])
+        directions[i] = torch.empty((params[i].shape[0], *shape), dtype=torch.float32)
+        new_tensors[i] = {k: torch.empty_like(v) for k, v in accumulators[i].items()}
+        jobs.append(
+            driver._Job(
+                shape,
+                module.layout,
+                params[i],
+                directions[i],
+                grads[i].to(torch.float32).contiguous(),
+                {k: v.contiguous() for k, v in accumulators[i].items()},
+                new_tensors[i],
+                0.0,
+                0.0,
+                i,
+                driver.normalisation_view(shape, module.layout),
+            )
+        )
+    if jobs:
+        driver._launch(kernel, module, driver._celo2_nets(theta, iteration), jobs)
+    output = torch.func.vmap(
+        functools.partial(celo2.output_direction, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+    )
+    adam = torch.func.vmap(functools.partial(celo2.adam_direction, adam_mode=module.adam_mode))
+    new_params = []
+    for i, (p, g, acc) in enumerate(zip(params, grads, accumulators)):
+        if i in directions:
+            u = output(directions[i])
+        else:
+            u, new_tensors[i] = adam(g.reshape(g.shape[0], *work_shape(g.shape[1:])), acc, new_iteration)
+            u = module.adam_lr_mult * u
+        new_params.append(p - (module.step_mult * float(ctx.scales[i])) * u.reshape(p.shape))
+    return new_params, {"iteration": new_iteration, "tensors": new_tensors}
