@@ -9,8 +9,9 @@ runs on each CPU block) and the default fused step.
 
 ``--device cuda``: one rank per GPU (NCCL; ``--world`` at most the number of GPUs, 1 on a one-GPU
 machine, where the all-reduces still run through NCCL over one rank). The sharded step then runs
-the Triton phases (``lightning_lopt.optim.gpu.step.sharded_step_in_place``); the pure core on the
-same sharded parameters (``fused=False``) is timed too, as ``sharded_pure_core``. The device is
+the Triton phases (``lightning_lopt.optim.gpu.step.sharded_step_in_place``); on CPU the fused
+kernel's phases (``lightning_lopt.optim.fused.driver.sharded_step_in_place``). On both, the pure core
+on the same sharded parameters (``fused=False``) is timed too, as ``sharded_pure_core``. The device is
 synchronised around every timed step and every all-reduce (NCCL calls return before they finish),
 so the sharded step's time includes those synchronisations.
 
@@ -159,9 +160,9 @@ def run(rank: int, world: int, port: int, args: argparse.Namespace, out: str) ->
             "sharded_step": sharded.pop("step"),
             **sharded,
         }
-        if cuda:  # the pure core on the same sharded parameters: what CUDA blocks ran before the phases
-            pure = time_sharded(name, False)
-            item["sharded_pure_core"] = {"step": pure["step"], "all_reduce": pure["all_reduce"]}
+        # The pure core on the same sharded parameters (fused=False): what the blocks ran before the phases.
+        pure = time_sharded(name, False)
+        item["sharded_pure_core"] = {"step": pure["step"], "all_reduce": pure["all_reduce"]}
         dist.barrier()
         # One-process baselines on the unsharded parameters, same machine, same run. Every rank
         # runs them at once (Celo's loss average is a collective; the load matches the sharded run).

@@ -36,7 +36,7 @@ The choice among these is :mod:`lightning_lopt.optim.tensor_step`'s, behind one 
 **Sharded parameters.** ``LO``, ``MuLO`` and ``Celo`` step FSDP2 (``DTensor``) parameters with the
 per-tensor statistics reduced across ranks, so the step equals one process's; their state is then
 sharded ``DTensor``s. On CUDA the local blocks run the Triton step (in three phases, the
-all-reduces between them), on CPU the pure step. FSDP1 parameters are refused. See :mod:`lightning_lopt.optim.sharding` and
+all-reduces between them), on CPU the fused C kernel in the same three phases. FSDP1 parameters are refused. See :mod:`lightning_lopt.optim.sharding` and
 ``docs/sharding.md``.
 
 **State.** Per-tensor accumulators live in ``self.state[p]``; the global state (iteration counter,

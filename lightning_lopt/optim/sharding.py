@@ -10,8 +10,10 @@ reduced over axis 0 are ``Replicate``), so ``state_dict()`` works with
 ``torch.distributed.checkpoint``. On CUDA (compute capability ≥ 8.0, Triton installed, ``fused``
 not ``False``, float32 compute) the local blocks run the Triton kernels of
 :mod:`lightning_lopt.optim.gpu` in three phases with the same two all-reduces between them
-(:func:`lightning_lopt.optim.gpu.step.sharded_step_in_place`); elsewhere the pure core. The fused
-CPU kernel does not run on sharded parameters.
+(:func:`lightning_lopt.optim.gpu.step.sharded_step_in_place`). On CPU (float32 compute, ``fused``
+not ``False``, every parameter ``Shard(0)``, the kernel built) they run the fused C kernel in the
+same three phases (:func:`lightning_lopt.optim.fused.driver.sharded_step_in_place`); elsewhere the
+pure core.
 
 Supported: ``LO``, ``MuLO`` and ``Celo``; a 1-D device mesh with ``Shard(0)`` or ``Replicate``
 placements (what ``fully_shard`` makes), uneven and empty local shards, float32 state. FSDP1
@@ -147,11 +149,29 @@ def _runs_gpu_phases(opt: LearnedOptimizer, module: LearnedOptimizerModule, devi
     return runs and architecture_supported(module)
 
 
-def _check_fused(opt: LearnedOptimizer, module: LearnedOptimizerModule, device: torch.device) -> None:
-    if opt.fused and not _runs_gpu_phases(opt, module, device):
+def _runs_cpu_phases(
+    opt: LearnedOptimizer, module: LearnedOptimizerModule, device: torch.device, specs: list[core.ShardSpec]
+) -> bool:
+    """Whether the local blocks on ``device`` take the fused CPU kernel's phases (else the pure core).
+    Replicated parameters are left to the pure core: the kernel would count their statistics once per rank."""
+    from lightning_lopt.optim import fused
+    from lightning_lopt.optim.fused import driver
+
+    if opt.fused is False or opt.compute_dtype != torch.float32 or device.type != "cpu":
+        return False
+    if not (driver.architecture_supported(module) and all(spec.split and spec.shape[0] > 0 for spec in specs)):
+        return False
+    return fused.kernel() is not None
+
+
+def _check_fused(
+    opt: LearnedOptimizer, module: LearnedOptimizerModule, device: torch.device, specs: list[core.ShardSpec]
+) -> None:
+    if opt.fused and not (_runs_gpu_phases(opt, module, device) or _runs_cpu_phases(opt, module, device, specs)):
         raise NotImplementedError(
-            f"{type(opt).__name__}(fused=True): on sharded (DTensor) parameters only the GPU step runs fused "
-            "(CUDA with compute capability ≥ 8.0 and Triton); the fused CPU kernel does not"
+            f"{type(opt).__name__}(fused=True): on sharded (DTensor) parameters the step runs fused on CUDA "
+            "(compute capability ≥ 8.0 and Triton) or on CPU in float32 with every parameter Shard(0) and the "
+            "fused kernel built; not here"
         )
 
 
@@ -171,8 +191,8 @@ def init_state(opt: LearnedOptimizer, params: list[Tensor]) -> None:
     """
     module = opt.meta_weights
     _check(opt, module)
-    _check_fused(opt, module, _local(params[0]).device)
     specs, meshes = _specs(params, type(opt).__name__)
+    _check_fused(opt, module, _local(params[0]).device, specs)
     dtype = opt.compute_dtype
     global_state = _global_state(opt, params)
     if global_state is None:
@@ -212,6 +232,8 @@ def sharded_step(
     reduce = _all_reduce(mesh.get_group())
     if _runs_gpu_phases(opt, module, device):
         new_state = _gpu_phases_step(opt, module, local_params, grads, state, ctx, groups, specs, reduce)
+    elif _runs_cpu_phases(opt, module, device, specs):
+        new_state = _cpu_phases_step(opt, module, local_params, grads, state, ctx, groups, specs, reduce)
     else:
         core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
         work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
@@ -247,6 +269,30 @@ def _gpu_phases_step(
     from lightning_lopt.optim.gpu.step import sharded_step_in_place
 
     fn = functools.partial(sharded_step_in_place, shards=specs, reduce=reduce, numerics=opt.gpu_numerics)
+    weight_decays = [group["lr"] * group["weight_decay"] for group in groups]
+    return fast_steps.run_in_place(
+        fn, module, local_params, grads, state, ctx, weight_decays, opt._step_options(), float32_only=True
+    )
+
+
+def _cpu_phases_step(
+    opt: LearnedOptimizer,
+    module: LearnedOptimizerModule,
+    local_params: list[Tensor],
+    grads: list[Tensor],
+    state: dict[str, Any],
+    ctx: StepContext,
+    groups: list[dict[str, Any]],
+    specs: list[core.ShardSpec],
+    reduce: core.Reduce,
+) -> dict[str, Any]:
+    """The fused CPU kernel's phases on the local blocks, in place; returns the new state."""
+    from lightning_lopt.optim import fast_steps, fused
+    from lightning_lopt.optim.fused import driver
+
+    fn = functools.partial(
+        driver.sharded_step_in_place, fused.kernel(), whole_shapes=[spec.shape for spec in specs], reduce=reduce
+    )
     weight_decays = [group["lr"] * group["weight_decay"] for group in groups]
     return fast_steps.run_in_place(
         fn, module, local_params, grads, state, ctx, weight_decays, opt._step_options(), float32_only=True

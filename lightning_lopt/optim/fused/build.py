@@ -56,7 +56,8 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class Kernel:
-    """A loaded kernel library: ``lopt_step``, ``lopt_workspace_bytes``, and its ISA."""
+    """A loaded kernel library: ``lopt_step``, ``lopt_step_phase``, ``lopt_workspace_bytes``,
+    ``lopt_exchange_length``, and its ISA."""
 
     lib: ctypes.CDLL
     isa: str
@@ -141,6 +142,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lopt_workspace_bytes.restype = ctypes.c_int64
     lib.lopt_vector_width.argtypes = []
     lib.lopt_vector_width.restype = ctypes.c_int32
+    lib.lopt_step_phase.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.lopt_step_phase.restype = ctypes.c_int32
+    lib.lopt_exchange_length.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.lopt_exchange_length.restype = ctypes.c_int64
 
 
 _LOADED: dict[str, Kernel] = {}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +208,22 @@ def _view(shape: tuple[int, ...], layout: str) -> list[int]:
     return [n, 1, *view, int(dims[1] == a)]
 
 
+def _block_view(whole: tuple[int, ...], rows: int, layout: str, fields: list[int]) -> list[int]:
+    """The descriptor of a block of ``rows`` rows of axis 0 of a tensor of work shape ``whole``: the
+    whole tensor's factored axes and 5-D view with axis 0 cut to the block (it lies in ``pre``, or is
+    ``A``), the given ``fields`` (``T_P_IN`` … ``T_GZ``), then ``T_N_TOTAL``, ``T_A_TOTAL``, ``T_SPLIT_A``."""
+    view = _view(whole, layout)
+    n_total, a_total = view[0], view[3]
+    view[0] = n_total // whole[0] * rows
+    split_a = 0
+    if view[1]:
+        if min(factored_dims(whole, layout)) == 0:  # axis a is axis 0 (pre == 1)
+            view[3], split_a = rows, 1
+        else:
+            view[2] = view[2] // whole[0] * rows
+    return [*view, *fields, n_total, a_total, split_a]
+
+
 @dataclass
 class _Job:
     """One tensor of the step (all particles): its work shape and the buffers the kernel reads and writes."""
@@ -223,9 +239,11 @@ class _Job:
     weight_decay: float
     index: int  # position in the step's tensor list (keys the stochastic rounding of bf16 state)
     view: tuple[int, int, int] | None = None  # Celo2: normalisation_view; else one slice
+    #: The whole tensor's work shape when ``shape`` is this rank's block of rows of axis 0 (sharded step).
+    whole_shape: tuple[int, ...] | None = None
 
     def descriptor(self) -> list[int]:
-        """The int64 fields of kernel.c's tensor descriptor (``T_N`` … ``T_GZ``)."""
+        """The int64 fields of kernel.c's tensor descriptor (``T_N`` … ``T_SPLIT_A``)."""
         if "v" in self.acc_in:
             v = [self.acc_in["v"], self.acc_out["v"]]
             ptrs = [t.data_ptr() for t in v] + [0, 0]
@@ -234,7 +252,12 @@ class _Job:
             ptrs = [t.data_ptr() for t in v]
         tensors = [self.p_in, self.p_out, self.g, self.acc_in["m"], self.acc_out["m"], self.acc_in["rms"], self.acc_out["rms"]]
         view = self.view or (1, math.prod(self.shape), 1)
-        return [*_view(self.shape, self.layout), *(t.data_ptr() for t in tensors), *ptrs, self.index, *view]
+        pointers = [*(t.data_ptr() for t in tensors), *ptrs, self.index, *view]
+        if self.whole_shape is None:
+            shape_view = _view(self.shape, self.layout)  # one process: the whole-tensor counts are the block's
+            return [*shape_view, *pointers, shape_view[0], shape_view[3], 0]
+        return _block_view(self.whole_shape, self.shape[0], self.layout, pointers)
+
 
 
 def is_plain_dense(t: object) -> bool:
@@ -254,7 +277,7 @@ def _check_job(job: _Job, n_particles: int) -> None:
     interpreter rather than fail)."""
     n = n_particles * math.prod(job.shape)
     sizes = {"m": n * len(MOMENTUM_DECAYS), "rms": n * len(RMS_DECAYS)}
-    dims = factored_dims(job.shape, job.layout)
+    dims = factored_dims(job.shape if job.whole_shape is None else job.whole_shape, job.layout)
     if dims is None:
         sizes["v"] = n * len(ADAFACTOR_DECAYS)
     else:
@@ -353,10 +376,10 @@ def workspace_bytes(
         normalisation_view(work_shape(shape), module.layout) if isinstance(module, Celo2LOpt) else (1, math.prod(shape), 1)
         for shape in shapes
     ]
-    rows = [
-        [*_view(work_shape(shape), module.layout), *null_pointers, index, *view]
-        for index, (shape, view) in enumerate(zip(shapes, views))
-    ]
+    rows = []
+    for index, (shape, view) in enumerate(zip(shapes, views)):
+        shape_view = _view(work_shape(shape), module.layout)
+        rows.append([*shape_view, *null_pointers, index, *view, shape_view[0], shape_view[3], 0])
     descriptors = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
     scalars = np.zeros((len(rows), 2), dtype=np.float32)
     call = _call(module, None, descriptors, scalars, n_particles, state_bf16)
@@ -364,6 +387,18 @@ def workspace_bytes(
 
 
 # -- the two forms --------------------------------------------------------------------------------
+
+
+def _one_theta(module: LearnedOptimizerModule, state: State, ctx: StepContext) -> tuple[_Nets, State]:
+    """The kernel inputs of the optimizer's one θ, and the new global state (Celo: its scheduler's step)."""
+    theta = {k: v.detach() for k, v in module.state_dict().items()}
+    iteration = state["iteration"]
+    if isinstance(module, SmallFCLOpt):
+        nets = _small_fc_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, iteration.reshape(1))
+        return nets, {"iteration": iteration + 1}
+    eta, scheduler_state = celo.scheduler_step(theta, state, ctx)
+    nets = _celo_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, eta, iteration.reshape(1))
+    return nets, {"iteration": iteration + 1, **scheduler_state}
 
 
 def step_in_place(
@@ -381,20 +416,62 @@ def step_in_place(
     the pre-update ``p``). Returns the new global state (everything but ``"tensors"``).
     ``params`` and the state must be contiguous float32 (``m`` / ``rms`` may be bf16).
     """
-    theta = {k: v.detach() for k, v in module.state_dict().items()}
-    iteration = state["iteration"]
-    if isinstance(module, SmallFCLOpt):
-        nets = _small_fc_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, iteration.reshape(1))
-        new_global: State = {"iteration": iteration + 1}
-    else:
-        eta, scheduler_state = celo.scheduler_step(theta, state, ctx)
-        nets = _celo_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, eta, iteration.reshape(1))
-        new_global = {"iteration": iteration + 1, **scheduler_state}
+    nets, new_global = _one_theta(module, state, ctx)
     jobs = [
         _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index)
         for index, (p, g, acc, scale, wd) in enumerate(zip(params, grads, state["tensors"], ctx.scales, weight_decays))
     ]
     _launch(kernel, module, nets, jobs)
+    return new_global
+
+
+def sharded_step_in_place(
+    kernel: Kernel,
+    module: LearnedOptimizerModule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: State,
+    ctx: StepContext,
+    weight_decays: Sequence[float],
+    *,
+    whole_shapes: Sequence[tuple[int, ...]],
+    reduce: Callable[[Tensor], Tensor],
+) -> State:
+    """:func:`step_in_place` on this rank's blocks of rows of axis 0 (FSDP2's ``Shard(0)``) of
+    tensors of work shapes ``whole_shapes``: the kernel's phases 1, 2, 3 with ``reduce`` (a sum
+    over the ranks, as :data:`lightning_lopt.optim.functional.sharded.Reduce`) of the statistics
+    between them, float64. Every rank passes the same tensors (empty blocks included) in the same
+    order, and the same ``ctx.loss``; the step then equals one process's on the whole tensors.
+
+    Example::
+
+        reduce = lambda flat: (dist.all_reduce(flat), flat)[1]
+        new_global = sharded_step_in_place(kernel, lopt, blocks, grads, state, ctx, [0.0] * n,
+                                           whole_shapes=[spec.shape for spec in specs], reduce=reduce)
+    """
+    nets, new_global = _one_theta(module, state, ctx)
+    jobs = [
+        _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index, whole_shape=tuple(whole))
+        for index, (p, g, acc, scale, wd, whole) in enumerate(
+            zip(params, grads, state["tensors"], ctx.scales, weight_decays, whole_shapes)
+        )
+    ]
+    for job in jobs:
+        _check_job(job, 1)
+    descriptors = np.asarray([job.descriptor() for job in jobs], dtype=np.int64)
+    scalars = np.asarray([[job.scale, job.weight_decay] for job in jobs], dtype=np.float32)
+    call = _call(module, nets, descriptors, scalars, 1, _state_is_bf16(jobs))
+    workspace = torch.empty(int(kernel.lib.lopt_workspace_bytes(ctypes.byref(call))) + 64, dtype=torch.uint8)
+    ws = workspace.data_ptr() + (-workspace.data_ptr()) % 64  # the kernel's 64-byte alignment
+    reduced = torch.empty(0, dtype=torch.float64)
+    for phase in (1, 2, 3):
+        length = int(kernel.lib.lopt_exchange_length(ctypes.byref(call), phase)) if phase < 3 else 0
+        out = torch.zeros(length, dtype=torch.float64)
+        status = kernel.lib.lopt_step_phase(ctypes.byref(call), phase, ws, reduced.data_ptr(), out.data_ptr())
+        if status != 0:
+            raise RuntimeError(f"the fused sharded step failed in phase {phase} (status {status})")
+        if phase < 3:
+            reduced = reduce(out).contiguous() if length else out
     return new_global
 
 

@@ -123,6 +123,10 @@ enum {
     T_VROW_IN, T_VROW_OUT, T_VCOL_IN, T_VCOL_OUT,
     T_INDEX, /* position in the step's tensor list: keys the stochastic rounding of bf16 state */
     T_GX, T_GY, T_GZ, /* Celo2: the normalisation view (slices (x, z), mean over y); else 1, n, 1 */
+    /* Sharded steps (phases 1-3): the tensor's rank's block of rows of axis 0. */
+    T_N_TOTAL,   /* elements of the whole tensor (= T_N for one process) */
+    T_A_TOTAL,   /* axis a of the whole tensor (= T_A unless axis a is the split axis 0) */
+    T_SPLIT_A,   /* 1 if axis a is the split axis 0 (pre == 1): table a is then replicated */
     T_COUNT
 };
 
@@ -156,6 +160,9 @@ typedef struct {
     float *vrow_out, *vcol_out;
     float scale, wd;
     uint32_t key;
+    double n_total, a_total;          /* whole-tensor counts (phases 1-3 of a sharded step) */
+    int split_a;
+    int64_t x1_off, x2_off;           /* offsets of the job's slots in the exchanged sums */
     red_t ra, rb;                     /* reductions over axis a and axis b */
     float *tab_a, *tab_b;             /* [NQ][na], [NQ][nb] */
     double *rbar;                     /* [nbatch][3] */
@@ -176,6 +183,7 @@ typedef struct {
     const lopt_call *c;
     int F, H, NE;   /* MLP inputs, hidden width, per-element inputs (X rows before the broadcast ones) */
     int64_t n_jobs, n_red_units, n_elem_units, n_stat_units;
+    int64_t n_x1, n_x2;   /* lengths of the sums a sharded step exchanges after phases 1 and 2 */
     job_t *jobs;
     int64_t *red_start;   /* [n_jobs + 1] prefix of reduction units */
     int64_t *elem_start;  /* [n_jobs + 1] prefix of element units (APPLY) */
@@ -251,6 +259,10 @@ static inline float from_bf16(uint16_t h) { return as_float((uint32_t)h << 16); 
 
 static void red_plan(red_t *r, int64_t X, int64_t Y, int64_t Z) {
     r->X = X; r->Y = Y; r->Z = Z;
+    if (X * Y * Z == 0) { /* an empty local block of a sharded tensor: no units, no partials */
+        r->zs = r->nzs = r->xc = r->nxc = r->yc = r->nyc = r->n_units = 0;
+        return;
+    }
     r->zs = imin(Z, ZSTRIPE);
     r->nzs = cdiv(Z, r->zs);
     if (Y * r->zs <= CHUNK) {
@@ -326,6 +338,26 @@ static inline int64_t batch_index(const job_t *J, int64_t e) {
     return (ipre * J->mid + imid) * J->post + ipost;
 }
 
+/* Rows 3..8 of the tables from their new v (rows 0..2) and r̄: rsqrt(v + 1e-8) and the factors. */
+static void table_factors(const job_t *J, float *trow, float *tcol, int64_t nrow, int64_t ncol) {
+    for (int64_t e = 0; e < nrow; e++) {
+        const int64_t bi = batch_index(J, e);
+        for (int j = 0; j < 3; j++) {
+            const float v = trow[j * nrow + e];
+            const float ratio = v / ((float)J->rbar[3 * bi + j] + 1e-9f);
+            trow[(3 + j) * nrow + e] = rsqrt_exact(v + 1e-8f);
+            trow[(6 + j) * nrow + e] = rsqrt_exact(ratio > 1e-9f ? ratio : 1e-9f);
+        }
+    }
+    for (int64_t e = 0; e < ncol; e++) {
+        for (int j = 0; j < 3; j++) {
+            const float v = tcol[j * ncol + e];
+            tcol[(3 + j) * ncol + e] = rsqrt_exact(v + 1e-8f);
+            tcol[(6 + j) * ncol + e] = rsqrt_exact(v > 1e-9f ? v : 1e-9f);
+        }
+    }
+}
+
 /* The slice of entry e of table a (table_a) or b of a grouped, projected job: its factored axes are
  * its matrix axes (mid == 1, slices (pre, post)). */
 static inline int64_t entry_slice(const job_t *J, int64_t e, int table_a) {
@@ -374,23 +406,7 @@ static void table_job(const plan_t *pl, job_t *J) {
         for (int j = 0; j < 3; j++) J->rbar[3 * bi + j] += trow[j * nrow + e];
     }
     for (int64_t q = 0; q < nbatch * 3; q++) J->rbar[q] = (float)(J->rbar[q] / (double)span);
-    /* rsqrt(v + 1e-8) and the factors. */
-    for (int64_t e = 0; e < nrow; e++) {
-        const int64_t bi = batch_index(J, e);
-        for (int j = 0; j < 3; j++) {
-            const float v = trow[j * nrow + e];
-            const float ratio = v / ((float)J->rbar[3 * bi + j] + 1e-9f);
-            trow[(3 + j) * nrow + e] = rsqrt_exact(v + 1e-8f);
-            trow[(6 + j) * nrow + e] = rsqrt_exact(ratio > 1e-9f ? ratio : 1e-9f);
-        }
-    }
-    for (int64_t e = 0; e < ncol; e++) {
-        for (int j = 0; j < 3; j++) {
-            const float v = tcol[j * ncol + e];
-            tcol[(3 + j) * ncol + e] = rsqrt_exact(v + 1e-8f);
-            tcol[(6 + j) * ncol + e] = rsqrt_exact(v > 1e-9f ? v : 1e-9f);
-        }
-    }
+    table_factors(J, trow, tcol, nrow, ncol);
     /* Every entry is broadcast to the same number of elements, so the mean over elements of a
      * broadcast channel squared is its mean over entries. Order: X rows ada+3 .. ada+14. */
     for (int j = 0; j < 3; j++) {
@@ -819,11 +835,11 @@ static void project(const plan_t *pl, const job_t *J, const float *t, int64_t nt
     }
 }
 
-static void finalize_job(const plan_t *pl, job_t *J) {
+/* FIN from the mean squares of the F inputs (X row order; grouped jobs use their per-slice sums). */
+static void finalize_from_means(const plan_t *pl, job_t *J, const double *mean) {
     const int F = pl->F, H = pl->H, ada = pl->NE - 3, tb0 = pl->NE;
     /* The second-moment normaliser's eps: 1e-5 (small_fc, Celo) or 1e-9 (Celo2). */
     const float eps = pl->c->rule == RULE_CELO2 ? 1e-9f : 1e-5f;
-    double mean[MAX_F] = {0};
     float inv[MAX_F];
     if (J->grouped) {
         /* Per slice: the factors multiply the inputs in APPLY; the first layer stays as it is. */
@@ -834,11 +850,6 @@ static void finalize_job(const plan_t *pl, job_t *J) {
             }
         for (int f = 0; f < F; f++) inv[f] = 1.0f;
     } else {
-        for (int64_t u = 0; u < J->n_units; u++)
-            for (int f = 0; f < F; f++) mean[f] += J->sums[u * F + f];
-        for (int f = 0; f < F; f++) mean[f] /= (double)J->n;
-        if (J->factored)
-            for (int q = 0; q < 12; q++) mean[tb0 + q] = J->tmean[q];
         for (int f = 0; f < F; f++) inv[f] = rsqrt_exact(eps + (float)mean[f]);
     }
     const float *w0 = pl->c->w0 + (int64_t)J->particle * H * F;
@@ -852,6 +863,19 @@ static void finalize_job(const plan_t *pl, job_t *J) {
         project(pl, J, J->tab_a, J->na, tb0 + ra, tb0 + 6 + ra, 0, J->na, J->pa, J->na);
         if (J->post > 1) project(pl, J, J->tab_b, J->nb, tb0 + rb, tb0 + 6 + rb, 0, J->nb, J->pb, J->nb);
     }
+}
+
+static void finalize_job(const plan_t *pl, job_t *J) {
+    const int F = pl->F, tb0 = pl->NE;
+    double mean[MAX_F] = {0}; /* stays 0 for grouped jobs (Celo2: no pscale) */
+    if (!J->grouped) {
+        for (int64_t u = 0; u < J->n_units; u++)
+            for (int f = 0; f < F; f++) mean[f] += J->sums[u * F + f];
+        for (int f = 0; f < F; f++) mean[f] /= (double)J->n;
+        if (J->factored)
+            for (int q = 0; q < 12; q++) mean[tb0 + q] = J->tmean[q];
+    }
+    finalize_from_means(pl, J, mean);
 }
 
 /* Write p, m, rms (and v of vectors) of the block's first cnt elements; inlined with cnt = E in the
@@ -1001,6 +1025,126 @@ static void apply_unit(const plan_t *pl, job_t *J, int64_t lu) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * The phases of a sharded step (docs/sharding.md): each rank holds a block of rows of axis 0 of
+ * every tensor and calls lopt_step_phase with phases 1, 2, 3, summing the exported sums over the
+ * ranks between them.
+ *   1  RED; the tables that need no other rank (table b, and table a unless axis a is the split
+ *      axis) into the workspace, the state untouched; round 1: for split_a, table a's sums of G
+ *      over the rank's rows, and if d1 is axis a, the sums of the new v_row per batch index (r̄).
+ *   2  table a from round 1, r̄, the factors, v_row / v_col written once; STATS; round 2: per job
+ *      the sums over the rank's elements of the F squared inputs. A replicated table (split_a's
+ *      table a) is the same on every rank, so each rank counts its entries only for its own
+ *      elements (n / entries per entry) and the sum over the ranks is the whole tensor's.
+ *   3  FIN from round 2 and the whole tensor's count, APPLY.
+ * An empty local block (A = 0 rows) still updates its replicated table a.
+ * ------------------------------------------------------------------------------------------- */
+
+static void adafactor_decays(const plan_t *pl, const job_t *J, float fd[3]) {
+    const float *d = pl->c->decays + 7 * J->particle;
+    for (int j = 0; j < 3; j++) fd[j] = d[4 + j] < 0.0f ? 0.0f : (d[4 + j] > 1.0f ? 1.0f : d[4 + j]);
+}
+
+static void shard_tables_local(const plan_t *pl, job_t *J, double *out) {
+    float fd[3];
+    adafactor_decays(pl, J, fd);
+    const int64_t mid = J->mid, B = J->B, post = J->post;
+    const float *vin_a = J->d0_is_a ? J->vrow_in : J->vcol_in, *vin_b = J->d0_is_a ? J->vcol_in : J->vrow_in;
+    for (int64_t e = 0; e < J->nb; e++) {
+        const float mean = red_mean(&J->rb, e / post, e % post);
+        for (int j = 0; j < 3; j++) J->tab_b[j * J->nb + e] = fd[j] * vin_b[3 * e + j] + (1.0f - fd[j]) * mean;
+    }
+    if (!J->split_a) {
+        for (int64_t e = 0; e < J->na; e++) {
+            const float mean = red_mean(&J->ra, e / (mid * B * post), e % (mid * B * post));
+            for (int j = 0; j < 3; j++) J->tab_a[j * J->na + e] = fd[j] * vin_a[3 * e + j] + (1.0f - fd[j]) * mean;
+        }
+        return;
+    }
+    double *o = out + J->x1_off; /* pre == 1: the reduction ra is [1][nyc][na] */
+    for (int64_t z = 0; z < J->na; z++) {
+        double s = 0.0;
+        for (int64_t ci = 0; ci < J->ra.nyc; ci++) s += J->ra.part[ci * J->na + z];
+        o[z] = s;
+    }
+    if (!J->d0_is_a) { /* v_row is table b; r̄ averages it over axis a, the split axis */
+        double *r = o + J->na;
+        for (int64_t q = 0; q < 3 * J->nbatch; q++) r[q] = 0.0;
+        for (int64_t e = 0; e < J->nb; e++) {
+            const int64_t bi = batch_index(J, e);
+            for (int j = 0; j < 3; j++) r[3 * bi + j] += J->tab_b[j * J->nb + e];
+        }
+    }
+}
+
+static void shard_tables_reduced(const plan_t *pl, job_t *J, const double *reduced) {
+    const double *in = reduced + J->x1_off;
+    if (J->split_a) {
+        float fd[3];
+        adafactor_decays(pl, J, fd);
+        const float *vin_a = J->d0_is_a ? J->vrow_in : J->vcol_in;
+        for (int64_t e = 0; e < J->na; e++) {
+            const float mean = (float)(in[e] / J->a_total);
+            for (int j = 0; j < 3; j++) J->tab_a[j * J->na + e] = fd[j] * vin_a[3 * e + j] + (1.0f - fd[j]) * mean;
+        }
+    }
+    float *vout_a = J->d0_is_a ? J->vrow_out : J->vcol_out, *vout_b = J->d0_is_a ? J->vcol_out : J->vrow_out;
+    for (int64_t e = 0; e < J->na; e++)
+        for (int j = 0; j < 3; j++) vout_a[3 * e + j] = J->tab_a[j * J->na + e];
+    for (int64_t e = 0; e < J->nb; e++)
+        for (int j = 0; j < 3; j++) vout_b[3 * e + j] = J->tab_b[j * J->nb + e];
+    float *trow = J->d0_is_a ? J->tab_a : J->tab_b, *tcol = J->d0_is_a ? J->tab_b : J->tab_a;
+    const int64_t nrow = J->d0_is_a ? J->na : J->nb, ncol = J->d0_is_a ? J->nb : J->na;
+    if (J->split_a && !J->d0_is_a) {
+        for (int64_t q = 0; q < 3 * J->nbatch; q++) J->rbar[q] = (float)(in[J->na + q] / J->a_total);
+    } else { /* r̄ over d1, an axis the rank holds whole */
+        const double span = (double)(J->d0_is_a ? J->B : J->A);
+        for (int64_t q = 0; q < 3 * J->nbatch; q++) J->rbar[q] = 0.0;
+        for (int64_t e = 0; e < nrow; e++) {
+            const int64_t bi = batch_index(J, e);
+            for (int j = 0; j < 3; j++) J->rbar[3 * bi + j] += trow[j * nrow + e];
+        }
+        for (int64_t q = 0; q < 3 * J->nbatch; q++) J->rbar[q] = (float)(J->rbar[q] / span);
+    }
+    table_factors(J, trow, tcol, nrow, ncol);
+}
+
+/* Round 2: Σ over the rank's elements of each squared input; the broadcast channels' sums from the
+ * tables, each entry counted once per element of the rank it is broadcast to. */
+static void shard_export_sums(const plan_t *pl, const job_t *J, double *out) {
+    const int F = pl->F, rows = J->factored ? F - 12 : F, tb0 = pl->NE;
+    double *o = out + J->x2_off;
+    for (int f = 0; f < F; f++) o[f] = 0.0;
+    for (int64_t u = 0; u < J->n_units; u++)
+        for (int f = 0; f < rows; f++) o[f] += J->sums[u * F + f];
+    if (!J->factored || J->n == 0) return;
+    const float *trow = J->d0_is_a ? J->tab_a : J->tab_b, *tcol = J->d0_is_a ? J->tab_b : J->tab_a;
+    const int64_t nrow = J->d0_is_a ? J->na : J->nb, ncol = J->d0_is_a ? J->nb : J->na;
+    const double per_row = (double)J->n / (double)nrow, per_col = (double)J->n / (double)ncol;
+    for (int j = 0; j < 3; j++) {
+        double sv_r = 0.0, sv_c = 0.0, sr_r = 0.0, sr_c = 0.0;
+        for (int64_t e = 0; e < nrow; e++) {
+            const double v = trow[j * nrow + e], r = trow[(3 + j) * nrow + e];
+            sv_r += v * v; sr_r += r * r;
+        }
+        for (int64_t e = 0; e < ncol; e++) {
+            const double v = tcol[j * ncol + e], r = tcol[(3 + j) * ncol + e];
+            sv_c += v * v; sr_c += r * r;
+        }
+        o[tb0 + j] = sv_r * per_row;
+        o[tb0 + 3 + j] = sv_c * per_col;
+        o[tb0 + 6 + j] = sr_r * per_row;
+        o[tb0 + 9 + j] = sr_c * per_col;
+    }
+}
+
+static void shard_finalize(const plan_t *pl, job_t *J, const double *reduced) {
+    if (J->n == 0) return; /* nothing to apply */
+    double mean[MAX_F];
+    for (int f = 0; f < pl->F; f++) mean[f] = reduced[J->x2_off + f] / J->n_total;
+    finalize_from_means(pl, J, mean);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Planning and the entry points.
  * ------------------------------------------------------------------------------------------- */
 
@@ -1033,7 +1177,7 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
     TAKE(pl->elem_start, int64_t, nj + 1);
     TAKE(pl->stat_start, int64_t, nj + 1);
     job_t scratch;
-    int64_t red_units = 0, elem_units = 0, stat_units = 0;
+    int64_t red_units = 0, elem_units = 0, stat_units = 0, x1 = 0, x2 = 0;
     int status = 0;
     const size_t esz = c->state_bf16 ? 2 : 4;
     for (int64_t j = 0; j < nj; j++) {
@@ -1050,8 +1194,12 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
         J->wd = c->tscale[2 * t + 1];
         J->key = c->seed ? mix32(c->seed[pi] * 0x2c1b3c6dU + (uint32_t)d[T_INDEX]) : 0; /* no seeds: sizing */
         const int64_t n = J->n;
-        J->na = J->factored ? n / J->A : 0;
-        J->nb = J->factored ? n / J->B : 0;
+        /* Products rather than n / A: a sharded tensor's local block may have A = 0 rows. */
+        J->na = J->factored ? J->pre * J->mid * J->B * J->post : 0;
+        J->nb = J->factored ? J->pre * J->A * J->mid * J->post : 0;
+        J->n_total = (double)d[T_N_TOTAL];
+        J->a_total = (double)d[T_A_TOTAL];
+        J->split_a = J->factored && d[T_SPLIT_A];
         J->nbatch = J->pre * J->mid * J->post;
         J->L = J->factored ? (J->post > 1 ? J->post : J->B) : n;
         const int64_t nrow = J->d0_is_a ? J->na : J->nb, ncol = J->d0_is_a ? J->nb : J->na;
@@ -1069,7 +1217,8 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
         J->vcol_out = J->factored ? (float *)(intptr_t)d[T_VCOL_OUT] + pi * 3 * ncol : NULL;
         J->n_units = cdiv(n, CHUNK);
         J->gx = d[T_GX]; J->gy = d[T_GY]; J->gz = d[T_GZ];
-        if (J->gx < 1 || J->gy < 1 || J->gz < 1 || J->gx * J->gy * J->gz != n) {
+        /* gy = 0 only for the empty local block of a sharded tensor. */
+        if (J->gx < 1 || J->gy < (n > 0) || J->gz < 1 || J->gx * J->gy * J->gz != n) {
             status = -2; /* an inconsistent descriptor: treat the job as one slice and refuse the call */
             J->gx = J->gz = 1; J->gy = n;
         }
@@ -1108,7 +1257,13 @@ static int plan_build(plan_t *pl, const lopt_call *c, char *ws) {
         red_units += J->factored ? J->ra.n_units + J->rb.n_units : 0;
         elem_units += J->n_units;
         stat_units += J->n_sunits;
+        J->x1_off = x1;
+        J->x2_off = x2;
+        x1 += J->split_a ? J->na + (J->d0_is_a ? 0 : 3 * J->nbatch) : 0;
+        x2 += F;
     }
+    pl->n_x1 = x1;
+    pl->n_x2 = x2;
     if (ws) {
         pl->red_start[nj] = red_units;
         pl->elem_start[nj] = elem_units;
@@ -1142,6 +1297,86 @@ int64_t lopt_workspace_bytes(const lopt_call *c) {
 /* The vector width this library was compiled for (16: AVX-512, 8: AVX2 + FMA, 4: other). */
 int32_t lopt_vector_width(void) { return VL; }
 
+/* Run the RED units. */
+#define RUN_RED(pl, clip)                                                                           \
+    _Pragma("omp for schedule(dynamic, 1)") for (int64_t u = 0; u < (pl).n_red_units; u++) {       \
+        job_t *J = &(pl).jobs[job_of((pl).red_start, (pl).n_jobs, u)];                              \
+        const int64_t lu = u - (pl).red_start[J - (pl).jobs];                                       \
+        if (lu < J->ra.n_units) red_unit(&J->ra, lu, J->g, clip);                                   \
+        else red_unit(&J->rb, lu - J->ra.n_units, J->g, clip);                                      \
+    }
+
+/* One step in phases (0: the whole step). ws: lopt_workspace_bytes of memory, 64-byte aligned, kept
+ * by the caller between the phases of one step (the tables, r̄ and the sums persist in it). Phase 1
+ * writes lopt_exchange_length(c, 1) sums to out; the caller sums them over the ranks and hands them
+ * to phase 2 as reduced; phase 2 writes lopt_exchange_length(c, 2) sums to out, reduced likewise for
+ * phase 3 (LO / Celo rules only). Returns 0, -2 for an invalid call (as lopt_step), -3 for an
+ * unknown phase. */
+int32_t lopt_step_phase(const lopt_call *c, int32_t phase, char *ws, const double *reduced, double *out) {
+    if (c->n_particles <= 0 || c->n_tensors <= 0) return 0;
+    if (c->rule != RULE_SMALL_FC && c->rule != RULE_CELO && c->rule != RULE_CELO2) return -2;
+    if (c->rule == RULE_SMALL_FC && (c->hidden <= 0 || c->hidden > MAX_H || c->hidden % OT_WIDE)) return -2;
+    if (phase < 0 || phase > 3 || (phase > 0 && c->rule == RULE_CELO2)) return -3;
+    plan_t pl;
+    if (plan_build(&pl, c, ws) != 0) return -2;
+    const int clip = c->rule != RULE_SMALL_FC; /* Celo and Celo2 clip g to ±1000 */
+    const int64_t nj = pl.n_jobs;
+#pragma omp parallel num_threads(c->n_threads > 0 ? c->n_threads : 1)
+    {
+        if (phase == 0) {
+            RUN_RED(pl, clip)
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < nj; j++)
+                if (pl.jobs[j].factored) table_job(&pl, &pl.jobs[j]);
+        }
+        if (phase == 1) {
+            RUN_RED(pl, clip)
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < nj; j++)
+                if (pl.jobs[j].factored) shard_tables_local(&pl, &pl.jobs[j], out);
+        }
+        if (phase == 2) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < nj; j++)
+                if (pl.jobs[j].factored) shard_tables_reduced(&pl, &pl.jobs[j], reduced);
+        }
+        if (phase == 0 || phase == 2) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < pl.n_stat_units; u++) {
+                job_t *J = &pl.jobs[job_of(pl.stat_start, nj, u)];
+                stats_unit(&pl, J, u - pl.stat_start[J - pl.jobs]);
+            }
+        }
+        if (phase == 2) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < nj; j++) shard_export_sums(&pl, &pl.jobs[j], out);
+        }
+        if (phase == 0) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < nj; j++) finalize_job(&pl, &pl.jobs[j]);
+        }
+        if (phase == 3) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t j = 0; j < nj; j++) shard_finalize(&pl, &pl.jobs[j], reduced);
+        }
+        if (phase == 0 || phase == 3) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < pl.n_elem_units; u++) {
+                job_t *J = &pl.jobs[job_of(pl.elem_start, nj, u)];
+                apply_unit(&pl, J, u - pl.elem_start[J - pl.jobs]);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Length of the sums a sharded step exchanges after phase 1 (round 1) or phase 2 (round 2). */
+int64_t lopt_exchange_length(const lopt_call *c, int32_t round) {
+    plan_t pl;
+    plan_build(&pl, c, NULL);
+    return round == 1 ? pl.n_x1 : pl.n_x2;
+}
+
 /* One fused step. Returns 0, -1 if the workspace could not be allocated, or -2 for an invalid call
  * (unknown rule, unsupported hidden size, inconsistent normalisation view), before writing anything. */
 int32_t lopt_step(const lopt_call *c) {
@@ -1152,34 +1387,7 @@ int32_t lopt_step(const lopt_call *c) {
     if (plan_build(&pl, c, NULL) != 0) return -2;
     char *ws = (char *)aligned_alloc(64, ALIGN_UP(pl.ws_bytes));
     if (!ws) return -1;
-    plan_build(&pl, c, ws);
-    const int clip = c->rule != RULE_SMALL_FC; /* Celo and Celo2 clip g to ±1000 */
-    const int64_t nj = pl.n_jobs;
-#pragma omp parallel num_threads(c->n_threads > 0 ? c->n_threads : 1)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < pl.n_red_units; u++) {
-            job_t *J = &pl.jobs[job_of(pl.red_start, nj, u)];
-            const int64_t lu = u - pl.red_start[J - pl.jobs];
-            if (lu < J->ra.n_units) red_unit(&J->ra, lu, J->g, clip);
-            else red_unit(&J->rb, lu - J->ra.n_units, J->g, clip);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < nj; j++)
-            if (pl.jobs[j].factored) table_job(&pl, &pl.jobs[j]);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < pl.n_stat_units; u++) {
-            job_t *J = &pl.jobs[job_of(pl.stat_start, nj, u)];
-            stats_unit(&pl, J, u - pl.stat_start[J - pl.jobs]);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < nj; j++) finalize_job(&pl, &pl.jobs[j]);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < pl.n_elem_units; u++) {
-            job_t *J = &pl.jobs[job_of(pl.elem_start, nj, u)];
-            apply_unit(&pl, J, u - pl.elem_start[J - pl.jobs]);
-        }
-    }
+    const int32_t status = lopt_step_phase(c, 0, ws, NULL, NULL);
     free(ws);
-    return 0;
+    return status;
 }
