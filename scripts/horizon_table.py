@@ -20,13 +20,6 @@ from pathlib import Path
 import numpy as np
 
 
-def label(identity: dict) -> str:
-    opt = identity["optimizer"]
-    name = opt["factory"] + ("-cosine" if opt.get("schedule") else "")
-    weights = str(opt.get("meta_weights") or "")
-    return f"{name} [{weights.split(' (')[0]}]" if weights else name
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the --out folder of `train.py evaluate` (it has runs.csv)")
@@ -41,15 +34,15 @@ def main() -> None:
                 losses = np.array([float(r["train_loss"]) for r in csv.DictReader(c) if r["train_loss"]])
             cap = result["cap"]
             at = [float(losses[s - 10 : s].mean()) if len(losses) >= s else cap for s in steps]
-            table[label(result["identity"])].append((result["identity"]["seed"], at, result["diverged_at"]))
+            table[run["optimizer"]].append((result["identity"]["seed"], at, result["diverged_at"]))
     print("| optimizer | " + " | ".join(f"loss at {s} (mean ± s.e.m.)" for s in steps) + " | diverged at |")
     print("|---|" + "---:|" * (len(steps) + 1))
     for name, rows in table.items():
-        rows = sorted(set((seed, tuple(at), div) for seed, at, div in rows))
+        rows = sorted({(seed, tuple(at), div) for seed, at, div in rows})
         values = np.array([at for _, at, _ in rows])
         cells = [f"{m:.4g} ± {s:.2g}" for m, s in zip(values.mean(0), values.std(0, ddof=1) / np.sqrt(len(rows)))]
         div = ", ".join(str(d) for _, _, d in rows if d is not None) or "none"
-        print(f"| {name} | " + " | ".join(cells) + f" | {div} ({len(rows)} seeds) |")
+        print(f"| `{name}` | " + " | ".join(cells) + f" | {div} ({len(rows)} seeds) |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from lightning_lopt.eval.optimizers import Setting, parse_optimizer
 from lightning_lopt.eval.runner import RunSpec, train
