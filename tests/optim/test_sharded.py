@@ -307,8 +307,9 @@ def _run_cpu_phases_script(tmp_path, world: int, skip_round: int) -> list[dict]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_through_the_fused_cpu_phases_equals_one_process(tmp_path, world):
     """The default CPU dispatch on Shard(0) parameters: kernel.c's phases 1-3 with two all-reduces
-    per step; LO, MuLO and Celo with uneven and empty shards equal the unsharded pure step over 5
-    steps (one process's fused step is itself within 6e-7 of the pure one for MuLO here)."""
+    per step; LO, MuLO and Celo with uneven and empty shards equal one process's fused step to 1e-6
+    over 5 steps, and the pure step to the kernel's 1e-5 (one process's fused step is itself about
+    5e-7 from the pure one for MuLO here, too close to 1e-6 to hold on every CPU)."""
     pytest.importorskip("lightning_lopt.optim.fused").kernel() or pytest.skip("no fused CPU kernel")
     ranks = _run_cpu_phases_script(tmp_path, world, skip_round=0)
     rows = [rank["LO"]["local_rows"] for rank in ranks]
@@ -319,7 +320,8 @@ def test_fsdp2_through_the_fused_cpu_phases_equals_one_process(tmp_path, world):
             assert item["phase_steps"] == 5, (name, item)  # the kernel's phases ran, not the pure core
             assert item["reduce_calls"] == [2] * 5, (name, item)  # two batched all-reduces per step
             assert item["moved"] > 1e-3, (name, item)
-            assert item["error"] <= 1e-6, (name, item)
+            assert item["error_vs_fused"] <= 1e-6, (name, item)  # the unsharded fused step
+            assert item["error"] <= 1e-5, (name, item)  # the pure step: the kernel's own tolerance
             assert item["state_is_dtensor"], name
 
 
