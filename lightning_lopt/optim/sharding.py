@@ -31,13 +31,18 @@ Example::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lopt.optim.architectures import CeloLOpt, LearnedOptimizerModule, SmallFCLOpt
+from lightning_lopt.optim.architectures import (
+    CeloLOpt,
+    LearnedOptimizerModule,
+    SmallFCLOpt,
+)
 from lightning_lopt.optim.functional import StepContext
 from lightning_lopt.optim.functional import sharded as core
 from lightning_lopt.optim.functional.accumulators import work_shape
@@ -231,9 +236,9 @@ def sharded_step(
     state = {**global_state, "tensors": accumulators}
     reduce = _all_reduce(mesh.get_group())
     if _runs_gpu_phases(opt, module, device):
-        new_state = _gpu_phases_step(opt, module, local_params, grads, state, ctx, groups, specs, reduce)
+        new_state = _phases_step(opt, _gpu_phases(opt, specs, reduce), module, local_params, grads, state, ctx, groups)
     elif _runs_cpu_phases(opt, module, device, specs):
-        new_state = _cpu_phases_step(opt, module, local_params, grads, state, ctx, groups, specs, reduce)
+        new_state = _phases_step(opt, _cpu_phases(specs, reduce), module, local_params, grads, state, ctx, groups)
     else:
         core_step = core.small_fc_step if isinstance(module, SmallFCLOpt) else core.celo_step
         work = [p if p.dtype == dtype else p.to(dtype) for p in local_params]
@@ -252,47 +257,37 @@ def sharded_step(
         opt.state[p] = {**{k: _wrap(v, m, spec, shapes[k][1], shapes[k][0]) for k, v in acc.items()}, **new_global}
 
 
-def _gpu_phases_step(
-    opt: LearnedOptimizer,
-    module: LearnedOptimizerModule,
-    local_params: list[Tensor],
-    grads: list[Tensor],
-    state: dict[str, Any],
-    ctx: StepContext,
-    groups: list[dict[str, Any]],
-    specs: list[core.ShardSpec],
-    reduce: core.Reduce,
-) -> dict[str, Any]:
-    """The Triton phases on the local blocks, in place (non-float32 or non-contiguous blocks through
-    a float32 copy); returns the new state."""
-    from lightning_lopt.optim import fast_steps
+def _gpu_phases(opt: LearnedOptimizer, specs: list[core.ShardSpec], reduce: core.Reduce) -> Callable[..., Any]:
+    """The Triton phases as an in-place step over the local blocks (non-float32 or non-contiguous
+    blocks go through a float32 copy, as ``fast_steps.run_in_place`` does)."""
     from lightning_lopt.optim.gpu.step import sharded_step_in_place
 
-    fn = functools.partial(sharded_step_in_place, shards=specs, reduce=reduce, numerics=opt.gpu_numerics)
-    weight_decays = [group["lr"] * group["weight_decay"] for group in groups]
-    return fast_steps.run_in_place(
-        fn, module, local_params, grads, state, ctx, weight_decays, opt._step_options(), float32_only=True
+    return functools.partial(sharded_step_in_place, shards=specs, reduce=reduce, numerics=opt.gpu_numerics)
+
+
+def _cpu_phases(specs: list[core.ShardSpec], reduce: core.Reduce) -> Callable[..., Any]:
+    """The fused CPU kernel's phases as an in-place step over the local blocks."""
+    from lightning_lopt.optim import fused
+    from lightning_lopt.optim.fused import driver
+
+    return functools.partial(
+        driver.sharded_step_in_place, fused.kernel(), whole_shapes=[spec.shape for spec in specs], reduce=reduce
     )
 
 
-def _cpu_phases_step(
+def _phases_step(
     opt: LearnedOptimizer,
+    fn: Callable[..., Any],
     module: LearnedOptimizerModule,
     local_params: list[Tensor],
     grads: list[Tensor],
     state: dict[str, Any],
     ctx: StepContext,
     groups: list[dict[str, Any]],
-    specs: list[core.ShardSpec],
-    reduce: core.Reduce,
 ) -> dict[str, Any]:
-    """The fused CPU kernel's phases on the local blocks, in place; returns the new state."""
-    from lightning_lopt.optim import fast_steps, fused
-    from lightning_lopt.optim.fused import driver
+    """Run a kernel's phases (``fn``) on the local blocks, in place; returns the new state."""
+    from lightning_lopt.optim import fast_steps
 
-    fn = functools.partial(
-        driver.sharded_step_in_place, fused.kernel(), whole_shapes=[spec.shape for spec in specs], reduce=reduce
-    )
     weight_decays = [group["lr"] * group["weight_decay"] for group in groups]
     return fast_steps.run_in_place(
         fn, module, local_params, grads, state, ctx, weight_decays, opt._step_options(), float32_only=True
