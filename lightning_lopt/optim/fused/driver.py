@@ -109,6 +109,25 @@ def _seeds(iteration: Tensor) -> np.ndarray:
     return np.asarray([int(i) & 0xFFFFFFFF for i in iteration.reshape(-1).tolist()], dtype=np.uint32)
 
 
+def _nets(
+    theta: dict[str, Tensor], w0: Tensor, b0: Tensor, decays: Tensor, lr: Tensor, iteration: Tensor, exp_mult: float
+) -> _Nets:
+    """The kernel inputs: the first layer as given, θ's ``mlp.1`` and ``mlp.2`` as they are, every
+    tensor made contiguous (the kernel reads them as packed float32 rows)."""
+    return _Nets(
+        w0=w0.contiguous(),
+        b0=b0.contiguous(),
+        w1=theta["mlp.1.weight"].contiguous(),
+        b1=theta["mlp.1.bias"].contiguous(),
+        w2=theta["mlp.2.weight"].contiguous(),
+        b2=theta["mlp.2.bias"].contiguous(),
+        decays=decays.contiguous(),
+        lr=lr.contiguous(),
+        seeds=_seeds(iteration),
+        exp_mult=exp_mult,
+    )
+
+
 def _small_fc_nets(module: SmallFCLOpt, theta: dict[str, Tensor], iteration: Tensor) -> _Nets:
     """θ of P particles (leading axis) → kernel inputs; the time features become a bias (as the pure step)."""
     w0 = theta["mlp.0.weight"]
@@ -123,18 +142,8 @@ def _small_fc_nets(module: SmallFCLOpt, theta: dict[str, Tensor], iteration: Ten
         ],
         dim=-1,
     )
-    return _Nets(
-        w0=w0[..., :nf].contiguous(),
-        b0=b0.contiguous(),
-        w1=theta["mlp.1.weight"].contiguous(),
-        b1=theta["mlp.1.bias"].contiguous(),
-        w2=theta["mlp.2.weight"].contiguous(),
-        b2=theta["mlp.2.bias"].contiguous(),
-        decays=decays.contiguous(),
-        lr=torch.full((w0.shape[0],), module.step_mult, dtype=torch.float32),
-        seeds=_seeds(iteration),
-        exp_mult=module.exp_mult,
-    )
+    lr = torch.full((w0.shape[0],), module.step_mult, dtype=torch.float32)
+    return _nets(theta, w0[..., :nf], b0, decays, lr, iteration, module.exp_mult)
 
 
 def _celo_nets(module: CeloLOpt, theta: dict[str, Tensor], eta: Tensor, iteration: Tensor) -> _Nets:
@@ -143,37 +152,17 @@ def _celo_nets(module: CeloLOpt, theta: dict[str, Tensor], eta: Tensor, iteratio
     p = w0.shape[0]
     lr = eta.reshape(p) * celo.STEP_MULT if module.train_phase == 2 else torch.full((p,), celo.STEP_MULT)
     constant = torch.tensor([*MOMENTUM_DECAYS, *RMS_DECAYS, *ADAFACTOR_DECAYS], dtype=torch.float32)
-    return _Nets(
-        w0=w0.contiguous(),
-        b0=theta["mlp.0.bias"].contiguous(),
-        w1=theta["mlp.1.weight"].contiguous(),
-        b1=theta["mlp.1.bias"].contiguous(),
-        w2=theta["mlp.2.weight"].contiguous(),
-        b2=theta["mlp.2.bias"].contiguous(),
-        decays=constant.expand(p, -1).contiguous(),
-        lr=lr.to(torch.float32).contiguous(),
-        seeds=_seeds(iteration),
-        exp_mult=celo.EXP_MULT,
-    )
+    return _nets(theta, w0, theta["mlp.0.bias"], constant.expand(p, -1), lr.to(torch.float32), iteration, celo.EXP_MULT)
 
 
 def _celo2_nets(theta: dict[str, Tensor], iteration: Tensor) -> _Nets:
     """Celo2's θ of P particles (leading axis) → kernel inputs; its decays are constants, there is no
     learning rate or exp_mult in the kernel's part (the step is completed in torch)."""
     w0 = theta["mlp.0.weight"]
+    p = w0.shape[0]
     constant = torch.tensor([*celo2.MOMENTUM_DECAYS, *celo2.RMS_DECAYS, *celo2.ADAFACTOR_DECAYS], dtype=torch.float32)
-    return _Nets(
-        w0=w0.contiguous(),
-        b0=theta["mlp.0.bias"].contiguous(),
-        w1=theta["mlp.1.weight"].contiguous(),
-        b1=theta["mlp.1.bias"].contiguous(),
-        w2=theta["mlp.2.weight"].contiguous(),
-        b2=theta["mlp.2.bias"].contiguous(),
-        decays=constant.expand(w0.shape[0], -1).contiguous(),
-        lr=torch.zeros(w0.shape[0], dtype=torch.float32),
-        seeds=_seeds(iteration),
-        exp_mult=0.0,
-    )
+    lr = torch.zeros(p, dtype=torch.float32)
+    return _nets(theta, w0, theta["mlp.0.bias"], constant.expand(p, -1), lr, iteration, 0.0)
 
 
 # -- tensors --------------------------------------------------------------------------------------
@@ -392,13 +381,36 @@ def workspace_bytes(
 def _one_theta(module: LearnedOptimizerModule, state: State, ctx: StepContext) -> tuple[_Nets, State]:
     """The kernel inputs of the optimizer's one θ, and the new global state (Celo: its scheduler's step)."""
     theta = {k: v.detach() for k, v in module.state_dict().items()}
+    one_particle = {k: v.unsqueeze(0) for k, v in theta.items()}
     iteration = state["iteration"]
     if isinstance(module, SmallFCLOpt):
-        nets = _small_fc_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, iteration.reshape(1))
-        return nets, {"iteration": iteration + 1}
+        return _small_fc_nets(module, one_particle, iteration.reshape(1)), {"iteration": iteration + 1}
     eta, scheduler_state = celo.scheduler_step(theta, state, ctx)
-    nets = _celo_nets(module, {k: v.unsqueeze(0) for k, v in theta.items()}, eta, iteration.reshape(1))
+    nets = _celo_nets(module, one_particle, eta, iteration.reshape(1))
     return nets, {"iteration": iteration + 1, **scheduler_state}
+
+
+def _in_place_jobs(
+    module: LearnedOptimizerModule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: State,
+    ctx: StepContext,
+    weight_decays: Sequence[float],
+    whole_shapes: Sequence[tuple[int, ...]] | None = None,
+) -> list[_Job]:
+    """One optimizer's jobs, writing ``params`` and ``state["tensors"]`` in place; ``whole_shapes``
+    (the sharded step) are the work shapes of the tensors whose blocks ``params`` are."""
+    wholes = [None] * len(params) if whole_shapes is None else [tuple(whole) for whole in whole_shapes]
+    return [
+        _Job(
+            work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index,
+            whole_shape=whole,
+        )
+        for index, (p, g, acc, scale, wd, whole) in enumerate(
+            zip(params, grads, state["tensors"], ctx.scales, weight_decays, wholes)
+        )
+    ]
 
 
 def step_in_place(
@@ -417,11 +429,7 @@ def step_in_place(
     ``params`` and the state must be contiguous float32 (``m`` / ``rms`` may be bf16).
     """
     nets, new_global = _one_theta(module, state, ctx)
-    jobs = [
-        _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index)
-        for index, (p, g, acc, scale, wd) in enumerate(zip(params, grads, state["tensors"], ctx.scales, weight_decays))
-    ]
-    _launch(kernel, module, nets, jobs)
+    _launch(kernel, module, nets, _in_place_jobs(module, params, grads, state, ctx, weight_decays))
     return new_global
 
 
@@ -450,12 +458,7 @@ def sharded_step_in_place(
                                            whole_shapes=[spec.shape for spec in specs], reduce=reduce)
     """
     nets, new_global = _one_theta(module, state, ctx)
-    jobs = [
-        _Job(work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index, whole_shape=tuple(whole))
-        for index, (p, g, acc, scale, wd, whole) in enumerate(
-            zip(params, grads, state["tensors"], ctx.scales, weight_decays, whole_shapes)
-        )
-    ]
+    jobs = _in_place_jobs(module, params, grads, state, ctx, weight_decays, whole_shapes)
     for job in jobs:
         _check_job(job, 1)
     descriptors = np.asarray([job.descriptor() for job in jobs], dtype=np.int64)
