@@ -16,30 +16,26 @@ took the kernel's phases and how many ``reduce`` calls each step made.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
 
+import _fsdp2_helpers as fsdp2
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import lightning_lopt as llo
-from lightning_lopt.optim import sharding
 from lightning_lopt.optim.fused import driver
 
 STEPS = 5
+IN_FEATURES = 3
 SCALES = {"0.weight": 1.0, "2.weight": 1 / 8, "5.weight": 1 / 3, "7.weight": 1 / 8, "9.weight": 1 / 5, "11.weight": 1 / 5}
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 40), nn.Unflatten(1, (8, 5, 1)), nn.Conv2d(8, 3, (5, 1)),
+        nn.Linear(IN_FEATURES, 8), nn.Tanh(), nn.Linear(8, 40), nn.Unflatten(1, (8, 5, 1)), nn.Conv2d(8, 3, (5, 1)),
         nn.Flatten(), nn.Tanh(), nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 5),
         nn.Tanh(), nn.Linear(5, 1),
     )
@@ -53,87 +49,38 @@ def make_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimiz
     return llo.Celo(model.parameters(), num_steps=10, **kwargs)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    for step in range(STEPS):
-        generator = torch.Generator().manual_seed(step)  # the same batch on every rank
-        x = torch.randn(16, 3, generator=generator)
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step(loss=loss)
-
-
-def full(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
-    }
-
-
-def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def run(rank: int, world: int, out_dir: str, port: int, skip_round: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    phase_steps, reduce_calls = [0], []
-    phased, all_reduce = driver.sharded_step_in_place, sharding._all_reduce
-
-    def counted_phases(*args, **kwargs):
-        phase_steps[0] += 1
-        return phased(*args, **kwargs)
-
-    def counted_all_reduce(group):
-        reduce = all_reduce(group)
-        reduce_calls.append(0)
-
-        def counted(flat):
-            reduce_calls[-1] += 1
-            return flat if reduce_calls[-1] == skip_round else reduce(flat)
-
-        return counted
-
-    driver.sharded_step_in_place = counted_phases
-    sharding._all_reduce = counted_all_reduce
+    fsdp2.init_rank(rank, world, port)
+    phase_steps, reduce_calls = fsdp2.count_phases_and_reductions(driver, skip_round)
     mesh = init_device_mesh("cpu", (world,))
     result: dict[str, object] = {}
     for name in ("LO", "MuLO", "Celo"):
         reference = make_model()
-        start = full(reference)
-        train(reference, make_optimizer(name, reference, fused=False))
-        expected = full(reference)
+        start = fsdp2.full(reference)
+        fsdp2.train(reference, make_optimizer(name, reference, fused=False), range(STEPS), IN_FEATURES)
+        expected = fsdp2.full(reference)
         # The same kernel on one process: what the sharded phases must reproduce up to the order of
         # the reductions. (The kernel itself is within 1e-5 of the pure step, tests/optim/test_fused*.py;
         # on this model about 5e-7 for MuLO, too close to 1e-6 to compare the sharded step with the
         # pure one at 1e-6 on every CPU.)
         fused_reference = make_model()
-        train(fused_reference, make_optimizer(name, fused_reference, fused=True))
-        expected_fused = full(fused_reference)
+        fsdp2.train(fused_reference, make_optimizer(name, fused_reference, fused=True), range(STEPS), IN_FEATURES)
+        expected_fused = fsdp2.full(fused_reference)
 
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = fsdp2.shard(make_model(), mesh, layers=(nn.Linear, nn.Conv2d))
         phase_steps[0], reduce_calls[:] = 0, []
         opt = make_optimizer(name, model)
-        train(model, opt)
-        state = opt.state_dict()["state"]
+        fsdp2.train(model, opt, range(STEPS), IN_FEATURES)
         result[name] = {
-            "error": max_error(full(model), expected),
-            "error_vs_fused": max_error(full(model), expected_fused),
-            "moved": max_error(expected, start),
-            "local_rows": [p.to_local().shape[0] for p in model.parameters()],
+            "error": fsdp2.max_error(fsdp2.full(model), expected),
+            "error_vs_fused": fsdp2.max_error(fsdp2.full(model), expected_fused),
+            "moved": fsdp2.max_error(expected, start),
+            "local_rows": fsdp2.local_rows(model),
             "phase_steps": phase_steps[0],
             "reduce_calls": list(reduce_calls),
-            "state_is_dtensor": all(
-                type(v).__name__ == "DTensor" for s in state.values() for k, v in s.items()
-                if not k.startswith(sharding.GLOBAL_PREFIX)
-            ),
+            "state_is_dtensor": fsdp2.state_is_dtensor(opt),
         }
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    fsdp2.finish(out_dir, rank, result)
 
 
 if __name__ == "__main__":

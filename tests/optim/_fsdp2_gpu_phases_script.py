@@ -16,30 +16,28 @@ took the Triton phases and how many ``reduce`` calls each step made.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
+import _fsdp2_helpers as fsdp2
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import lightning_lopt as llo
 from lightning_lopt.optim import sharding
 from lightning_lopt.optim.gpu import step as gpu_step
 
 STEPS = 3
+IN_FEATURES = 3
 SCALES = {"0.weight": 1.0, "2.weight": 1 / 8, "4.weight": 1 / 5, "6.weight": 1 / 5}
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)
+        nn.Linear(IN_FEATURES, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)
     )
 
 
@@ -54,83 +52,34 @@ def make_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimiz
     return opt
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
-    for step in range(STEPS):
-        generator = torch.Generator().manual_seed(step)  # the same batch on every rank
-        x = torch.randn(16, 3, generator=generator).to(device)
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step(loss=loss)
-
-
-def full(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
-    }
-
-
-def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def run(rank: int, world: int, out_dir: str, port: int, device_type: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    fsdp2.init_rank(rank, world, port, "nccl" if device.type == "cuda" else "gloo")
     sharding.TRITON_ON_CPU = device.type == "cpu"
-    phase_steps, reduce_calls = [0], []
-    phased, all_reduce = gpu_step.sharded_step_in_place, sharding._all_reduce
-
-    def counted_phases(*args, **kwargs):
-        phase_steps[0] += 1
-        return phased(*args, **kwargs)
-
-    def counted_all_reduce(group):
-        reduce = all_reduce(group)
-        reduce_calls.append(0)
-
-        def counted(flat):
-            reduce_calls[-1] += 1
-            return reduce(flat)
-
-        return counted
-
-    gpu_step.sharded_step_in_place = counted_phases
-    sharding._all_reduce = counted_all_reduce
+    phase_steps, reduce_calls = fsdp2.count_phases_and_reductions(gpu_step)
     mesh = init_device_mesh(device.type, (world,))
     result: dict[str, object] = {}
     for name in ("LO", "MuLO", "Celo"):
         reference = make_model().to(device)
-        start = full(reference)
-        train(reference, make_optimizer(name, reference, fused=False), device)
-        expected = full(reference)
+        start = fsdp2.full(reference)
+        fsdp2.train(reference, make_optimizer(name, reference, fused=False), range(STEPS), IN_FEATURES, device)
+        expected = fsdp2.full(reference)
 
-        model = make_model().to(device)
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = fsdp2.shard(make_model().to(device), mesh)
         phase_steps[0], reduce_calls[:] = 0, []
         opt = make_optimizer(name, model)
-        train(model, opt, device)
-        state = opt.state_dict()["state"]
+        fsdp2.train(model, opt, range(STEPS), IN_FEATURES, device)
         result[name] = {
-            "error": max_error(full(model), expected),
-            "moved": max_error(expected, start),
-            "local_rows": [p.to_local().shape[0] for p in model.parameters()],
+            "error": fsdp2.max_error(fsdp2.full(model), expected),
+            "moved": fsdp2.max_error(expected, start),
+            "local_rows": fsdp2.local_rows(model),
             "phase_steps": phase_steps[0],
             "reduce_calls": list(reduce_calls),
-            "state_is_dtensor": all(
-                type(v).__name__ == "DTensor" for s in state.values() for k, v in s.items()
-                if not k.startswith(sharding.GLOBAL_PREFIX)
-            ),
+            "state_is_dtensor": fsdp2.state_is_dtensor(opt),
         }
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    fsdp2.finish(out_dir, rank, result)
 
 
 if __name__ == "__main__":

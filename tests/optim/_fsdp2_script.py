@@ -12,36 +12,27 @@ continues bit-exactly, and (2 ranks) that FSDP1 parameters are refused. Each ran
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
+import _fsdp2_helpers as fsdp2
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import lightning_lopt as llo
 
 STEPS = 5
+IN_FEATURES = 7
 RESUME_AT = 3
 SCALES = {"0.weight": 1.0, "0.bias": 1.0, "2.weight": 1 / 5, "2.bias": 1.0, "4.weight": 1 / 5, "4.bias": 1.0}
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1))
-
-
-def shard(model: nn.Module, mesh) -> nn.Module:
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return nn.Sequential(nn.Linear(IN_FEATURES, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1))
 
 
 def make_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
@@ -52,67 +43,42 @@ def make_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimiz
     return llo.Celo(model.parameters(), num_steps=20, **kwargs)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        generator = torch.Generator().manual_seed(step)  # the same batch on every rank
-        x = torch.randn(16, 7, generator=generator)
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step(loss=loss)
-
-
-def full(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
-    }
-
-
-def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def run(rank: int, world: int, out_dir: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    fsdp2.init_rank(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     result: dict[str, object] = {}
     for name in ("LO", "MuLO", "Celo"):
         reference = make_model()
-        start = full(reference)
+        start = fsdp2.full(reference)
         reference_opt = make_optimizer(name, reference, fused=False)
-        train(reference, reference_opt, range(STEPS))
-        expected = full(reference)
+        fsdp2.train(reference, reference_opt, range(STEPS), IN_FEATURES)
+        expected = fsdp2.full(reference)
 
-        model = shard(make_model(), mesh)
+        model = fsdp2.shard(make_model(), mesh)
         opt = make_optimizer(name, model)
-        train(model, opt, range(STEPS))
-        got = full(model)
-        state = opt.state_dict()["state"]
+        fsdp2.train(model, opt, range(STEPS), IN_FEATURES)
+        got = fsdp2.full(model)
         result[name] = {
-            "error": max_error(got, expected),
-            "moved": max_error(expected, start),
-            "local_rows": [p.to_local().shape[0] for p in model.parameters()],
-            "state_is_dtensor": all(
-                type(v).__name__ == "DTensor" for s in state.values() for k, v in s.items() if not k.startswith("learned_optimizer.")
-            ),
+            "error": fsdp2.max_error(got, expected),
+            "moved": fsdp2.max_error(expected, start),
+            "local_rows": fsdp2.local_rows(model),
+            "state_is_dtensor": fsdp2.state_is_dtensor(opt),
         }
 
         # Resume: save after RESUME_AT steps, load into a fresh model and optimizer, finish.
-        model = shard(make_model(), mesh)
+        model = fsdp2.shard(make_model(), mesh)
         opt = make_optimizer(name, model)
-        train(model, opt, range(RESUME_AT))
+        fsdp2.train(model, opt, range(RESUME_AT), IN_FEATURES)
         path = Path(out_dir) / f"checkpoint-{name}"
         dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=path)
-        resumed = shard(make_model(), mesh)
+        resumed = fsdp2.shard(make_model(), mesh)
         resumed_opt = make_optimizer(name, resumed)  # its state exists already: dcp loads into it
         template = {"model": resumed.state_dict(), "optim": resumed_opt.state_dict()}
         dcp.load(template, checkpoint_id=path)
         resumed.load_state_dict(template["model"])
         resumed_opt.load_state_dict(template["optim"])
-        train(resumed, resumed_opt, range(RESUME_AT, STEPS))
-        result[name]["resume_error"] = max_error(full(resumed), got)
+        fsdp2.train(resumed, resumed_opt, range(RESUME_AT, STEPS), IN_FEATURES)
+        result[name]["resume_error"] = fsdp2.max_error(fsdp2.full(resumed), got)
 
     if world == 2:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -123,8 +89,7 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
             result["fsdp1_error"] = None
         except TypeError as error:
             result["fsdp1_error"] = str(error)
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    fsdp2.finish(out_dir, rank, result)
 
 
 if __name__ == "__main__":
