@@ -72,13 +72,10 @@ def run(rank: int, world: int, out_dir: str, port: int, skip_round: int) -> None
         opt = make_optimizer(name, model)
         fsdp2.train(model, opt, range(STEPS), IN_FEATURES)
         result[name] = {
-            "error": fsdp2.max_error(fsdp2.full(model), expected),
+            **fsdp2.measured(model, opt, expected, start),
             "error_vs_fused": fsdp2.max_error(fsdp2.full(model), expected_fused),
-            "moved": fsdp2.max_error(expected, start),
-            "local_rows": fsdp2.local_rows(model),
             "phase_steps": phase_steps[0],
             "reduce_calls": list(reduce_calls),
-            "state_is_dtensor": fsdp2.state_is_dtensor(opt),
         }
     fsdp2.finish(out_dir, rank, result)
 

@@ -72,12 +72,9 @@ def run(rank: int, world: int, out_dir: str, port: int, device_type: str) -> Non
         opt = make_optimizer(name, model)
         fsdp2.train(model, opt, range(STEPS), IN_FEATURES, device)
         result[name] = {
-            "error": fsdp2.max_error(fsdp2.full(model), expected),
-            "moved": fsdp2.max_error(expected, start),
-            "local_rows": fsdp2.local_rows(model),
+            **fsdp2.measured(model, opt, expected, start),
             "phase_steps": phase_steps[0],
             "reduce_calls": list(reduce_calls),
-            "state_is_dtensor": fsdp2.state_is_dtensor(opt),
         }
     fsdp2.finish(out_dir, rank, result)
 

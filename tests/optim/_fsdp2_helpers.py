@@ -12,8 +12,7 @@ Example::
     fsdp2.init_rank(rank, world, port)
     model = fsdp2.shard(make_model(), init_device_mesh("cpu", (world,)))
     fsdp2.train(model, opt, range(5), in_features=3)
-    error = fsdp2.max_error(fsdp2.full(model), expected)
-    fsdp2.finish(out_dir, rank, {"error": error})
+    fsdp2.finish(out_dir, rank, fsdp2.measured(model, opt, expected, start))
 """
 
 from __future__ import annotations
@@ -78,17 +77,21 @@ def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def local_rows(model: nn.Module) -> list[int]:
-    """This rank's rows of axis 0 of each (sharded) parameter."""
-    return [p.to_local().shape[0] for p in model.parameters()]
-
-
-def state_is_dtensor(opt: torch.optim.Optimizer) -> bool:
-    """Whether every per-parameter state tensor is a DTensor (the learned optimizer's global state aside)."""
+def measured(
+    model: nn.Module, opt: torch.optim.Optimizer, expected: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+) -> dict[str, object]:
+    """What every script reports of a sharded run against the unsharded reference's ``expected``
+    state (which started at ``start``): the error, how far the reference moved, this rank's rows of
+    axis 0 of each parameter, and whether every per-parameter state tensor is a DTensor (the learned
+    optimizer's global state aside)."""
     state = opt.state_dict()["state"]
-    return all(
-        type(v).__name__ == "DTensor" for s in state.values() for k, v in s.items() if not k.startswith(sharding.GLOBAL_PREFIX)
-    )
+    per_parameter = [v for s in state.values() for k, v in s.items() if not k.startswith(sharding.GLOBAL_PREFIX)]
+    return {
+        "error": max_error(full(model), expected),
+        "moved": max_error(expected, start),
+        "local_rows": [p.to_local().shape[0] for p in model.parameters()],
+        "state_is_dtensor": all(type(v).__name__ == "DTensor" for v in per_parameter),
+    }
 
 
 def count_phases_and_reductions(phases: ModuleType, skip_round: int = 0) -> tuple[list[int], list[int]]:

@@ -57,13 +57,8 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
         model = fsdp2.shard(make_model(), mesh)
         opt = make_optimizer(name, model)
         fsdp2.train(model, opt, range(STEPS), IN_FEATURES)
+        result[name] = fsdp2.measured(model, opt, expected, start)
         got = fsdp2.full(model)
-        result[name] = {
-            "error": fsdp2.max_error(got, expected),
-            "moved": fsdp2.max_error(expected, start),
-            "local_rows": fsdp2.local_rows(model),
-            "state_is_dtensor": fsdp2.state_is_dtensor(opt),
-        }
 
         # Resume: save after RESUME_AT steps, load into a fresh model and optimizer, finish.
         model = fsdp2.shard(make_model(), mesh)

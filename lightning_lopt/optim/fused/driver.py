@@ -391,25 +391,22 @@ def _one_theta(module: LearnedOptimizerModule, state: State, ctx: StepContext) -
 
 
 def _in_place_jobs(
-    module: LearnedOptimizerModule,
+    layout: str,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    state: State,
-    ctx: StepContext,
+    accumulators: Sequence[dict[str, Tensor]],
+    scales: Sequence[float],
     weight_decays: Sequence[float],
     whole_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> list[_Job]:
-    """One optimizer's jobs, writing ``params`` and ``state["tensors"]`` in place; ``whole_shapes``
+    """The jobs of a step that writes ``params`` and their ``accumulators`` in place; ``whole_shapes``
     (the sharded step) are the work shapes of the tensors whose blocks ``params`` are."""
     wholes = [None] * len(params) if whole_shapes is None else [tuple(whole) for whole in whole_shapes]
     return [
         _Job(
-            work_shape(p.shape), module.layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index,
-            whole_shape=whole,
+            work_shape(p.shape), layout, p, p, _dense_contiguous(g), acc, acc, float(scale), float(wd), index, whole_shape=whole
         )
-        for index, (p, g, acc, scale, wd, whole) in enumerate(
-            zip(params, grads, state["tensors"], ctx.scales, weight_decays, wholes)
-        )
+        for index, (p, g, acc, scale, wd, whole) in enumerate(zip(params, grads, accumulators, scales, weight_decays, wholes))
     ]
 
 
@@ -429,7 +426,8 @@ def step_in_place(
     ``params`` and the state must be contiguous float32 (``m`` / ``rms`` may be bf16).
     """
     nets, new_global = _one_theta(module, state, ctx)
-    _launch(kernel, module, nets, _in_place_jobs(module, params, grads, state, ctx, weight_decays))
+    jobs = _in_place_jobs(module.layout, params, grads, state["tensors"], ctx.scales, weight_decays)
+    _launch(kernel, module, nets, jobs)
     return new_global
 
 
@@ -458,7 +456,7 @@ def sharded_step_in_place(
                                            whole_shapes=[spec.shape for spec in specs], reduce=reduce)
     """
     nets, new_global = _one_theta(module, state, ctx)
-    jobs = _in_place_jobs(module, params, grads, state, ctx, weight_decays, whole_shapes)
+    jobs = _in_place_jobs(module.layout, params, grads, state["tensors"], ctx.scales, weight_decays, whole_shapes)
     for job in jobs:
         _check_job(job, 1)
     descriptors = np.asarray([job.descriptor() for job in jobs], dtype=np.int64)
