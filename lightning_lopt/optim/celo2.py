@@ -107,6 +107,11 @@ class _Celo2Optimizer(LearnedOptimizer):
     #: Whether rank ≤ 1 tensors and embeddings go to Adam (False: the learned rule on everything).
     adam_routing = True
 
+    @classmethod
+    def meta_module(cls, stage: int) -> Celo2LOpt:
+        """The inner rule as the authors meta-trained Celo2 (``Celo2LOpt.meta_training()``)."""
+        return Celo2LOpt.meta_training()
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -170,10 +175,6 @@ class Celo2(_Celo2Optimizer):
     module_factory = Celo2LOpt
     pretrained_names = ("celo2-8x8-mlp-w32",)
     registry_name = "celo2"
-
-    @classmethod
-    def meta_module(cls, stage: int) -> Celo2LOpt:
-        return Celo2LOpt.meta_training()
 
     def __init__(
         self,
@@ -243,7 +244,6 @@ class MuCelo2(_Celo2Optimizer):
     module_factory = Celo2LOpt
     mu = True
     registry_name = "mucelo2"
-    meta_trainable = False
 
     def __init__(
         self,
