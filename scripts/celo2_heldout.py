@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--param", choices=("sp", "mup"), default="sp")
     parser.add_argument("--depth", type=int, default=1, help="hidden layers")
     parser.add_argument("--widths", type=int, nargs="+", default=[32])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--init-seed", type=int, default=0, help="MetaTrainer's seed (its meta-initialisation)")
@@ -46,14 +47,14 @@ def main() -> None:
     for module in candidates.values():
         module.requires_grad_(False)
     results: dict[str, dict[str, float]] = {name: {} for name in candidates}
-    for dataset in DATASETS:
+    for dataset in args.datasets:
         task = ImageMLPTask(dataset, image_size=8, widths=args.widths, depth=args.depth, param=args.param, batch_size=64)
         for inst in task.build(lopt_is_mu=mu):
             for name, module in candidates.items():
                 curve = inner_loss_curve(module, inst, args.steps, range(args.seeds))
                 results[name][inst.label] = float(curve[-10:].mean())
                 print(f"{name:40s} {inst.label:32s} {results[name][inst.label]:.4f}", flush=True)
-    settings = {k: getattr(args, k) for k in ("lopt", "param", "depth", "widths", "steps", "seeds")}
+    settings = {k: getattr(args, k) for k in ("lopt", "param", "depth", "widths", "datasets", "steps", "seeds")}
     print(json.dumps({**settings, "final_loss": results}, indent=1))
 
 
