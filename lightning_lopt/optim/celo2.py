@@ -45,8 +45,11 @@ parameters and CUDA; ``fused=True`` raises where the fused step cannot run.
 CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
 it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
 offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
-``save_pretrained`` and pass the directory as ``meta_weights``). ``Celo2Base`` and ``MuCelo2`` have no
-packaged weights: without ``meta_weights`` they warn and use a random meta-initialisation.
+``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads
+``mucelo2-8x8-mlp-w32-128``: that θ fine-tuned for a few hundred CPU steps on μP MLPs of widths
+32–128, better than a random θ on held-out μP runs but worse than the ``celo2-8x8-mlp-w32`` it
+started from (``docs/celo2.md``, "MuCelo2 meta-training"). ``Celo2Base`` has no packaged weights:
+without ``meta_weights`` it warns and uses a random meta-initialisation.
 
 Example::
 
@@ -242,6 +245,7 @@ class MuCelo2(_Celo2Optimizer):
     """
 
     module_factory = Celo2LOpt
+    pretrained_names = ("mucelo2-8x8-mlp-w32-128",)
     mu = True
     registry_name = "mucelo2"
 
