@@ -45,8 +45,11 @@ parameters and CUDA; ``fused=True`` raises where the fused step cannot run.
 CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
 it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
 offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
-``save_pretrained`` and pass the directory as ``meta_weights``). ``Celo2Base`` and ``MuCelo2`` have no
-packaged weights: without ``meta_weights`` they warn and use a random meta-initialisation.
+``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads
+``mucelo2-8x8-mlp-w32-128``: that θ fine-tuned for a few hundred CPU steps on μP MLPs of widths
+32–128, better than a random θ on held-out μP runs but worse than the ``celo2-8x8-mlp-w32`` it
+started from (``docs/celo2.md``, "MuCelo2 meta-training"). ``Celo2Base`` has no packaged weights:
+without ``meta_weights`` it warns and uses a random meta-initialisation.
 
 Example::
 
@@ -106,6 +109,11 @@ class _Celo2Optimizer(LearnedOptimizer):
     orthogonalize = True
     #: Whether rank ≤ 1 tensors and embeddings go to Adam (False: the learned rule on everything).
     adam_routing = True
+
+    @classmethod
+    def meta_module(cls, stage: int) -> Celo2LOpt:
+        """The inner rule as the authors meta-trained Celo2 (``Celo2LOpt.meta_training()``)."""
+        return Celo2LOpt.meta_training()
 
     def __init__(
         self,
@@ -170,10 +178,6 @@ class Celo2(_Celo2Optimizer):
     module_factory = Celo2LOpt
     pretrained_names = ("celo2-8x8-mlp-w32",)
     registry_name = "celo2"
-
-    @classmethod
-    def meta_module(cls, stage: int) -> Celo2LOpt:
-        return Celo2LOpt.meta_training()
 
     def __init__(
         self,
@@ -241,9 +245,9 @@ class MuCelo2(_Celo2Optimizer):
     """
 
     module_factory = Celo2LOpt
+    pretrained_names = ("mucelo2-8x8-mlp-w32-128",)
     mu = True
     registry_name = "mucelo2"
-    meta_trainable = False
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from lightning_lopt.models import MuMLP
 from lightning_lopt.models.scales import update_scales_of
 from lightning_lopt.optim import build, pretrained
 from lightning_lopt.optim.architectures import CeloLOpt, SmallFCLOpt
-from lightning_lopt.optim.celo2 import Celo2
+from lightning_lopt.optim.celo2 import Celo2, MuCelo2
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.optimizers import LO, Celo, MuLO
 
@@ -29,8 +29,15 @@ PACKAGED = {
     "lo-fmnist8-w32-128": SmallFCLOpt,
     "celo-8x8-mlp-w32": CeloLOpt,
     "celo2-8x8-mlp-w32": Celo2LOpt,
+    "mucelo2-8x8-mlp-w32-128": Celo2LOpt,
 }
-DEFAULTS = {MuLO: "mulo-fmnist8-w32-128", LO: "lo-fmnist8-w32-128", Celo: "celo-8x8-mlp-w32", Celo2: "celo2-8x8-mlp-w32"}
+DEFAULTS = {
+    MuLO: "mulo-fmnist8-w32-128",
+    LO: "lo-fmnist8-w32-128",
+    Celo: "celo-8x8-mlp-w32",
+    Celo2: "celo2-8x8-mlp-w32",
+    MuCelo2: "mucelo2-8x8-mlp-w32-128",
+}
 #: The longest episode of the CPU recipes (truncation max_length): "10x the meta-training unroll".
 META_UNROLL = 1000
 
@@ -81,7 +88,7 @@ def test_loads_by_name_offline(name: str, monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("cls", list(DEFAULTS), ids=lambda c: c.__name__)
 def test_optimizers_use_their_packaged_weights_by_default_without_warning(cls: type) -> None:
     param = torch.nn.Parameter(torch.randn(4, 3))
-    kwargs = {"num_steps": 10} if cls is Celo else {"allow_sp": True} if cls is MuLO else {}
+    kwargs = {"num_steps": 10} if cls is Celo else {"allow_sp": True} if cls in (MuLO, MuCelo2) else {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt = cls([param], **kwargs)

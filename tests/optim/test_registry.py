@@ -61,7 +61,7 @@ def test_every_place_reads_the_learned_optimizer_classes():
         assert optim.resolve(cls.registry_name) is cls
         assert parse_optimizer(cls.registry_name).param == ("mup" if cls.mu else "sp")
     assert parse_optimizer("muadam").param == "mup" and parse_optimizer("adamw").param == "sp"
-    assert sorted(LOPTS) == ["celo", "celo2", "celo2-base", "lo", "mulo", "muvelo", "velo"]
+    assert sorted(LOPTS) == ["celo", "celo2", "celo2-base", "lo", "mucelo2", "mulo", "muvelo", "velo"]
     module, mu = build_lopt("mulo", stage=None, seed=0)
     assert mu is True and module.step_mult == 0.01
     with pytest.raises(ValueError, match="stage applies to celo only"):
