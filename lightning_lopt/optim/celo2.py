@@ -45,10 +45,10 @@ parameters and CUDA; ``fused=True`` raises where the fused step cannot run.
 CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
 it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
 offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
-``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads
-``mucelo2-8x8-mlp-w32-128``: that θ fine-tuned for a few hundred CPU steps on μP MLPs of widths
-32–128, better than a random θ on held-out μP runs but worse than the ``celo2-8x8-mlp-w32`` it
-started from (``docs/celo2.md``, "MuCelo2 meta-training"). ``Celo2Base`` has no packaged weights:
+``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads the same
+``celo2-8x8-mlp-w32``: ``meta_weights="mucelo2-8x8-mlp-w32-128"`` (that θ fine-tuned for 410 CPU steps
+on μP MLPs of widths 32–128) was worse than it on 6 of 7 held-out μP runs (``docs/celo2.md``, "MuCelo2
+meta-training"). ``Celo2Base`` has no packaged weights:
 without ``meta_weights`` it warns and uses a random meta-initialisation.
 
 Example::
@@ -239,20 +239,26 @@ class MuCelo2(_Celo2Optimizer):
     Scales are resolved as for :class:`~lightning_lopt.optim.optimizers.MuLO`: the group's
     ``update_scale``, ``scales``, ``p.lopt_update_scale`` or mup's ``p.infshape``.
 
+    The default ``lr`` is 1e-2, ten times Celo2's: the scales are absolute (``1/fan_in``, as μLO's),
+    so at a width of 128 a hidden matrix moves 1/128 of ``lr`` per element, and at Celo2's 1e-3 the
+    hidden and readout layers of a μP MLP barely train (a loss of 1.47 after 300 steps on the 28x28
+    MNIST MLP at width 128). 1e-2 was the best of 1e-3 … 1e-1 there (0.167; ``docs/celo2.md``,
+    "MuCelo2: the learning rate"). Tune it at a small width and keep it as the width grows.
+
     Example::
 
-        opt = MuCelo2(model.named_parameters(), lr=1e-2)      # a lightning_lopt.models μP model
+        opt = MuCelo2(model.named_parameters())      # a lightning_lopt.models μP model; lr 1e-2
     """
 
     module_factory = Celo2LOpt
-    pretrained_names = ("mucelo2-8x8-mlp-w32-128",)
+    pretrained_names = ("celo2-8x8-mlp-w32",)
     mu = True
     registry_name = "mucelo2"
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         *,
         meta_weights: MetaWeights = None,
         weight_decay: float = 0.0,

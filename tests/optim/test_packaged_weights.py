@@ -36,7 +36,7 @@ DEFAULTS = {
     LO: "lo-fmnist8-w32-128",
     Celo: "celo-8x8-mlp-w32",
     Celo2: "celo2-8x8-mlp-w32",
-    MuCelo2: "mucelo2-8x8-mlp-w32-128",
+    MuCelo2: "celo2-8x8-mlp-w32",
 }
 #: The longest episode of the CPU recipes (truncation max_length): "10x the meta-training unroll".
 META_UNROLL = 1000

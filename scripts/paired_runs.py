@@ -1,0 +1,83 @@
+"""Final losses of runs from several evaluations, paired by seed against chosen baselines.
+
+An evaluation's report compares only the optimizers it ran. Runs of the same task and seed share
+initialisations and batches whichever evaluation made them, so a new optimizer run later (e.g. on
+`docs/results/width_celo2/suite.yaml`) pairs with committed baseline runs (`docs/results/width`).
+This prints, per task, each optimizer's mean ± s.e.m. and, for each optimizer, the paired
+difference against each baseline (mean ± paired s.e., and on how many seeds it is lower).
+
+Example::
+
+    python scripts/paired_runs.py docs/results/width/runs.csv outputs/results/width_celo2/runs.csv \
+        --baselines adamw,muadam --optimizers celo2,mucelo2
+    # baselines re-tuned at 300 steps on family mlp_fashion_mnist_short, labelled adamw@mlp_fashion_mnist_short
+    python scripts/paired_runs.py docs/results/width/runs.csv outputs/results/width_t300/runs.csv \
+        --alias mlp_fashion_mnist_short=mlp_fashion_mnist --baselines adamw@mlp_fashion_mnist_short
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lightning_lopt.eval.metrics import paired_comparison
+
+
+def read_runs(paths: list[Path], aliases: dict[str, str]) -> dict[str, dict[str, dict[int, float]]]:
+    """task -> optimizer -> seed -> final loss, from `runs.csv` files (a later file wins a duplicate).
+
+    ``aliases`` maps a family to the family whose tasks it repeats (same model, data and seeds, e.g.
+    tuned at another horizon); its tasks are filed under that family, its optimizers get the suffix
+    ``@<family>``.
+    """
+    runs: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for path in paths:
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                task, optimizer = row["task"], row["optimizer"]
+                family, _, rest = task.partition("-")
+                if family in aliases:
+                    task, optimizer = f"{aliases[family]}-{rest}", f"{optimizer}@{family}"
+                runs[task][optimizer][int(row["seed"])] = float(row["final_loss"])
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="runs.csv files of `train.py evaluate`")
+    parser.add_argument("--baselines", default="adamw,muadam", help="comma-separated optimizer labels to pair against")
+    parser.add_argument("--optimizers", default="", help="labels to compare (default: every other label)")
+    parser.add_argument("--alias", action="append", default=[], metavar="FAMILY=SAME_AS", help="file FAMILY's tasks under SAME_AS's")
+    args = parser.parse_args()
+    runs = read_runs(args.runs, dict(a.split("=", 1) for a in args.alias))
+    baselines = [b for b in args.baselines.split(",") if b]
+    chosen = [o for o in args.optimizers.split(",") if o]
+    for task in sorted(runs):
+        by_opt = runs[task]
+        print(f"\n## {task}\n")
+        print("| optimizer | seeds | final loss (mean ± s.e.m.) | " + " | ".join(f"− {b} (paired, lower on)" for b in baselines) + " |")
+        print("|---|---:|---:|" + "---:|" * len(baselines))
+        for name in sorted(by_opt):
+            if chosen and name not in chosen and name not in baselines:
+                continue
+            seeds = by_opt[name]
+            values = np.array([seeds[s] for s in sorted(seeds)])
+            sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
+            cells = []
+            for base in baselines:
+                common = sorted(set(seeds) & set(by_opt.get(base, {})))
+                if name == base or not common:
+                    cells.append("")
+                    continue
+                c = paired_comparison([seeds[s] for s in common], [by_opt[base][s] for s in common])
+                cells.append(f"{c['mean_diff']:+.4f} ± {c['paired_se']:.4f} ({c['wins']} of {c['n']})")
+            print(f"| `{name}` | {values.size} | {values.mean():.4f} ± {sem:.4f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
