@@ -339,24 +339,6 @@ static inline int64_t batch_index(const job_t *J, int64_t e) {
 }
 
 /* Rows 3..8 of the tables from their new v (rows 0..2) and r̄: rsqrt(v + 1e-8) and the factors. */
-/* Sums of squares of the broadcast table channels: sq[j], sq[3 + j] over the row / column table of
- * channel j (the update v), sq[6 + j], sq[9 + j] of channel 3 + j (its rsqrt r), j = 0..2. The
- * whole step divides them by the entry counts, the sharded step weights them by elements per entry. */
-static void table_sums_of_squares(const float *trow, const float *tcol, int64_t nrow, int64_t ncol, double sq[12]) {
-    for (int j = 0; j < 3; j++) {
-        double sv_r = 0.0, sv_c = 0.0, sr_r = 0.0, sr_c = 0.0;
-        for (int64_t e = 0; e < nrow; e++) {
-            const double v = trow[j * nrow + e], r = trow[(3 + j) * nrow + e];
-            sv_r += v * v; sr_r += r * r;
-        }
-        for (int64_t e = 0; e < ncol; e++) {
-            const double v = tcol[j * ncol + e], r = tcol[(3 + j) * ncol + e];
-            sv_c += v * v; sr_c += r * r;
-        }
-        sq[j] = sv_r; sq[3 + j] = sv_c; sq[6 + j] = sr_r; sq[9 + j] = sr_c;
-    }
-}
-
 static void table_factors(const job_t *J, float *trow, float *tcol, int64_t nrow, int64_t ncol) {
     for (int64_t e = 0; e < nrow; e++) {
         const int64_t bi = batch_index(J, e);
@@ -427,9 +409,21 @@ static void table_job(const plan_t *pl, job_t *J) {
     table_factors(J, trow, tcol, nrow, ncol);
     /* Every entry is broadcast to the same number of elements, so the mean over elements of a
      * broadcast channel squared is its mean over entries. Order: X rows ada+3 .. ada+14. */
-    double sq[12];
-    table_sums_of_squares(trow, tcol, nrow, ncol, sq);
-    for (int k = 0; k < 12; k++) J->tmean[k] = sq[k] / (double)(k % 6 < 3 ? nrow : ncol);
+    for (int j = 0; j < 3; j++) {
+        double sv_r = 0.0, sv_c = 0.0, sr_r = 0.0, sr_c = 0.0;
+        for (int64_t e = 0; e < nrow; e++) {
+            const double v = trow[j * nrow + e], r = trow[(3 + j) * nrow + e];
+            sv_r += v * v; sr_r += r * r;
+        }
+        for (int64_t e = 0; e < ncol; e++) {
+            const double v = tcol[j * ncol + e], r = tcol[(3 + j) * ncol + e];
+            sv_c += v * v; sr_c += r * r;
+        }
+        J->tmean[j] = sv_r / (double)nrow;
+        J->tmean[3 + j] = sv_c / (double)ncol;
+        J->tmean[6 + j] = sr_r / (double)nrow;
+        J->tmean[9 + j] = sr_c / (double)ncol;
+    }
     if (J->grouped && J->proj) {
         /* Per slice (each table entry lies in one slice, and each slice has as many entries). */
         const int64_t ng = J->gx * J->gz;
@@ -1126,9 +1120,21 @@ static void shard_export_sums(const plan_t *pl, const job_t *J, double *out) {
     const float *trow = J->d0_is_a ? J->tab_a : J->tab_b, *tcol = J->d0_is_a ? J->tab_b : J->tab_a;
     const int64_t nrow = J->d0_is_a ? J->na : J->nb, ncol = J->d0_is_a ? J->nb : J->na;
     const double per_row = (double)J->n / (double)nrow, per_col = (double)J->n / (double)ncol;
-    double sq[12];
-    table_sums_of_squares(trow, tcol, nrow, ncol, sq);
-    for (int k = 0; k < 12; k++) o[tb0 + k] = sq[k] * (k % 6 < 3 ? per_row : per_col);
+    for (int j = 0; j < 3; j++) {
+        double sv_r = 0.0, sv_c = 0.0, sr_r = 0.0, sr_c = 0.0;
+        for (int64_t e = 0; e < nrow; e++) {
+            const double v = trow[j * nrow + e], r = trow[(3 + j) * nrow + e];
+            sv_r += v * v; sr_r += r * r;
+        }
+        for (int64_t e = 0; e < ncol; e++) {
+            const double v = tcol[j * ncol + e], r = tcol[(3 + j) * ncol + e];
+            sv_c += v * v; sr_c += r * r;
+        }
+        o[tb0 + j] = sv_r * per_row;
+        o[tb0 + 3 + j] = sv_c * per_col;
+        o[tb0 + 6 + j] = sr_r * per_row;
+        o[tb0 + 9 + j] = sr_c * per_col;
+    }
 }
 
 static void shard_finalize(const plan_t *pl, job_t *J, const double *reduced) {
