@@ -3,7 +3,7 @@
 The pieces, each in its own module (learned_optimization's ``outer_trainers/`` shape):
 
 - :mod:`.tasks`: :class:`Task` (a module factory and a data module) → per-width :class:`TaskInstance`;
-  :mod:`.builtin_tasks`: :class:`ImageMLPTask` and Celo's tasks;
+  :mod:`.builtin_tasks`: :class:`ImageMLPTask`, :class:`ImageViTTask` and Celo's tasks;
 - :mod:`.truncation`: episode lengths; :mod:`.augmentation`: Celo's weight re-parametrisation;
 - :mod:`.unroll`: the truncated unroll of a task's particles (the inner state machine);
 - :mod:`.pes`: the PES estimator (pure functions);
@@ -22,7 +22,7 @@ Example::
 """
 
 from lightning_lopt.meta.augmentation import ReparamAugmentation
-from lightning_lopt.meta.builtin_tasks import ImageMLPTask, celo_tasks
+from lightning_lopt.meta.builtin_tasks import ImageMLPTask, ImageViTTask, celo_tasks
 from lightning_lopt.meta.meta_optim import WarmupCosine
 from lightning_lopt.meta.trainer import LightCheckpoint, MetaTrainer
 from lightning_lopt.meta.pes import PES
@@ -31,6 +31,7 @@ from lightning_lopt.meta.truncation import LogUniformLengthSchedule
 
 __all__ = [
     "ImageMLPTask",
+    "ImageViTTask",
     "LightCheckpoint",
     "LogUniformLengthSchedule",
     "MetaTrainer",

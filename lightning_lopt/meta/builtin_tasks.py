@@ -2,12 +2,15 @@
 
 - :class:`ImageMLPTask`: μLO's task family, a ReLU MLP (μP or SP) on an image data set, at one or
   several widths (docs/reference/pes.md#recipe: ``mumlp-w128-d3`` on ImageNet 32x32; here the offline sets).
+- :class:`ImageViTTask`: an attention network on the same image sets (the μLO paper meta-trains on
+  MLPs only; issue 19 adds these so the rule sees LayerNorm, attention and GELU layers).
 - :func:`celo_tasks`: Celo's four 8x8 MLP tasks
   (docs/reference/celo.md#meta-training-tasks) from what is available offline.
 
 Example::
 
     task = ImageMLPTask("fashion_mnist", image_size=8, widths=[32, 64, 128], depth=3, param="mup")
+    vit = ImageViTTask("mnist", image_size=16, widths=[32, 64], depth=2, patch_size=4, head_dim=16)
     tasks = celo_tasks()
 """
 
@@ -23,6 +26,17 @@ from lightning_lopt.optimizee import OptimizeeModule
 
 #: Data sets an ImageMLPTask can use (all 10-class, grey).
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
+
+
+def _image_datamodule(task: str, dataset: str, image_size: int, batch_size: int, root: str | Path | None):
+    """The data module of an image task, with the error a misspelt ``dataset`` deserves."""
+    key = dataset.replace("-", "_").lower()
+    if key not in IMAGE_DATASETS:
+        raise ValueError(f"{task}: unknown dataset {dataset!r}; known: {', '.join(IMAGE_DATASETS)}")
+    kwargs = {"image_size": image_size, "batch_size": batch_size}
+    if root is not None and key != "digits":
+        kwargs["root"] = root
+    return key, get_datamodule(key, **kwargs)
 
 
 class ImageMLPTask(Task):
@@ -55,13 +69,7 @@ class ImageMLPTask(Task):
         root: str | Path | None = None,
         name: str | None = None,
     ) -> None:
-        key = dataset.replace("-", "_").lower()
-        if key not in IMAGE_DATASETS:
-            raise ValueError(f"ImageMLPTask: unknown dataset {dataset!r}; known: {', '.join(IMAGE_DATASETS)}")
-        kwargs = {"image_size": image_size, "batch_size": batch_size}
-        if root is not None and key != "digits":
-            kwargs["root"] = root
-        datamodule = get_datamodule(key, **kwargs)
+        key, datamodule = _image_datamodule("ImageMLPTask", dataset, image_size, batch_size, root)
         self.dataset, self.image_size, self.depth, self.param = key, image_size, depth, param
         in_shape = (1, image_size, image_size)
 
@@ -71,6 +79,58 @@ class ImageMLPTask(Task):
             )
 
         factory.__name__ = name or f"mlp-{key}{image_size}-d{depth}-{param}"
+        super().__init__(factory, datamodule, widths=list(widths), batch_size=batch_size, name=factory.__name__)
+
+
+class ImageViTTask(Task):
+    """A depth-``depth`` ViT (:class:`~lightning_lopt.models.MuViT`) classifying ``dataset``.
+
+    Args:
+        dataset: as :class:`ImageMLPTask`.
+        image_size: the image side; it must be a multiple of ``patch_size``.
+        widths: embedding widths; each must be a multiple of ``head_dim`` (heads = width / head_dim,
+            so the head size stays fixed as the width grows, as μP transformers are scaled).
+        depth: transformer blocks.
+        patch_size: patch side (default a quarter of the image side: 16 patches).
+        head_dim: the width of one attention head.
+        param: ``"mup"`` or ``"sp"``.
+        batch_size: images per particle per inner step.
+        root: where to look for the data first.
+        name: label in logs and cards (default ``vit-{dataset}{size}-d{depth}-{param}``).
+
+    Example::
+
+        ImageViTTask("mnist", image_size=16, widths=[32, 64], depth=2, patch_size=4, head_dim=16)
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        image_size: int = 16,
+        widths: Sequence[int] = (64,),
+        depth: int = 2,
+        patch_size: int | None = None,
+        head_dim: int = 16,
+        param: str = "mup",
+        batch_size: int = 32,
+        root: str | Path | None = None,
+        name: str | None = None,
+    ) -> None:
+        key, datamodule = _image_datamodule("ImageViTTask", dataset, image_size, batch_size, root)
+        bad = [w for w in widths if w % head_dim]
+        if bad:
+            raise ValueError(f"ImageViTTask: widths {bad} are not multiples of head_dim={head_dim}")
+        self.dataset, self.image_size, self.depth, self.param = key, image_size, depth, param
+        in_shape = (1, image_size, image_size)
+
+        def factory(seed: int, width: int | None) -> OptimizeeModule:
+            net = models.build(
+                "vit", width, depth, param, input_shape=in_shape, num_classes=datamodule.num_classes,
+                heads=width // head_dim, patch_size=patch_size,
+            )  # fmt: skip
+            return OptimizeeModule(net)
+
+        factory.__name__ = name or f"vit-{key}{image_size}-d{depth}-{param}"
         super().__init__(factory, datamodule, widths=list(widths), batch_size=batch_size, name=factory.__name__)
 
 

@@ -18,9 +18,12 @@ from lightning_lopt.models.convnet import ConvNet
 from lightning_lopt.models.factory import KINDS, build
 from lightning_lopt.models.mlp import MuMLP
 from lightning_lopt.models.scales import (
+    attach_readout_bases,
     attach_update_scales,
     mup_update_scales,
     param_update_scale,
+    readout_base,
+    relative_update_scale,
     update_scales_of,
 )
 from lightning_lopt.models.transformer import MuTransformerLM
@@ -34,9 +37,12 @@ __all__ = [
     "MuModel",
     "MuTransformerLM",
     "MuViT",
+    "attach_readout_bases",
     "attach_update_scales",
     "build",
     "mup_update_scales",
     "param_update_scale",
+    "readout_base",
+    "relative_update_scale",
     "update_scales_of",
 ]

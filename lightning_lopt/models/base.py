@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lopt.models.scales import attach_update_scales, mup_update_scales
+from lightning_lopt.models.scales import attach_readout_bases, attach_update_scales, mup_update_scales
 
 from lightning_lopt.checks import check_positive_int
 from lightning_lopt.initializers import haiku_trunc_normal_ as trunc_normal_
@@ -110,6 +110,7 @@ class MuModel(nn.Module):
                 if isinstance(module, MuLOReadout):
                     module.width_mult()  # cache the float while infshape is still attached
             self._update_scales = mup_update_scales(self)
+            attach_readout_bases(self)
         else:
             self._infshapes = None
             self._update_scales = {name: 1.0 for name, _ in self.named_parameters()}
@@ -129,6 +130,7 @@ class MuModel(nn.Module):
         # __setstate__ on the new module, so re-attach both here.
         if self._infshapes is not None:
             mup.apply_infshapes(self, self._infshapes)
+            attach_readout_bases(self)
         attach_update_scales(self, self._update_scales)
 
 

@@ -13,6 +13,11 @@ shapes into floats once and keep them either in a dict keyed like ``named_parame
 float attribute ``p.lopt_update_scale``, which survives everything a flat parameter iterable goes
 through (LightningCLI's ``--optimizer`` hands the optimizer nothing but the tensors).
 
+Base-width-relative scales (``MuCelo2``'s ``base_width``) also need to know which tensors are a μP
+readout, which a parameter's ``infshape`` cannot say (a readout ``[classes, width]`` and an embedding
+``[tokens, width]`` look alike): :func:`attach_readout_bases` marks them by module type, and
+:func:`relative_update_scale` turns an absolute scale into a relative one.
+
 Example with a user model built with mup::
 
     import mup
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import mup
 import torch
 from torch import nn
 
@@ -144,3 +150,66 @@ def param_update_scale(p: torch.Tensor) -> float | None:
     if hasattr(p, "infshape"):
         return _scale_from_infshape(p, f"of shape {list(p.shape)}")
     return None
+
+
+# -- base-width-relative scales (MuCelo2's `base_width`) -------------------------------------------
+
+READOUT_BASE_ATTR = "lopt_readout_base"
+
+
+def attach_readout_bases(model: nn.Module) -> dict[str, float]:
+    """Mark every μP readout tensor with the readout's base fan-in (``p.lopt_readout_base``).
+
+    A μP readout multiplies its output by ``1 / width_mult`` = ``base fan-in / fan-in``; a
+    base-width-relative update scale needs that base (:func:`relative_update_scale`). Marked: the
+    weight and bias of a :class:`~lightning_lopt.models.base.MuLOReadout` (it multiplies its whole
+    output), and the weight of a ``mup.MuReadout`` (mup multiplies the input, so its bias is not
+    scaled). Readouts are found by module type because a parameter's ``infshape`` cannot tell a
+    readout ``[classes, width]`` from an embedding ``[tokens, width]``. The float attribute survives
+    what ``p.lopt_update_scale`` survives. The library's models call this themselves; call it on a
+    user mup model after ``mup.set_base_shapes``. Returns ``{name: base}``.
+
+    Example::
+
+        attach_readout_bases(model)    # {"readout.weight": 1.0, "readout.bias": 1.0}
+    """
+    from lightning_lopt.models.base import MuLOReadout  # base imports this module
+
+    table: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, mup.MuReadout):
+            continue
+        base = float(module.in_features / module.width_mult())
+        names = ("weight", "bias") if isinstance(module, MuLOReadout) else ("weight",)
+        for name in names:
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter):
+                setattr(p, READOUT_BASE_ATTR, base)
+                table[f"{prefix}.{name}" if prefix else name] = base
+    return table
+
+
+def readout_base(p: torch.Tensor) -> float | None:
+    """The base fan-in of a μP readout tensor marked by :func:`attach_readout_bases`, else None."""
+    attached = getattr(p, READOUT_BASE_ATTR, None)
+    return None if attached is None else float(attached)
+
+
+def relative_update_scale(absolute: float, readout_base_fan_in: float | None, base_width: float) -> float:
+    """μLO's absolute update scale made relative to ``base_width`` (MuCelo2's ``base_width``).
+
+    Hidden matrices (absolute ``1 / fan_in``) get ``base_width / fan_in``; a readout tensor gets
+    ``base_width / base fan-in``, so that its output (multiplied by ``base fan-in / fan-in`` in the
+    forward) moves as a standard-parametrization readout's does at width ``base_width``; every
+    other tensor keeps its absolute scale (1). At ``fan_in == base_width`` every layer then moves by
+    what the standard parametrization gives at that width (docs/celo2.md, "MuCelo2").
+
+    Example::
+
+        relative_update_scale(1 / 512, None, 128)   # 0.25: a 512-wide hidden matrix
+        relative_update_scale(1.0, 1.0, 128)        # 128.0: a μLO readout (base fan-in 1)
+        relative_update_scale(1.0, None, 128)       # 1.0: input layer, biases, norms
+    """
+    if readout_base_fan_in is not None:
+        return base_width / readout_base_fan_in
+    return base_width * absolute if absolute < 1.0 else absolute

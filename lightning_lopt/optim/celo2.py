@@ -13,8 +13,12 @@ class          matrices (rank ≥ 2)             vectors, scalars, embeddings   
 =============  ==============================  =============================  ================
 ``Celo2``      MLP → Newton–Schulz → RMS 1     Adam (``adam_lr_mult`` × lr)    no (all 1)
 ``Celo2Base``  MLP → RMS 1                     the learned rule (MLP → RMS 1)  no (all 1)
-``MuCelo2``    as Celo2, × 1/fan_in (hidden)   as Celo2                        yes
+``MuCelo2``    as Celo2, × μP scale            as Celo2                        yes
 =============  ==============================  =============================  ================
+
+MuCelo2's μP scales are relative to ``base_width`` (default 128): ``base_width / fan_in`` on hidden
+matrices and ``base_width`` on a μLO readout, so that at width 128 it moves every layer as Celo2 does
+at the same ``lr``; ``base_width=None`` gives μLO's absolute ``1/fan_in`` (see ``MuCelo2``).
 
 **Routing to Adam** (Celo2, MuCelo2): tensors of rank ≤ 1, and parameters whose name contains
 ``"embed"`` when the parameters come as ``named_parameters()`` (what ``lightning_lopt.Trainer``
@@ -65,6 +69,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -73,6 +78,7 @@ from torch import Tensor
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.functional import celo2
 from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LearnedOptimizer, MetaWeights
+from lightning_lopt.optim.scaling import base_relative_groups, scaled_param_groups
 
 #: Parameters whose name contains this go to the Adam branch (the reference's test-time routing).
 EMBEDDING_MARKER = "embed"
@@ -239,15 +245,26 @@ class MuCelo2(_Celo2Optimizer):
     Scales are resolved as for :class:`~lightning_lopt.optim.optimizers.MuLO`: the group's
     ``update_scale``, ``scales``, ``p.lopt_update_scale`` or mup's ``p.infshape``.
 
-    The default ``lr`` is 1e-2, ten times Celo2's: the scales are absolute (``1/fan_in``, as μLO's),
-    so at a width of 128 a hidden matrix moves 1/128 of ``lr`` per element, and at Celo2's 1e-3 the
-    hidden and readout layers of a μP MLP barely train (a loss of 1.47 after 300 steps on the 28x28
-    MNIST MLP at width 128). 1e-2 was the best of 1e-3 … 1e-1 there (0.167; ``docs/celo2.md``,
-    "MuCelo2: the learning rate"). Tune it at a small width and keep it as the width grows.
+    **Base-width-relative scales** (``base_width``, as mup's ``MuAdam`` reads a learning rate at the
+    base width): hidden matrices move by ``base_width / fan_in`` and the readout by ``base_width``
+    over its base fan-in, so at ``fan_in == base_width`` every layer moves as Celo2's does on a
+    standard-parametrization model of that width, and ``lr`` means what it means for ``Celo2``.
+    Readouts are the tensors marked by :func:`lightning_lopt.models.attach_readout_bases` (the
+    library's models mark theirs; call it on a user mup model). ``base_width=None`` gives μLO's
+    absolute scales, which the meta-training path uses (``MetaTrainer(lopt="mucelo2")``).
+
+    Args:
+        params: as :class:`Celo2`; the parameters of a μP model.
+        lr: the step's scale (see ``base_width``).
+        base_width: the width at which MuCelo2 moves every layer as Celo2 does, or None.
+        scales: per-name absolute μP scales (``model.update_scales()``) for named parameters.
+        allow_sp: treat tensors without μP information as scale 1 instead of raising.
+        Others: as :class:`Celo2`.
 
     Example::
 
-        opt = MuCelo2(model.named_parameters())      # a lightning_lopt.models μP model; lr 1e-2
+        opt = MuCelo2(model.named_parameters())                       # a lightning_lopt.models μP model
+        opt = MuCelo2(model.parameters(), base_width=None, lr=1e-2)   # μLO's absolute scales
     """
 
     module_factory = Celo2LOpt
@@ -258,8 +275,9 @@ class MuCelo2(_Celo2Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-2,
+        lr: float = 1e-3,
         *,
+        base_width: float | None = 128,
         meta_weights: MetaWeights = None,
         weight_decay: float = 0.0,
         adam_lr_mult: float = 1.0,
@@ -268,6 +286,21 @@ class MuCelo2(_Celo2Optimizer):
         allow_sp: bool = False,
         fused: bool | None = None,
     ) -> None:
+        if base_width is not None:
+            if isinstance(base_width, bool) or not (isinstance(base_width, (int, float)) and base_width > 0):
+                raise ValueError(f"MuCelo2: base_width must be a positive number or None, got {base_width!r}")
+            owner = type(self).__name__
+            absolute = scaled_param_groups(route_embeddings(params), scales, allow_sp=allow_sp, owner=owner)
+            params, found = base_relative_groups(absolute, float(base_width))
+            scales = None
+            if not found:
+                warnings.warn(
+                    f"{owner}(base_width={base_width}): no μP readout among the parameters, so none gets the "
+                    "readout's relative scale; mark a user mup model's readout with "
+                    "lightning_lopt.models.attach_readout_bases(model)",
+                    stacklevel=2,
+                )
+        self.base_width = base_width
         super().__init__(
             params,
             lr,

@@ -48,7 +48,7 @@ class LO(LearnedOptimizer):
 
     module_class = SmallFCLOpt
     module_factory = functools.partial(SmallFCLOpt, step_mult=0.001)
-    pretrained_names = ("lo-fmnist8-w32-128",)
+    pretrained_names = ("lo-fmnist8-w32-128", "lo-fmnist8-w32-128-long4k")
     registry_name = "lo"
 
     def __init__(

@@ -63,8 +63,8 @@ def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_m
             p.copy_(value)
     loss = inst.loss({n: p for n, p in named}, batch)
     grads = torch.autograd.grad(loss, [p for _, p in named])
-    opt = MuCelo2(
-        named, lr=celo2.META_TRAINING_STEP_MULT, meta_weights=meta.lopt, adam_mode="meta_training",
+    opt = MuCelo2(  # the meta-training path uses μLO's absolute scales: base_width=None
+        named, lr=celo2.META_TRAINING_STEP_MULT, base_width=None, meta_weights=meta.lopt, adam_mode="meta_training",
         adam_lr_mult=celo2.META_TRAINING_ADAM_LR_MULT, fused=fused,
     )
     resolved = {id(p): g["update_scale"] for g in opt.param_groups for p in g["params"]}

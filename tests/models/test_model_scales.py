@@ -12,9 +12,12 @@ from lightning_lopt.models import (
     MuMLP,
     MuTransformerLM,
     MuViT,
+    attach_readout_bases,
     attach_update_scales,
     mup_update_scales,
     param_update_scale,
+    readout_base,
+    relative_update_scale,
     update_scales_of,
 )
 
@@ -191,3 +194,39 @@ def test_update_scales_returns_a_copy():
     model = MuMLP(16, 32, 3, 4)
     model.update_scales()["hidden_layers.0.weight"] = 123.0
     assert model.update_scales()["hidden_layers.0.weight"] == pytest.approx(1 / 32)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda param: MuMLP(16, 32, 3, 4, param=param),
+        lambda param: MuViT(8, 2, 32, 1, 2, 4.0, 10, param),
+        lambda param: MuTransformerLM(50, 8, 32, 1, 2, param),
+    ],
+    ids=["mlp", "vit", "lm"],
+)
+def test_library_readouts_are_marked_with_base_one_and_nothing_else_is(model):
+    """μLO's readout multiplies weight and bias by 1/fan_in (base 1); embeddings and cls tokens,
+    whose infshape looks like a readout's ([n, width]), are not readouts. Marks survive deepcopy."""
+    import copy
+
+    for m in (model("mup"), copy.deepcopy(model("mup"))):
+        marked = {n: readout_base(p) for n, p in m.named_parameters() if readout_base(p) is not None}
+        assert marked == {"readout.weight": 1.0, "readout.bias": 1.0}
+    assert all(readout_base(p) is None for p in model("sp").parameters())
+
+
+def test_user_mup_readout_base_is_its_base_fan_in_and_its_bias_is_not_a_readout():
+    model = mup.set_base_shapes(UserNet(96), UserNet(32), delta=UserNet(48))
+    assert all(readout_base(p) is None for p in model.parameters())  # not marked yet
+    assert attach_readout_bases(model) == {"readout.weight": pytest.approx(64.0)}  # fan-in 192, base 2x32
+    assert readout_base(model.readout.weight) == pytest.approx(64.0)
+    assert readout_base(model.readout.bias) is None  # mup scales the readout's input, not its bias
+
+
+def test_relative_update_scale_arithmetic():
+    assert relative_update_scale(1 / 512, None, 128) == pytest.approx(0.25)  # hidden
+    assert relative_update_scale(1 / 128, None, 128) == pytest.approx(1.0)  # hidden at the base width
+    assert relative_update_scale(1.0, 1.0, 128) == 128.0  # μLO readout, base fan-in 1
+    assert relative_update_scale(1.0, 64.0, 128) == 2.0  # mup readout with base fan-in 64
+    assert relative_update_scale(1.0, None, 128) == 1.0  # input layer, vectors

@@ -149,10 +149,98 @@ def test_route_embeddings_keeps_flat_lists_and_explicit_groups():
 
 def test_mucelo2_uses_mup_scales_and_explains_missing_ones():
     model = llo.models.MuMLP((1, 8, 8), width=32, depth=3, num_classes=10)
-    opt = MuCelo2(model.named_parameters(), meta_weights=Celo2LOpt())
+    opt = MuCelo2(model.named_parameters(), base_width=None, meta_weights=Celo2LOpt())
     assert sorted({g["update_scale"] for g in opt.param_groups}) == pytest.approx([1 / 32, 1.0])
+    default = MuCelo2(model.named_parameters(), meta_weights=Celo2LOpt())  # base_width 128
+    assert sorted({g["update_scale"] for g in default.param_groups}) == pytest.approx([1.0, 4.0, 128.0])
     with pytest.raises(ValueError, match="no μP update scale"):
         MuCelo2(nn.Linear(3, 3).parameters(), meta_weights=Celo2LOpt())
+
+
+def _mlp_with_grads(width: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = llo.models.MuMLP((1, 8, 8), width=width, depth=3, num_classes=10)
+    with torch.no_grad():  # a non-zero readout, so every layer has a gradient
+        model.readout.weight.normal_(0.0, 1.0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    return model
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pure", "fused"])
+def test_mucelo2_at_its_base_width_moves_every_layer_as_celo2_and_the_readout_by_the_base(fused):
+    """The reference is Celo2 itself (per-tensor rule, no scales): at fan_in == base_width every
+    hidden and input tensor moves exactly as Celo2's does, and the μLO readout, whose output is
+    multiplied by 1/fan_in in the forward, moves base_width times as much."""
+    width, lr = 32, 1e-3
+    theta = Celo2LOpt(generator=torch.Generator().manual_seed(3))
+    models = [_mlp_with_grads(width), _mlp_with_grads(width)]
+    before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    MuCelo2(models[0].named_parameters(), lr=lr, base_width=width, meta_weights=theta, fused=fused).step()
+    Celo2(models[1].named_parameters(), lr=lr, meta_weights=theta, fused=fused).step()
+    mu, ref = dict(models[0].named_parameters()), dict(models[1].named_parameters())
+    for name, old in before.items():
+        factor = width if name.startswith("readout.") else 1.0
+        d_mu, d_ref = mu[name].detach() - old, factor * (ref[name].detach() - old)
+        assert d_ref.abs().max() > 0, name
+        # Each delta is a difference of float32 parameters: one rounding of |p| each, times the factor.
+        atol = (factor + 1) * 2 * torch.finfo(torch.float32).eps * float(old.abs().max())
+        torch.testing.assert_close(d_mu, d_ref, rtol=1e-5, atol=atol, msg=name)
+
+
+def test_mucelo2_base_width_scales_at_other_widths_and_bad_values():
+    model = _mlp_with_grads(512)
+    opt = MuCelo2(model.named_parameters(), lr=1e-3, base_width=128, meta_weights=Celo2LOpt())
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: g["update_scale"] for g in opt.param_groups for p in g["params"]}
+    assert got == {
+        "input_layer.weight": 1.0, "input_layer.bias": 1.0,
+        "hidden_layers.0.weight": 0.25, "hidden_layers.0.bias": 1.0,
+        "hidden_layers.1.weight": 0.25, "hidden_layers.1.bias": 1.0,
+        "readout.weight": 128.0, "readout.bias": 128.0,
+    }  # fmt: skip
+    absolute = MuCelo2(model.parameters(), base_width=None, meta_weights=Celo2LOpt())  # μLO's 1/fan_in
+    assert sorted({g["update_scale"] for g in absolute.param_groups}) == [1 / 512, 1.0]
+    for bad in (0, -1.0, True, "128"):
+        with pytest.raises(ValueError, match="base_width must be a positive number"):
+            MuCelo2(model.parameters(), base_width=bad, meta_weights=Celo2LOpt())
+
+
+def test_mucelo2_base_width_warns_when_no_readout_is_marked():
+    import mup
+
+    class Net(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(4, width), nn.Linear(width, width), mup.MuReadout(width, 3)
+
+    model = mup.set_base_shapes(Net(64), Net(8), delta=Net(16))
+    with pytest.warns(UserWarning, match="attach_readout_bases"):
+        MuCelo2(model.parameters(), base_width=8, meta_weights=Celo2LOpt())
+    llo.models.attach_readout_bases(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = MuCelo2(model.parameters(), base_width=8, meta_weights=Celo2LOpt())
+    assert {g["update_scale"] for g in opt.param_groups if any(p is model.out.weight for p in g["params"])} == {1.0}
+
+
+def test_mucelo2_base_width_state_dict_resume_is_bit_exact():
+    theta = Celo2LOpt(generator=torch.Generator().manual_seed(1))
+
+    def run(resume: bool):
+        model = _mlp_with_grads(64)
+        opt = MuCelo2(model.parameters(), lr=1e-3, base_width=32, meta_weights=theta)
+        for step in range(4):
+            if resume and step == 2:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                opt = MuCelo2(model.parameters(), lr=1e-3, base_width=32, meta_weights=theta)
+                opt.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+            opt.step()  # the same gradients every step
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
 
 
 def test_registry_trainer_and_lightning_cli(tmp_path, fit_kwargs):
