@@ -16,30 +16,60 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from lightning_lopt import models
 from lightning_lopt.datamodules import get_datamodule
 from lightning_lopt.meta.tasks import Task
-from lightning_lopt import models
 from lightning_lopt.optimizee import OptimizeeModule
 
 #: Data sets an ImageMLPTask can use (all 10-class, grey).
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 
 
-def _image_datamodule(task: str, dataset: str, image_size: int, batch_size: int, root: str | Path | None):
-    """The data module of an image task, with the error a misspelt ``dataset`` deserves."""
-    key = dataset.replace("-", "_").lower()
-    if key not in IMAGE_DATASETS:
-        raise ValueError(f"{task}: unknown dataset {dataset!r}; known: {', '.join(IMAGE_DATASETS)}")
-    kwargs = {"image_size": image_size, "batch_size": batch_size}
-    if root is not None and key != "digits":
-        kwargs["root"] = root
-    return key, get_datamodule(key, **kwargs)
+class _ImageTask(Task):
+    """What the image tasks share: the data set by name, and one ``kind`` network per width.
+
+    ``extra(width)`` gives the keyword arguments of :func:`lightning_lopt.models.build` that depend
+    on the kind (the ViT's heads and patch size).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        dataset: str,
+        image_size: int,
+        widths: Sequence[int],
+        depth: int,
+        param: str,
+        batch_size: int,
+        root: str | Path | None,
+        name: str | None,
+        extra: Callable[[int], dict[str, Any]] = lambda width: {},
+    ) -> None:
+        key = dataset.replace("-", "_").lower()
+        if key not in IMAGE_DATASETS:
+            raise ValueError(f"{type(self).__name__}: unknown dataset {dataset!r}; known: {', '.join(IMAGE_DATASETS)}")
+        kwargs = {"image_size": image_size, "batch_size": batch_size}
+        if root is not None and key != "digits":
+            kwargs["root"] = root
+        datamodule = get_datamodule(key, **kwargs)
+        self.dataset, self.image_size, self.depth, self.param = key, image_size, depth, param
+        in_shape = (1, image_size, image_size)
+
+        def factory(seed: int, width: int | None) -> OptimizeeModule:
+            net = models.build(
+                kind, width, depth, param, input_shape=in_shape, num_classes=datamodule.num_classes, **extra(width)
+            )
+            return OptimizeeModule(net)
+
+        factory.__name__ = name or f"{kind}-{key}{image_size}-d{depth}-{param}"
+        super().__init__(factory, datamodule, widths=list(widths), batch_size=batch_size, name=factory.__name__)
 
 
-class ImageMLPTask(Task):
+class ImageMLPTask(_ImageTask):
     """A depth-``depth`` ReLU MLP classifying ``dataset`` at ``image_size``², one PES estimator per width.
 
     Args:
@@ -69,20 +99,10 @@ class ImageMLPTask(Task):
         root: str | Path | None = None,
         name: str | None = None,
     ) -> None:
-        key, datamodule = _image_datamodule("ImageMLPTask", dataset, image_size, batch_size, root)
-        self.dataset, self.image_size, self.depth, self.param = key, image_size, depth, param
-        in_shape = (1, image_size, image_size)
-
-        def factory(seed: int, width: int | None) -> OptimizeeModule:
-            return OptimizeeModule(
-                models.build("mlp", width, depth, param, input_shape=in_shape, num_classes=datamodule.num_classes)
-            )
-
-        factory.__name__ = name or f"mlp-{key}{image_size}-d{depth}-{param}"
-        super().__init__(factory, datamodule, widths=list(widths), batch_size=batch_size, name=factory.__name__)
+        super().__init__("mlp", dataset, image_size, widths, depth, param, batch_size, root, name)
 
 
-class ImageViTTask(Task):
+class ImageViTTask(_ImageTask):
     """A depth-``depth`` ViT (:class:`~lightning_lopt.models.MuViT`) classifying ``dataset``.
 
     Args:
@@ -116,22 +136,13 @@ class ImageViTTask(Task):
         root: str | Path | None = None,
         name: str | None = None,
     ) -> None:
-        key, datamodule = _image_datamodule("ImageViTTask", dataset, image_size, batch_size, root)
         bad = [w for w in widths if w % head_dim]
         if bad:
             raise ValueError(f"ImageViTTask: widths {bad} are not multiples of head_dim={head_dim}")
-        self.dataset, self.image_size, self.depth, self.param = key, image_size, depth, param
-        in_shape = (1, image_size, image_size)
-
-        def factory(seed: int, width: int | None) -> OptimizeeModule:
-            net = models.build(
-                "vit", width, depth, param, input_shape=in_shape, num_classes=datamodule.num_classes,
-                heads=width // head_dim, patch_size=patch_size,
-            )  # fmt: skip
-            return OptimizeeModule(net)
-
-        factory.__name__ = name or f"vit-{key}{image_size}-d{depth}-{param}"
-        super().__init__(factory, datamodule, widths=list(widths), batch_size=batch_size, name=factory.__name__)
+        super().__init__(
+            "vit", dataset, image_size, widths, depth, param, batch_size, root, name,
+            extra=lambda width: {"heads": width // head_dim, "patch_size": patch_size},
+        )  # fmt: skip
 
 
 def celo_tasks(batch_size: int = 64, root: str | Path | None = None) -> list[Task]:

@@ -75,10 +75,11 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_lopt.models.scales import readout_base
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.functional import celo2
 from lightning_lopt.optim.learned import GLOBAL_STATE_KEY, LearnedOptimizer, MetaWeights
-from lightning_lopt.optim.scaling import base_relative_groups, scaled_param_groups
+from lightning_lopt.optim.scaling import scaled_param_groups
 
 #: Parameters whose name contains this go to the Adam branch (the reference's test-time routing).
 EMBEDDING_MARKER = "embed"
@@ -290,10 +291,11 @@ class MuCelo2(_Celo2Optimizer):
             if isinstance(base_width, bool) or not (isinstance(base_width, (int, float)) and base_width > 0):
                 raise ValueError(f"MuCelo2: base_width must be a positive number or None, got {base_width!r}")
             owner = type(self).__name__
-            absolute = scaled_param_groups(route_embeddings(params), scales, allow_sp=allow_sp, owner=owner)
-            params, found = base_relative_groups(absolute, float(base_width))
+            params = scaled_param_groups(
+                route_embeddings(params), scales, allow_sp=allow_sp, owner=owner, base_width=float(base_width)
+            )
             scales = None
-            if not found:
+            if not any(readout_base(p) is not None for g in params for p in g["params"]):
                 warnings.warn(
                     f"{owner}(base_width={base_width}): no μP readout among the parameters, so none gets the "
                     "readout's relative scale; mark a user mup model's readout with "

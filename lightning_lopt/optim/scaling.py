@@ -23,7 +23,11 @@ from typing import Any
 
 import torch
 
-from lightning_lopt.models.scales import param_update_scale, readout_base, relative_update_scale
+from lightning_lopt.models.scales import (
+    param_update_scale,
+    readout_base,
+    relative_update_scale,
+)
 
 _FIX = (
     "Build the model with lightning_lopt.models, call mup.set_base_shapes(model, base, delta=...) on it, "
@@ -59,11 +63,15 @@ def scaled_param_groups(
     *,
     allow_sp: bool = False,
     owner: str = "optimizer",
+    base_width: float | None = None,
 ) -> list[dict[str, Any]]:
     """Split param groups so that every group has a single ``update_scale`` float.
 
     Group options other than ``params`` are kept. Raises ``ValueError`` naming the first parameter
-    without μP information unless ``allow_sp`` is set.
+    without μP information unless ``allow_sp`` is set. With ``base_width``, each absolute scale is
+    made relative to it (:func:`~lightning_lopt.models.scales.relative_update_scale`: hidden
+    matrices ``base_width / fan_in``, readout tensors ``base_width / base fan-in``, the rest
+    unchanged).
     """
     out: list[dict[str, Any]] = []
     index = 0
@@ -84,33 +92,11 @@ def scaled_param_groups(
                         f"{owner}: parameter {label} (shape {list(p.shape)}) has no μP update scale. {_FIX}"
                     )
                 scale = 1.0
+            if base_width is not None:
+                scale = relative_update_scale(float(scale), readout_base(p), base_width)
             by_scale.setdefault(float(scale), []).append(p)
             index += 1
         # Names are used for error messages only; dropping them keeps optimizer state_dicts identical
         # whether the parameters came named (our Trainer helper) or flat (LightningCLI).
         out.extend({**options, "params": ps, "update_scale": scale} for scale, ps in by_scale.items())
     return out
-
-
-def base_relative_groups(param_groups: list[dict[str, Any]], base_width: float) -> tuple[list[dict[str, Any]], bool]:
-    """Re-split groups from :func:`scaled_param_groups` by base-width-relative update scale.
-
-    Each tensor's scale becomes :func:`~lightning_lopt.models.scales.relative_update_scale` of its
-    absolute one (hidden matrices ``base_width / fan_in``, readout tensors ``base_width / base
-    fan-in``, the rest unchanged). Returns the groups and whether any readout tensor was found.
-
-    Example::
-
-        groups, found = base_relative_groups(scaled_param_groups(model.named_parameters()), 128)
-    """
-    out: list[dict[str, Any]] = []
-    found = False
-    for group in param_groups:
-        options = {k: v for k, v in group.items() if k not in ("params", "update_scale")}
-        by_scale: dict[float, list[torch.Tensor]] = {}
-        for p in group["params"]:
-            base = readout_base(p)
-            found = found or base is not None
-            by_scale.setdefault(relative_update_scale(group["update_scale"], base, base_width), []).append(p)
-        out.extend({**options, "params": ps, "update_scale": scale} for scale, ps in by_scale.items())
-    return out, found
