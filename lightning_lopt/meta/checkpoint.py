@@ -211,7 +211,7 @@ def read_light_checkpoint(directory: str | Path, load_theta: Callable[[Path], No
 #: Recipe entries that define what a full checkpoint's state means: a checkpoint whose entries differ
 #: cannot continue this run. The others (schedule, update clip, name) may change on purpose; a
 #: difference is reported, since it makes the continuation differ from an uninterrupted run.
-_SAME_RUN_KEYS = ("lopt", "mu", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
+_SAME_RUN_KEYS = ("lopt", "mu", "base_width", "stage", "tasks", "estimator", "truncation", "initial_offset", "augmentation", "seed")
 
 
 def warn_nothing_left(step: int, max_steps: int) -> None:

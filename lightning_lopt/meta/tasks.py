@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_lopt.checks import check_positive_int
-from lightning_lopt.models.scales import update_scales_of
+from lightning_lopt.models.scales import attach_readout_bases, readout_base, relative_update_scale, update_scales_of
 from lightning_lopt.optim.registry import import_path
 
 ModuleFactory = str | type | Callable[..., nn.Module]
@@ -126,8 +126,16 @@ class Task:
                 return self.module(**kwargs)
             return self.module(seed, width)
 
-    def build(self, *, lopt_is_mu: bool, device: torch.device | str = "cpu") -> list[TaskInstance]:
-        """One :class:`TaskInstance` per width; checks everything that can fail before any compute."""
+    def build(
+        self, *, lopt_is_mu: bool, device: torch.device | str = "cpu", base_width: float | None = None
+    ) -> list[TaskInstance]:
+        """One :class:`TaskInstance` per width; checks everything that can fail before any compute.
+
+        ``base_width`` makes the μP scales relative to it (``MuCelo2``'s ``base_width``); it needs
+        ``lopt_is_mu``.
+        """
+        if base_width is not None and not lopt_is_mu:
+            raise ValueError(f"task {self.name!r}: base_width={base_width} needs a learned optimizer with μP scales")
         device = torch.device(device)
         data = DataSource(self.datamodule, self.batch_size, device)
         instances = []
@@ -139,7 +147,7 @@ class Task:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"task {self.name!r}: the factory returned {type(module).__name__}, not a module")
             label = self.name if width is None else f"{self.name}-w{width}"
-            instances.append(TaskInstance(self, label, width, module.to(device), data, lopt_is_mu))
+            instances.append(TaskInstance(self, label, width, module.to(device), data, lopt_is_mu, base_width))
         return instances
 
 
@@ -287,6 +295,8 @@ class TaskInstance:
     module: nn.Module
     data: DataSource
     lopt_is_mu: bool
+    #: Scales relative to this base width (``relative_update_scale``), or μLO's absolute ones (None).
+    base_width: float | None = None
 
     def __post_init__(self) -> None:
         module = self.module
@@ -306,6 +316,16 @@ class TaskInstance:
             except ValueError as err:
                 raise ValueError(f"task {self.label!r} has no μP update scales for a μ learned optimizer: {err}") from err
             self.scales = [float(table[n]) for n in self.names]
+            if self.base_width is not None:
+                # A user's mup model has no marks yet; the library's models are marked already.
+                if not attach_readout_bases(module):
+                    rank_zero_warn(
+                        f"task {self.label!r}: base_width={self.base_width} but {owner} has no μP readout "
+                        "(mup.MuReadout), so none gets the readout's relative scale"
+                    )
+                self.scales = [
+                    relative_update_scale(s, readout_base(p), self.base_width) for s, (_, p) in zip(self.scales, named)
+                ]
         else:
             self.scales = [1.0] * len(self.names)
         self._pure = _has_pure_loss(module)

@@ -97,6 +97,9 @@ class MetaTrainer(L.LightningModule):
         stage: Celo's stage: 1 trains the update rule without the scheduler, 2 freezes the rule and
             trains the scheduler (``init_from`` the stage-1 weights). ``None`` for other optimizers.
         mu: whether the optimizer uses μP update scales (default: from the name; False for a module).
+        base_width: μP scales relative to this width, as ``MuCelo2(base_width=...)`` uses them
+            (hidden ``base_width / fan_in``, readout ``base_width / base fan-in``); ``None``: μLO's
+            absolute scales. Needs a μ optimizer; recorded on the card.
         init_from: a packaged name or a directory written by :meth:`save_pretrained` /
             :meth:`save_light_checkpoint`: start from these weights (fine-tuning).
         resume_from: a light checkpoint directory: continue its θ, meta-optimizer and step count.
@@ -118,6 +121,7 @@ class MetaTrainer(L.LightningModule):
         warm_start: WarmStart | None = None,
         stage: int | None = None,
         mu: bool | None = None,
+        base_width: float | None = None,
         init_from: str | None = None,
         resume_from: str | None = None,
         seed: int = 0,
@@ -139,6 +143,13 @@ class MetaTrainer(L.LightningModule):
         self.lopt, default_mu = build_lopt(lopt, stage, seed)
         self.lopt_name = lopt if isinstance(lopt, str) else type(lopt).__name__
         self.mu = default_mu if mu is None else bool(mu)
+        if base_width is not None:
+            if isinstance(base_width, bool) or not (isinstance(base_width, (int, float)) and base_width > 0):
+                raise ValueError(f"MetaTrainer: base_width must be a positive number or None, got {base_width!r}")
+            if not self.mu:
+                raise ValueError(f"MetaTrainer: base_width={base_width} needs a μ learned optimizer; {self.lopt_name} uses none")
+            base_width = float(base_width)
+        self.base_width = base_width
         if init_from is not None and resume_from is not None:
             raise ValueError("MetaTrainer: give init_from or resume_from, not both")
         if init_from is not None:
@@ -167,7 +178,7 @@ class MetaTrainer(L.LightningModule):
         self.seed = seed
         self.recipe = recipe
         # Built now, on the CPU, so that bad tasks and missing data fail before any compute.
-        instances = [i for t in self.tasks for i in t.build(lopt_is_mu=self.mu)]
+        instances = [i for t in self.tasks for i in t.build(lopt_is_mu=self.mu, base_width=self.base_width)]
         settings = EstimatorSettings(estimator, truncation, initial_offset, augmentation, seed)
         self.gradient_estimator = PESEstimator(self.lopt, self.trainable_names, instances, settings)
         self._full_resume = False
@@ -205,7 +216,9 @@ class MetaTrainer(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         on_device = None
         if device.type != "cpu":
-            on_device = [i for t in self.tasks for i in t.build(lopt_is_mu=self.mu, device=device)]
+            on_device = [
+                i for t in self.tasks for i in t.build(lopt_is_mu=self.mu, device=device, base_width=self.base_width)
+            ]
         self.gradient_estimator.prepare(on_device)
 
     def on_train_start(self) -> None:
@@ -306,6 +319,7 @@ class MetaTrainer(L.LightningModule):
                 "name": self.recipe,
                 "lopt": self.lopt_name,
                 "mu": self.mu,
+                "base_width": self.base_width,
                 "stage": self.stage,
                 "estimator": vars(self.estimator),
                 "truncation": vars(self.truncation),

@@ -29,9 +29,12 @@ WIDTH = 16
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def build(lopt: str) -> MetaTrainer:
+def build(lopt: str, base_width: float | None = None) -> MetaTrainer:
     task = ImageMLPTask("digits", widths=[WIDTH], depth=2, param="mup", batch_size=8)
-    return MetaTrainer(lopt, tasks=[task], estimator=PES(num_pairs=1, trunc_length=1), truncation=LogUniformLengthSchedule(10, 10))
+    return MetaTrainer(
+        lopt, tasks=[task], estimator=PES(num_pairs=1, trunc_length=1), truncation=LogUniformLengthSchedule(10, 10),
+        base_width=base_width,
+    )
 
 
 def meta_training_step(meta: MetaTrainer) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
@@ -47,11 +50,12 @@ def meta_training_step(meta: MetaTrainer) -> tuple[list[torch.Tensor], list[torc
     return before, [p[0] for p in after.params], tree_map(lambda x: x[0, 0], batches)
 
 
+@pytest.mark.parametrize("base_width", [None, 4.0], ids=["absolute", "base4"])
 @pytest.mark.parametrize("fused", [False, True], ids=["pure", "fused"])
-def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_mode(fused, monkeypatch):
+def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_mode(fused, base_width, monkeypatch):
     if not fused:
         monkeypatch.setattr(unroll, "particle_step", vmapped_pure_step)
-    meta = build("mucelo2")
+    meta = build("mucelo2", base_width)
     inst = meta.instances[0]
     before, stepped, batch = meta_training_step(meta)
 
@@ -63,8 +67,8 @@ def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_m
             p.copy_(value)
     loss = inst.loss({n: p for n, p in named}, batch)
     grads = torch.autograd.grad(loss, [p for _, p in named])
-    opt = MuCelo2(  # the meta-training path uses μLO's absolute scales: base_width=None
-        named, lr=celo2.META_TRAINING_STEP_MULT, base_width=None, meta_weights=meta.lopt, adam_mode="meta_training",
+    opt = MuCelo2(
+        named, lr=celo2.META_TRAINING_STEP_MULT, base_width=base_width, meta_weights=meta.lopt, adam_mode="meta_training",
         adam_lr_mult=celo2.META_TRAINING_ADAM_LR_MULT, fused=fused,
     )
     resolved = {id(p): g["update_scale"] for g in opt.param_groups for p in g["params"]}
@@ -74,8 +78,12 @@ def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_m
         p.grad = g
     opt.step()
 
-    hidden = [i for i, s in enumerate(scales) if s != 1.0]
-    assert hidden and all(scales[i] == 1.0 / WIDTH for i in hidden)
+    # Independent of both paths: the hidden matrix's fan-in is WIDTH; the μLO readout's base fan-in is 1.
+    expected = {"model.hidden_layers.0.weight": 1.0 / WIDTH}
+    if base_width is not None:
+        expected = {"model.hidden_layers.0.weight": base_width / WIDTH, "model.readout.weight": base_width,
+                    "model.readout.bias": base_width}
+    assert {n: s for n, s in zip(inst.names, scales) if s != 1.0} == expected
     for name, (_, p), new, old in zip(inst.names, named, stepped, before):
         tol = 8 * EPS32 * float((new - old).abs().max()) + 2 * EPS32 * max(float(old.abs().max()), float(new.abs().max()))
         err = float((new - p.detach()).abs().max())
@@ -91,3 +99,13 @@ def test_mucelo2_scales_are_not_celo2s():
     mu, sp = build("mucelo2").instances[0], build("celo2").instances[0]
     assert mu.names == sp.names and sp.scales == [1.0] * len(sp.names)
     assert [n for n, a in zip(mu.names, mu.scales) if a != 1.0] == ["model.hidden_layers.0.weight"]
+
+
+def test_base_width_is_checked_and_recorded():
+    assert build("mucelo2", 4).card()["recipe"]["base_width"] == 4.0
+    assert build("mucelo2").card()["recipe"]["base_width"] is None
+    with pytest.raises(ValueError, match="needs a μ learned optimizer"):
+        build("celo2", 4.0)
+    for bad in (0, -1.0, True, "128"):
+        with pytest.raises(ValueError, match="base_width must be a positive number"):
+            build("mucelo2", bad)

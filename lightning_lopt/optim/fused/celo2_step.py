@@ -10,8 +10,9 @@ Per tensor routed to the learned rule (docs/reference/celo2.md#one-step):
 - torch: ``p ← p − step_mult·s·u − weight_decay·p``, in place.
 
 Tensors routed to the Adam branch take the pure step's Adam update
-(:func:`lightning_lopt.optim.functional.celo2.adam_direction`) in torch: it is a handful of
-elementwise operations with no statistics, so a kernel would gain little.
+(:func:`lightning_lopt.optim.functional.celo2.adam_direction`) as torch foreach operations, all
+such tensors at once: a handful of elementwise operations with no statistics, so a kernel would
+gain little, but one call per tensor would cost more than the arithmetic on small vectors.
 
 Two forms, as for the other rules (:mod:`.driver`): :func:`step_in_place` for the optimizer classes
 and :func:`particle_step` for meta-training (P stacked particles, θ per particle; the torch part is
@@ -78,14 +79,13 @@ def step_in_place(
     if whole:
         _normalize_whole_tensors(whole)
         updates.update(whole)
-    for i, acc in enumerate(accumulators):
-        if i in updates:
-            continue
-        u, new_acc = celo2.adam_direction(
-            grads[i].reshape(work_shape(grads[i].shape)), acc, iteration, adam_mode=module.adam_mode
+    adam = [i for i in range(len(accumulators)) if i not in updates]
+    if adam:
+        directions = _adam_directions_in_place(
+            [grads[i] for i in adam], [accumulators[i] for i in adam], int(iteration), module.adam_mode
         )
-        acc.update(new_acc)
-        updates[i] = module.adam_lr_mult * u
+        torch._foreach_mul_(directions, module.adam_lr_mult)
+        updates.update(zip(adam, directions))
     # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p), as
     # foreach operations: with many small tensors the per-operation overhead dominates.
     steps = [updates[i].view(p.shape) for i, p in enumerate(params)]
@@ -97,6 +97,38 @@ def step_in_place(
         )
     torch._foreach_sub_(list(params), steps)
     return {"iteration": iteration}
+
+
+def _adam_directions_in_place(grads: list[Tensor], accumulators: list[State], iteration: int, adam_mode: str) -> list[Tensor]:
+    """The Adam branch of every tensor routed to it, as foreach operations (one call per operation,
+    not per tensor: the branch takes vectors, biases and norms, many small tensors); updates the
+    moments in place. Equals :func:`~lightning_lopt.optim.functional.celo2.adam_direction` per
+    tensor to float32 rounding (the bias corrections are folded into scalars)."""
+    b1, b2 = celo2.ADAM_BETAS
+    ms = [acc["adam_m"] for acc in accumulators]
+    vs = [acc["adam_v"] for acc in accumulators]
+    gs = [g.view(m.shape) for g, m in zip(grads, ms)]
+    # NaN → 0 and ±inf → ±max, as the pure step; a non-finite norm flags the tensors that need it
+    # (a huge finite one only costs a copy).
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(gs))).tolist()
+    gs = [g if ok else torch.nan_to_num(g) for g, ok in zip(gs, finite)]
+    torch._foreach_mul_(ms, b1)
+    torch._foreach_add_(ms, gs, alpha=1 - b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+    if adam_mode == "adamw":
+        # m̂ / (√v̂ + eps) with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t)
+        denominators = torch._foreach_div(vs, 1 - b2**iteration)
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, celo2.ADAM_EPS)
+        directions = torch._foreach_div(ms, denominators)
+        torch._foreach_div_(directions, 1 - b1**iteration)
+    else:
+        # m · rsqrt(v + eps): the meta-training form, without bias correction
+        directions = torch._foreach_add(vs, celo2.ADAM_EPS)
+        torch._foreach_rsqrt_(directions)
+        torch._foreach_mul_(directions, ms)
+    return directions
 
 
 def _normalize_whole_tensors(directions: list[tuple[int, Tensor]]) -> None:
