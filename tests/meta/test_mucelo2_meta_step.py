@@ -109,3 +109,39 @@ def test_base_width_is_checked_and_recorded():
     for bad in (0, -1.0, True, "128"):
         with pytest.raises(ValueError, match="base_width must be a positive number"):
             build("mucelo2", bad)
+
+
+def test_a_user_mup_model_gets_relative_scales_with_its_readout_marked():
+    """A user's LightningModule with a ``mup.MuReadout`` and no marks: building the task marks the
+    readout; the scales are computed here from the widths (hidden 64→64 at base 8)."""
+    import lightning as L
+    import mup
+    from torch import nn
+
+    from lightning_lopt.meta import Task
+    from meta_toys import ConstantData, LearnedSGD
+
+    class Net(L.LightningModule):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(1, width), nn.Linear(width, width), mup.MuReadout(width, 3)
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x))))).square().mean()
+
+    def factory(seed: int, width: int | None) -> Net:
+        torch.manual_seed(seed)
+        return mup.set_base_shapes(Net(64), Net(8), delta=Net(16))
+
+    def scales(base_width: float | None) -> dict[str, float]:
+        meta = MetaTrainer(LearnedSGD(), tasks=[Task(factory, ConstantData())], mu=True, base_width=base_width,
+                           estimator=PES(num_pairs=1, trunc_length=1), truncation=LogUniformLengthSchedule(10, 10))
+        inst = meta.instances[0]
+        return dict(zip(inst.names, inst.scales))
+
+    # readout: base fan-in 8 (width 64 / width_mult 8), so base_width 16 gives 16 / 8; mup's readout
+    # bias is not multiplied by 1/width_mult and keeps 1.
+    assert scales(16.0) == {"fc1.weight": 1.0, "fc1.bias": 1.0, "fc2.weight": 16 / 64, "fc2.bias": 1.0,
+                            "out.weight": 2.0, "out.bias": 1.0}
+    assert scales(None)["fc2.weight"] == 1 / 64 and scales(None)["out.weight"] == 1.0
