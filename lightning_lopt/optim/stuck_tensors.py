@@ -92,10 +92,16 @@ class StuckTensorCheck:
                 "largest), which the per-tensor normalisation turns into full-size steps that depend on the "
                 "device and dtype"
             )
+        advice = "Initialise such tensors away from zero (e.g. a standard-parametrised model, MuMLP(param='sp'))"
+        if zero:  # only then can another learned optimizer help: MuLO and MuVeLO move a zero tensor
+            advice += ", or use an optimizer without a parameter-scale multiplier (MuLO, MuVeLO) on μP models with a zero readout"
+        else:
+            advice = (
+                "Usually a zero-initialised μP readout in front of them; it is harmless once the readout has "
+                f"moved, but the first steps then differ between devices and dtypes. {advice}"
+            )
         warnings.warn(
-            f"{self.optimizer_name}: {'; '.join(parts)}. Initialise such tensors away from zero (e.g. a "
-            "standard-parametrised model, MuMLP(param='sp')), or use an optimizer without a parameter-scale "
-            "multiplier (MuLO, MuVeLO) on μP models with a zero readout.",
+            f"{self.optimizer_name}: {'; '.join(parts)}. {advice}.",
             RuntimeWarning,
             stacklevel=5,  # the caller of optimizer.step (through torch's step wrappers)
         )

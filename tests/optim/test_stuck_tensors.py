@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_lopt import Celo, MuLO
 from lightning_lopt.models import MuMLP
-from lightning_lopt.optim.stuck_tensors import stuck_tensors
+from lightning_lopt.optim.stuck_tensors import StuckTensorCheck, stuck_tensors
 
 
 def _steps(model, opt, n=3):
@@ -37,7 +37,8 @@ def test_celo_on_a_zero_readout_warns_once_naming_the_tensor_and_the_fix():
     caught = _steps(model, Celo(model.parameters(), num_steps=10))
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert "parameter 4 [10, 32] is all zero" in message  # the readout weight and "cannot move" in message and "param='sp'" in message
+    assert "parameter 4 [10, 32] is all zero" in message  # the readout weight
+    assert "cannot move" in message and "param='sp'" in message and "(MuLO, MuVeLO)" in message
     assert caught[0].filename == __file__  # points at the step call
 
 
@@ -58,3 +59,16 @@ def test_rounding_noise_gradients_are_found_and_exact_zeros_are_not():
     assert stuck_tensors(names, params, grads, moves_by_param_rms=True) == (["z"], ["b"])
     grads[1] = torch.randn(4) * 1e-3  # small, but far above float32 rounding of the largest gradient
     assert stuck_tensors(names, params, grads, moves_by_param_rms=False) == ([], [])
+
+
+def test_noise_alone_does_not_suggest_the_optimizer_that_warned():
+    """MuLO warns about rounding-noise gradients behind a zero readout; pointing a MuLO user to MuLO
+    would be no advice, so the fix offered is the initialisation only."""
+    params = [torch.randn(4, 4), torch.randn(4)]
+    grads = [torch.randn(4, 4), torch.randn(4) * 1e-11]
+    with pytest.warns(RuntimeWarning) as caught:
+        # any module that does not scale steps by the parameter RMS stands for small_fc_lopt here
+        StuckTensorCheck("MuLO")(torch.nn.Linear(1, 1), params, grads)
+    message = str(caught[0].message)
+    assert message.startswith("MuLO: the gradients of parameter 1 [4] are rounding noise")
+    assert "param='sp'" in message and "(MuLO, MuVeLO)" not in message
