@@ -135,7 +135,7 @@ class Task:
         ``lopt_is_mu``.
         """
         if base_width is not None and not lopt_is_mu:
-            raise ValueError(f"task {self.name!r}: base_width={base_width} needs a learned optimizer with μP scales")
+            raise ValueError(f"task {self.name!r}: base_width={base_width} needs a μ learned optimizer (μP update scales)")
         device = torch.device(device)
         data = DataSource(self.datamodule, self.batch_size, device)
         instances = []

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_lopt import provenance
+from lightning_lopt.checks import check_positive_number
 from lightning_lopt.meta.augmentation import ReparamAugmentation
 from lightning_lopt.meta.catalogue import build_lopt, frozen_by_stage
 from lightning_lopt.meta.checkpoint import (
@@ -143,13 +144,8 @@ class MetaTrainer(L.LightningModule):
         self.lopt, default_mu = build_lopt(lopt, stage, seed)
         self.lopt_name = lopt if isinstance(lopt, str) else type(lopt).__name__
         self.mu = default_mu if mu is None else bool(mu)
-        if base_width is not None:
-            if isinstance(base_width, bool) or not (isinstance(base_width, (int, float)) and base_width > 0):
-                raise ValueError(f"MetaTrainer: base_width must be a positive number or None, got {base_width!r}")
-            if not self.mu:
-                raise ValueError(f"MetaTrainer: base_width={base_width} needs a μ learned optimizer; {self.lopt_name} uses none")
-            base_width = float(base_width)
-        self.base_width = base_width
+        # Task.build refuses a base width for a non-μ optimizer.
+        self.base_width = None if base_width is None else check_positive_number("MetaTrainer: base_width", base_width)
         if init_from is not None and resume_from is not None:
             raise ValueError("MetaTrainer: give init_from or resume_from, not both")
         if init_from is not None:

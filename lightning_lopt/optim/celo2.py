@@ -75,6 +75,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_lopt.checks import check_positive_number
 from lightning_lopt.models.scales import readout_base
 from lightning_lopt.optim.celo2_lopt import Celo2LOpt
 from lightning_lopt.optim.functional import celo2
@@ -288,11 +289,10 @@ class MuCelo2(_Celo2Optimizer):
         fused: bool | None = None,
     ) -> None:
         if base_width is not None:
-            if isinstance(base_width, bool) or not (isinstance(base_width, (int, float)) and base_width > 0):
-                raise ValueError(f"MuCelo2: base_width must be a positive number or None, got {base_width!r}")
             owner = type(self).__name__
             params = scaled_param_groups(
-                route_embeddings(params), scales, allow_sp=allow_sp, owner=owner, base_width=float(base_width)
+                route_embeddings(params), scales, allow_sp=allow_sp, owner=owner,
+                base_width=check_positive_number(f"{owner}: base_width", base_width),
             )
             scales = None
             if not any(readout_base(p) is not None for g in params for p in g["params"]):
