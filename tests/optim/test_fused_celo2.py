@@ -235,6 +235,62 @@ def test_wrong_state_is_refused_before_the_kernel_runs():
         opt.step()
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass (as DTensor is): its memory is not the kernel's to address."""
+
+
+def _broken(what: str, job: driver._Job) -> None:
+    """Replace one buffer of ``job`` with one kernel.c must not be handed."""
+    if what == "float64 gradient":
+        job.g = job.g.double()
+    elif what == "sparse gradient":
+        job.g = job.g.to_sparse()
+    elif what == "meta parameter":
+        job.p_in = torch.empty_like(job.p_in, device="meta")
+    elif what == "subclass parameter output":
+        job.p_out = job.p_out.as_subclass(_Subclass)
+    elif what == "non-contiguous state 'm'":
+        m = job.acc_in["m"]
+        job.acc_in["m"] = torch.empty(m.shape[::-1]).t()
+    elif what == "short state output 'rms'":
+        job.acc_out["rms"] = job.acc_out["rms"][:-1]
+    elif what == "float64 state output 'v'":
+        job.acc_out["v"] = job.acc_out["v"].double()
+    elif what == "missing state key":
+        del job.acc_in["rms"]
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "out-of-place"])
+@pytest.mark.parametrize(
+    "what, error, message",
+    [
+        ("float64 gradient", TypeError, "the gradient is torch.float64, expected torch.float32"),
+        ("sparse gradient", TypeError, "plain dense CPU tensors; the gradient is a torch.sparse_coo"),
+        ("meta parameter", TypeError, "plain dense CPU tensors; the parameter is a torch.strided on meta"),
+        ("subclass parameter output", TypeError, "plain dense CPU tensors; the parameter( output)? is a _Subclass"),
+        ("non-contiguous state 'm'", ValueError, "needs contiguous"),
+        ("short state output 'rms'", ValueError, r"the state( output)? 'rms' has 47 elements, expected 48"),
+        ("float64 state output 'v'", TypeError, r"the state( output)? 'v' is torch.float64"),
+        ("missing state key", ValueError, r"state keys \['m', 'v'\] do not match"),
+    ],
+)
+def test_every_buffer_is_checked_before_the_kernel_runs(in_place, what, error, message):
+    """kernel.c trusts raw pointers and sizes: each buffer of a job, read or written, in-place (the
+    optimizers) or not (the particle step), is refused with a message naming it, and nothing is written."""
+    p, g = torch.randn(48), torch.randn(48)  # a vector: one unfactored 'v'
+    acc = Celo2LOpt.base().init_state([p], adam=[False])["tensors"][0]
+    acc_out = acc if in_place else {k: torch.empty_like(v) for k, v in acc.items()}
+    p_out = p if in_place else torch.empty_like(p)
+    job = driver._Job((48,), "torch", p, p_out, g, acc, acc_out, 0.0, 0.0, 0, (1, 48, 1))
+    nets = driver._celo2_nets({k: v.unsqueeze(0) for k, v in Celo2LOpt.base().state_dict().items()}, torch.zeros(1))
+    driver._launch(fused.kernel(), Celo2LOpt.base(), nets, [job])  # the intact job runs
+    _broken(what, job)
+    before = [t.clone() for t in (p, *acc.values())]
+    with pytest.raises(error, match=message):
+        driver._launch(fused.kernel(), Celo2LOpt.base(), nets, [job])
+    assert all(torch.equal(a, b) for a, b in zip(before, (p, *acc.values())))
+
+
 PARTICLE_CONFIGS = {
     "celo2-meta-training": lambda: Celo2LOpt.meta_training(generator=torch.Generator().manual_seed(4)),
     "celo2-base-jax-layout": lambda: Celo2LOpt.base(step_mult=1e-3, layout="jax", generator=torch.Generator().manual_seed(4)),

@@ -249,10 +249,17 @@ class _Job:
 
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_FLOAT32 = (torch.float32,)
+_FLOAT32_OR_BF16 = (torch.float32, torch.bfloat16)
+
+
 def is_plain_dense(t: object) -> bool:
     """Whether ``t`` is memory the kernel can address: a plain strided CPU tensor (not a DTensor or
     other subclass, not sparse, not meta)."""
-    return type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type == "cpu"
+    # ``is_cpu`` rather than ``device.type``: building the device object costs more than the rest of
+    # the check, and the step checks every buffer of every tensor (many small tensors: most of the step).
+    return type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
 
 
 def _dense_contiguous(t: Tensor) -> Tensor:
@@ -274,22 +281,30 @@ def _check_job(job: _Job, n_particles: int) -> None:
         for key, axis in (("v_row", d0), ("v_col", d1)):  # v_row drops d0, v_col drops d1
             kept = math.prod(s for i, s in enumerate(job.shape) if i != axis)
             sizes[key] = n_particles * kept * len(ADAFACTOR_DECAYS)
-    buffers = [("parameter", job.p_in, n), ("parameter output", job.p_out, n), ("gradient", job.g, n)]
-    for which, acc in (("state", job.acc_in), ("state output", job.acc_out)):
-        if set(acc) != set(sizes):
+    # An in-place step writes to the buffers it reads: each is checked once.
+    buffers = [("parameter", job.p_in, n, _FLOAT32), ("gradient", job.g, n, _FLOAT32)]
+    if job.p_out is not job.p_in:
+        buffers.append(("parameter output", job.p_out, n, _FLOAT32))
+    for which, acc in (("state", job.acc_in), ("state output", job.acc_out)) if job.acc_out is not job.acc_in else (("state", job.acc_in),):
+        if acc.keys() != sizes.keys():
             raise ValueError(f"the fused step: {which} keys {sorted(acc)} do not match the tensor's {sorted(sizes)}")
-        buffers += [(f"{which} '{key}'", acc[key], sizes[key]) for key in sizes]
-    for name, t, numel in buffers:
-        if not is_plain_dense(t):
-            kind = type(t).__name__ if type(t) not in (Tensor, torch.nn.Parameter) else f"{t.layout} on {t.device}"
-            raise TypeError(f"the fused step takes plain dense CPU tensors; the {name} is a {kind}")
-        allowed = (torch.float32, torch.bfloat16) if name.endswith(("'m'", "'rms'")) else (torch.float32,)
-        if t.dtype not in allowed:
-            raise TypeError(f"the fused step: the {name} is {t.dtype}, expected {' or '.join(map(str, allowed))}")
-        if not t.is_contiguous():
-            raise ValueError("the fused step needs contiguous parameters, gradients and state")
-        if t.numel() != numel:
-            raise ValueError(f"the fused step: the {name} has {t.numel()} elements, expected {numel} for shape {list(job.shape)}")
+        buffers += [((which, key), acc[key], numel, _FLOAT32_OR_BF16 if key in ("m", "rms") else _FLOAT32) for key, numel in sizes.items()]
+    for name, t, numel, allowed in buffers:
+        if is_plain_dense(t) and t.dtype in allowed and t.is_contiguous() and t.numel() == numel:
+            continue
+        _raise_for_buffer(name if isinstance(name, str) else f"{name[0]} '{name[1]}'", t, numel, allowed, job.shape)
+
+
+def _raise_for_buffer(name: str, t: object, numel: int, allowed: tuple[torch.dtype, ...], shape: tuple[int, ...]) -> None:
+    """The error for a buffer of a fused-step job that is not what kernel.c reads and writes."""
+    if not is_plain_dense(t):
+        kind = type(t).__name__ if type(t) not in _PLAIN_TYPES else f"{t.layout} on {t.device}"
+        raise TypeError(f"the fused step takes plain dense CPU tensors; the {name} is a {kind}")
+    if t.dtype not in allowed:
+        raise TypeError(f"the fused step: the {name} is {t.dtype}, expected {' or '.join(map(str, allowed))}")
+    if not t.is_contiguous():
+        raise ValueError("the fused step needs contiguous parameters, gradients and state")
+    raise ValueError(f"the fused step: the {name} has {t.numel()} elements, expected {numel} for shape {list(shape)}")
 
 
 def _state_is_bf16(jobs: Sequence[_Job]) -> bool:
