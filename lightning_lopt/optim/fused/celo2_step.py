@@ -70,26 +70,30 @@ def step_in_place(
         state["iteration"],
     )
     updates: dict[int, Tensor] = {}
+    multipliers = [module.step_mult * float(s) for s in ctx.scales]
     whole = []  # tensors whose one matrix slice is the whole tensor and that skip Newton–Schulz
     for i, d in zip(learned, directions):
         if d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize):
-            whole.append((i, d))
+            whole.append(i)
+            updates[i] = d
         else:
             updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
     if whole:
-        _normalize_whole_tensors(whole)
-        updates.update(whole)
+        for i, factor in zip(whole, _whole_tensor_normalizers([updates[i] for i in whole])):
+            multipliers[i] *= factor
     adam = [i for i in range(len(accumulators)) if i not in updates]
     if adam:
         directions = _adam_directions_in_place(
             [grads[i] for i in adam], [accumulators[i] for i in adam], int(iteration), module.adam_mode
         )
-        torch._foreach_mul_(directions, module.adam_lr_mult)
         updates.update(zip(adam, directions))
+        for i in adam:
+            multipliers[i] *= module.adam_lr_mult
     # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p), as
-    # foreach operations: with many small tensors the per-operation overhead dominates.
-    steps = [updates[i].view(p.shape) for i, p in enumerate(params)]
-    torch._foreach_mul_(steps, [module.step_mult * float(s) for s in ctx.scales])
+    # foreach operations: with many small tensors the per-operation overhead dominates, so the
+    # whole-tensor normalisation and the Adam branch's lr multiplier ride on the one scaling.
+    steps = [u if u.shape == p.shape else u.view(p.shape) for u, p in ((updates[i], p) for i, p in enumerate(params))]
+    torch._foreach_mul_(steps, multipliers)
     decayed = [i for i, wd in enumerate(weight_decays) if wd]
     if decayed:
         torch._foreach_add_(
@@ -131,14 +135,12 @@ def _adam_directions_in_place(grads: list[Tensor], accumulators: list[State], it
     return directions
 
 
-def _normalize_whole_tensors(directions: list[tuple[int, Tensor]]) -> None:
-    """u = d · rsqrt(1e-9 + mean(d²)) in place for tensors normalised as a whole (vectors, and
-    matrices without Newton–Schulz): the pure step's output normalisation, in a few foreach calls."""
-    ds = [d for _, d in directions]
-    norms = torch.stack(torch._foreach_norm(ds))
-    sizes = torch.tensor([d.numel() for d in ds], dtype=norms.dtype)
-    factors = torch.rsqrt(celo2.NORMALIZER_EPS + norms.square() / sizes)
-    torch._foreach_mul_(ds, factors.tolist())
+def _whole_tensor_normalizers(directions: list[Tensor]) -> list[float]:
+    """rsqrt(1e-9 + mean(d²)) of each tensor normalised as a whole (vectors, and matrices without
+    Newton–Schulz): the pure step's output normalisation, u = d · factor, from one foreach norm."""
+    norms = torch.stack(torch._foreach_norm(directions))
+    sizes = torch.tensor([d.numel() for d in directions], dtype=norms.dtype)
+    return torch.rsqrt(celo2.NORMALIZER_EPS + norms.square() / sizes).tolist()
 
 
 def particle_step(
