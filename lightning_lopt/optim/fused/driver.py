@@ -285,14 +285,16 @@ def _check_job(job: _Job, n_particles: int) -> None:
     buffers = [("parameter", job.p_in, n, _FLOAT32), ("gradient", job.g, n, _FLOAT32)]
     if job.p_out is not job.p_in:
         buffers.append(("parameter output", job.p_out, n, _FLOAT32))
-    for which, acc in (("state", job.acc_in), ("state output", job.acc_out)) if job.acc_out is not job.acc_in else (("state", job.acc_in),):
+    states = [("state", job.acc_in)]
+    if job.acc_out is not job.acc_in:
+        states.append(("state output", job.acc_out))
+    for which, acc in states:
         if acc.keys() != sizes.keys():
             raise ValueError(f"the fused step: {which} keys {sorted(acc)} do not match the tensor's {sorted(sizes)}")
-        buffers += [((which, key), acc[key], numel, _FLOAT32_OR_BF16 if key in ("m", "rms") else _FLOAT32) for key, numel in sizes.items()]
+        buffers += [(f"{which} '{key}'", acc[key], numel, _FLOAT32_OR_BF16 if key in ("m", "rms") else _FLOAT32) for key, numel in sizes.items()]
     for name, t, numel, allowed in buffers:
-        if is_plain_dense(t) and t.dtype in allowed and t.is_contiguous() and t.numel() == numel:
-            continue
-        _raise_for_buffer(name if isinstance(name, str) else f"{name[0]} '{name[1]}'", t, numel, allowed, job.shape)
+        if not (is_plain_dense(t) and t.dtype in allowed and t.is_contiguous() and t.numel() == numel):
+            _raise_for_buffer(name, t, numel, allowed, job.shape)
 
 
 def _raise_for_buffer(name: str, t: object, numel: int, allowed: tuple[torch.dtype, ...], shape: tuple[int, ...]) -> None:
