@@ -17,8 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -31,16 +33,33 @@ from lightning_lopt.optim import sharding
 
 
 def init_rank(rank: int, world: int, port: int, backend: str = "gloo") -> None:
-    """Join the ``world``-rank process group on this machine; one intra-op thread (ranks share few CPUs)."""
+    """Join the ``world``-rank process group on this machine; one intra-op thread (ranks share few CPUs).
+    A rank that dies of a signal (an abort in C++) prints its Python stack, so a failure says where."""
+    faulthandler.enable(all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world)
     torch.set_num_threads(1)
 
 
 def finish(out_dir: str, rank: int, result: dict[str, object]) -> None:
-    """Write this rank's ``result`` to ``OUT_DIR/rank<r>.json`` and leave the process group."""
+    """Write this rank's ``result`` to ``OUT_DIR/rank<r>.json``, leave the process group with the
+    other ranks, and end the process at once.
+
+    Why not return: gloo's worker threads can still be releasing a finished collective's tensors when
+    the interpreter finalizes; releasing a tensor that has a Python object then takes the GIL, which
+    ends the thread mid-destructor, and the rank dies of ``terminate called without an active
+    exception`` (SIGABRT) after its work is done (pytorch/pytorch#179291: about 1 run in 10 of the
+    CPU phases script on a loaded 2-core machine, with a C++ backtrace ending in
+    ``ProcessGroupGloo::runLoop`` -> ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread``).
+    The result is on disk and every rank has passed the barrier, so nothing is lost by skipping the
+    interpreter's teardown.
+    """
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank leaves (rank 0 hosts the store) while another still talks to it
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shard(model: nn.Module, mesh, layers: tuple[type[nn.Module], ...] = (nn.Linear,)) -> nn.Module:
