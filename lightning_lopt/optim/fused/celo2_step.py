@@ -92,7 +92,8 @@ def step_in_place(
     # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p), as
     # foreach operations: with many small tensors the per-operation overhead dominates, so the
     # whole-tensor normalisation and the Adam branch's lr multiplier ride on the one scaling.
-    steps = [updates[i].view(p.shape) for i, p in enumerate(params)]
+    steps = [updates[i] for i in range(len(params))]
+    steps = [u if u.shape == p.shape else u.view(p.shape) for u, p in zip(steps, params)]  # a view costs 2 µs
     torch._foreach_mul_(steps, multipliers)
     decayed = [i for i, wd in enumerate(weight_decays) if wd]
     if decayed:

@@ -512,22 +512,14 @@ def celo2_directions(
     """
     theta = {k: v.detach().unsqueeze(0) for k, v in module.state_dict().items()}
     nets = _celo2_nets(theta, iteration.reshape(1))
-    directions = [torch.empty(work_shape(p.shape), dtype=torch.float32) for p in params]
+    shapes = [work_shape(p.shape) for p in params]
+    # One allocation split into the tensors' outputs: with many small tensors an allocation and a
+    # view per tensor cost more than the kernel's arithmetic on them (vectors need no view).
+    chunks = torch.empty(sum(p.numel() for p in params), dtype=torch.float32).split([math.prod(s) for s in shapes])
+    directions = [d if len(shape) == 1 else d.view(shape) for d, shape in zip(chunks, shapes)]
     jobs = [
-        _Job(
-            work_shape(p.shape),
-            module.layout,
-            p,
-            d,
-            _dense_contiguous(g),
-            acc,
-            acc,
-            0.0,
-            0.0,
-            index,
-            normalisation_view(work_shape(p.shape), module.layout),
-        )
-        for p, g, acc, d, index in zip(params, grads, accumulators, directions, indices)
+        _Job(shape, module.layout, p, d, _dense_contiguous(g), acc, acc, 0.0, 0.0, index, normalisation_view(shape, module.layout))
+        for p, g, acc, d, shape, index in zip(params, grads, accumulators, directions, shapes, indices)
     ]
     _launch(kernel, module, nets, jobs)
     return directions
