@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_lopt.meta.augmentation import ReparamAugmentation
-from lightning_lopt.meta.pes import PES, pes_gradient, sample_perturbations, window_meta_loss
+from lightning_lopt.meta.pes import PES, meta_objective, pes_gradient, sample_perturbations, window_meta_loss
 from lightning_lopt.meta.rng import Stream, generator, seed_of
 from lightning_lopt.meta.tasks import TaskInstance
 from lightning_lopt.meta.truncation import LogUniformLengthSchedule
@@ -52,6 +52,7 @@ class EstimatorSettings:
     initial_offset: int
     augmentation: ReparamAugmentation | None
     seed: int
+    meta_objective: str = "loss"  # pes.META_OBJECTIVES
 
 
 def stack_theta(lopt: LearnedOptimizerModule, trainable_names: Sequence[str], flat: Tensor, eps: Tensor) -> dict[str, Tensor]:
@@ -154,7 +155,8 @@ class TaskWorker:
     def finish(self, particles: Particles, out: WindowResult, eps: Tensor) -> WorkerResult:
         """Keep the advanced particles; the PES estimate and meta-loss of the window."""
         n = eps.shape[0]
-        delta = out.losses[:, :n] - out.losses[:, n:]
+        objective = meta_objective(out.losses, self.settings.meta_objective)
+        delta = objective[:, :n] - objective[:, n:]
         grad, particles.accum = pes_gradient(delta, out.masks, out.dones, eps, particles.accum, self.settings.pes.std)
         self.particles = particles
         meta_loss = float(window_meta_loss(out.losses[:, :n], out.losses[:, n:], out.masks))

@@ -89,6 +89,29 @@ def pes_gradient(
     return per_pair.mean(dim=0), next_accum
 
 
+#: What PES differentiates per inner step: ``"loss"`` (μLO's and Celo's choice, the normalised loss) or
+#: ``"log"`` (its logarithm, floored at :data:`LOG_FLOOR`), which weighs a relative improvement the same
+#: at every loss level, so the late, low-loss steps of long episodes are not drowned out by early ones.
+META_OBJECTIVES = ("loss", "log")
+#: The floor of the ``"log"`` objective: a cross-entropy of 1e-3 is a solved batch, and reset steps
+#: (loss 0, masked out) stay finite.
+LOG_FLOOR = 1e-3
+
+
+def meta_objective(losses: Tensor, kind: str) -> Tensor:
+    """The per-step meta-objective of normalised ``losses`` (``[T, 2N]``) whose ± difference PES uses.
+
+    Example::
+
+        delta = meta_objective(losses, "log")[:, :n] - meta_objective(losses, "log")[:, n:]
+    """
+    if kind == "loss":
+        return losses
+    if kind == "log":
+        return torch.log(losses.clamp(min=LOG_FLOOR))
+    raise ValueError(f"meta_objective must be one of {META_OBJECTIVES}, got {kind!r}")
+
+
 def window_meta_loss(loss_pos: Tensor, loss_neg: Tensor, mask: Tensor) -> Tensor:
     """The logged meta-loss: mean over pairs of the masked window means of the + and − losses."""
     mask = mask.to(loss_pos.dtype)

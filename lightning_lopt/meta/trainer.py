@@ -58,7 +58,7 @@ from lightning_lopt.meta.checkpoint import (
 )
 from lightning_lopt.meta.estimator import EstimatorSettings, PESEstimator
 from lightning_lopt.meta.meta_optim import WarmupCosine, clipped_step, default_meta_optimizer
-from lightning_lopt.meta.pes import PES
+from lightning_lopt.meta.pes import META_OBJECTIVES, PES
 from lightning_lopt.meta.tasks import Task, TaskInstance
 from lightning_lopt.meta.truncation import LogUniformLengthSchedule
 from lightning_lopt.meta.warm_start import WarmStart, warm_start
@@ -87,6 +87,10 @@ class MetaTrainer(L.LightningModule):
             ``functional.init_state``).
         tasks: the meta-training tasks; every width of every task runs at every meta-step.
         estimator: PES settings (pairs per task instance, σ, truncation length).
+        meta_objective: what PES differentiates per inner step: ``"loss"`` (the normalised loss, μLO's
+            and Celo's choice) or ``"log"`` (its logarithm, floored at 1e-3: relative improvements
+            count the same at every loss level; :func:`~lightning_lopt.meta.pes.meta_objective`).
+            The logged ``meta/loss`` is the normalised loss either way.
         truncation: episode lengths, log-uniform in ``[min_length, max_length]``.
         initial_offset: the first episode starts at a random inner step in ``[0, initial_offset)``.
         schedule: the meta-learning-rate schedule (``None``: the meta-optimizer's own lr).
@@ -113,6 +117,7 @@ class MetaTrainer(L.LightningModule):
         lopt: str | LearnedOptimizerModule = "mulo",
         tasks: Sequence[Task] = (),
         estimator: PES = PES(),
+        meta_objective: str = "loss",
         truncation: LogUniformLengthSchedule = LogUniformLengthSchedule(100, 1000),
         initial_offset: int = 50,
         schedule: WarmupCosine | None = WarmupCosine(),
@@ -137,6 +142,8 @@ class MetaTrainer(L.LightningModule):
                 f"MetaTrainer: the truncation ({estimator.trunc_length} steps) is longer than the longest "
                 f"episode ({truncation.max_length}); lower estimator.trunc_length or raise truncation.max_length"
             )
+        if meta_objective not in META_OBJECTIVES:
+            raise ValueError(f"MetaTrainer: meta_objective must be one of {META_OBJECTIVES}, got {meta_objective!r}")
         if initial_offset < 0:
             raise ValueError(f"MetaTrainer: initial_offset must be >= 0, got {initial_offset}")
         if stage not in (None, 1, 2):
@@ -163,6 +170,7 @@ class MetaTrainer(L.LightningModule):
             raise ValueError("MetaTrainer: this stage leaves no trainable meta-parameter")
         self.tasks = list(tasks)
         self.estimator = estimator
+        self.meta_objective = meta_objective
         self.truncation = truncation
         self.initial_offset = initial_offset
         self.schedule = schedule
@@ -175,7 +183,7 @@ class MetaTrainer(L.LightningModule):
         self.recipe = recipe
         # Built now, on the CPU, so that bad tasks and missing data fail before any compute.
         instances = [i for t in self.tasks for i in t.build(lopt_is_mu=self.mu, base_width=self.base_width)]
-        settings = EstimatorSettings(estimator, truncation, initial_offset, augmentation, seed)
+        settings = EstimatorSettings(estimator, truncation, initial_offset, augmentation, seed, meta_objective)
         self.gradient_estimator = PESEstimator(self.lopt, self.trainable_names, instances, settings)
         self._full_resume = False
         self.compute_seconds = 0.0
@@ -318,6 +326,7 @@ class MetaTrainer(L.LightningModule):
                 "base_width": self.base_width,
                 "stage": self.stage,
                 "estimator": vars(self.estimator),
+                "meta_objective": self.meta_objective,
                 "truncation": vars(self.truncation),
                 "initial_offset": self.initial_offset,
                 "schedule": None if self.schedule is None else vars(self.schedule),

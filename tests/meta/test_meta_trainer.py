@@ -263,3 +263,48 @@ def test_loss_cap_is_inferred_from_the_loss_at_initialisation_when_no_class_coun
     zero = Task(Quadratic, ConstantData(), module_kwargs={"curvatures": (1.0,), "start": 0.0})
     with pytest.raises(ValueError, match=r"loss at initialisation \(0\) .*pass Task\(loss_cap=\.\.\.\)"):
         MetaTrainer(LearnedSGD(), tasks=[zero], **SMALL)
+
+
+@pytest.mark.parametrize("kind", ["loss", "log"])
+def test_pes_differentiates_the_chosen_meta_objective_of_the_window(kind, tmp_path, fit_kwargs, monkeypatch):
+    """The ± difference PES receives is that of the window's normalised losses (``"loss"``) or of their
+    floored logarithms (``"log"``); the logged meta-loss is the normalised loss either way."""
+    from lightning_lopt.meta import estimator
+
+    seen = []
+    finish, gradient = estimator.TaskWorker.finish, estimator.pes_gradient
+
+    def recording_finish(self, particles, out, eps):
+        seen.append({"losses": out.losses.clone(), "n": eps.shape[0]})
+        result = finish(self, particles, out, eps)
+        seen[-1]["meta_loss"] = result.meta_loss
+        return result
+
+    def recording_gradient(delta, *args, **kwargs):
+        seen[-1]["delta"] = delta.clone()
+        return gradient(delta, *args, **kwargs)
+
+    monkeypatch.setattr(estimator.TaskWorker, "finish", recording_finish)
+    monkeypatch.setattr(estimator, "pes_gradient", recording_gradient)
+    meta = _digits_meta(meta_objective=kind)
+    L.Trainer(**fit_kwargs(tmp_path, 2)).fit(meta)
+    assert meta.card()["recipe"]["meta_objective"] == kind
+    assert len(seen) == 4  # 2 meta-steps x 2 widths
+    for record in seen:
+        losses, n = record["losses"], record["n"]
+        assert float(losses.max()) > 0.5  # real cross-entropies, where log and loss differ
+        objective = losses if kind == "loss" else torch.log(losses.clamp(min=1e-3))
+        torch.testing.assert_close(record["delta"], objective[:, :n] - objective[:, n:], rtol=0, atol=0)
+        masked = losses[losses > 0]
+        assert abs(record["meta_loss"] - float(masked.mean())) < 0.05 * float(masked.mean())  # normalised loss
+
+
+def test_a_full_checkpoint_of_another_meta_objective_is_refused():
+    from lightning_lopt.meta.checkpoint import check_same_run
+
+    check_same_run({"lopt": "mulo"}, {"lopt": "mulo", "meta_objective": "loss"})  # written before the entry: "loss"
+    with pytest.raises(ValueError, match="meta_objective: checkpoint 'loss', recipe 'log'"):
+        check_same_run({"lopt": "mulo"}, {"lopt": "mulo", "meta_objective": "log"})
+    with pytest.raises(ValueError, match="meta_objective must be one of"):
+        _digits_meta(meta_objective="mse")
+

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_lopt.meta import LogUniformLengthSchedule, MetaTrainer, PES, Task
-from lightning_lopt.meta.pes import pes_gradient, sample_perturbations, window_meta_loss
+from lightning_lopt.meta.pes import meta_objective, pes_gradient, sample_perturbations, window_meta_loss
 from lightning_lopt.meta.rng import generator
 
 from meta_toys import ConstantData, LearnedSGD, Quadratic
@@ -93,3 +93,16 @@ def test_pes_is_unbiased_on_a_quadratic_with_a_learned_step_size(window):
     truth = _true_window_gradient(-2.0, curvatures, trunc, window)
     assert abs(truth) > 10 * stderr  # the check has power: the gradient is far from 0
     assert abs(mean - truth) < 4 * stderr + 1e-3 * abs(truth), (mean, truth, stderr)
+
+
+def test_meta_objective_is_the_loss_or_its_floored_logarithm():
+    losses = torch.tensor([[2.0, 0.5], [0.0, 1e-5]])  # 0: a masked reset step; 1e-5: below the floor
+    assert torch.equal(meta_objective(losses, "loss"), losses)
+    expected = torch.tensor([[math.log(2.0), math.log(0.5)], [math.log(1e-3), math.log(1e-3)]])
+    torch.testing.assert_close(meta_objective(losses, "log"), expected)
+    # The same relative gap weighs the same at a high and a low loss under "log", not under "loss".
+    high, low = meta_objective(torch.tensor([2.0, 1.0]), "log"), meta_objective(torch.tensor([0.2, 0.1]), "log")
+    torch.testing.assert_close(high[0] - high[1], low[0] - low[1])
+    with pytest.raises(ValueError, match="meta_objective must be one of"):
+        meta_objective(losses, "mse")
+
