@@ -232,7 +232,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if not saved:
         return
     saved = {**_ABSENT_MEANS, **saved}
-    differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k, _ABSENT_MEANS.get(k))]
+    differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k)]
     if differ:
         lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, recipe {current.get(k)!r}" for k in differ)
         raise ValueError(

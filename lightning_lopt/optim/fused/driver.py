@@ -515,7 +515,8 @@ def celo2_directions(
     shapes = [work_shape(p.shape) for p in params]
     # One allocation split into the tensors' outputs: with many small tensors an allocation and a
     # view per tensor cost more than the kernel's arithmetic on them (vectors need no view).
-    chunks = torch.empty(sum(p.numel() for p in params), dtype=torch.float32).split([math.prod(s) for s in shapes])
+    sizes = [math.prod(s) for s in shapes]
+    chunks = torch.empty(sum(sizes), dtype=torch.float32).split(sizes)
     directions = [d if len(shape) == 1 else d.view(shape) for d, shape in zip(chunks, shapes)]
     jobs = [
         _Job(shape, module.layout, p, d, _dense_contiguous(g), acc, acc, 0.0, 0.0, index, normalisation_view(shape, module.layout))
