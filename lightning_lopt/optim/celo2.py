@@ -49,10 +49,11 @@ parameters and CUDA; ``fused=True`` raises where the fused step cannot run.
 CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
 it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
 offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
-``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads the same
-``celo2-8x8-mlp-w32``: ``meta_weights="mucelo2-8x8-mlp-w32-128"`` (that θ fine-tuned for 410 CPU steps
-on μP MLPs of widths 32–128) was worse than it on 6 of 7 held-out μP runs (``docs/celo2.md``, "MuCelo2
-meta-training"). ``Celo2Base`` has no packaged weights:
+``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads
+``mucelo2-8x8-mlp-w32-128-base128``: that θ fine-tuned for 490 CPU steps with MuCelo2's default scales
+(base width 128), lower than ``celo2-8x8-mlp-w32`` under the same defaults at widths 128–2048 on 5 of 5
+seeds (``docs/celo2.md``, "Meta-trained with the base width"). ``mucelo2-8x8-mlp-w32-128`` (absolute
+scales, 410 steps) is kept by name only: it was worse than its starting θ. ``Celo2Base`` has no packaged weights:
 without ``meta_weights`` it warns and uses a random meta-initialisation.
 
 Example::
@@ -270,7 +271,7 @@ class MuCelo2(_Celo2Optimizer):
     """
 
     module_factory = Celo2LOpt
-    pretrained_names = ("celo2-8x8-mlp-w32",)
+    pretrained_names = ("mucelo2-8x8-mlp-w32-128-base128", "celo2-8x8-mlp-w32")
     mu = True
     registry_name = "mucelo2"
 

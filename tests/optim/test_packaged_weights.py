@@ -31,13 +31,14 @@ PACKAGED = {
     "celo-8x8-mlp-w32": CeloLOpt,
     "celo2-8x8-mlp-w32": Celo2LOpt,
     "mucelo2-8x8-mlp-w32-128": Celo2LOpt,
+    "mucelo2-8x8-mlp-w32-128-base128": Celo2LOpt,
 }
 DEFAULTS = {
     MuLO: "mulo-fmnist8-w32-128",
     LO: "lo-fmnist8-w32-128",
     Celo: "celo-8x8-mlp-w32",
     Celo2: "celo2-8x8-mlp-w32",
-    MuCelo2: "celo2-8x8-mlp-w32",
+    MuCelo2: "mucelo2-8x8-mlp-w32-128-base128",
 }
 #: The longest episode of the CPU recipes (truncation max_length): "10x the meta-training unroll".
 META_UNROLL = 1000
