@@ -307,4 +307,3 @@ def test_a_full_checkpoint_of_another_meta_objective_is_refused():
         check_same_run({"lopt": "mulo"}, {"lopt": "mulo", "meta_objective": "log"})
     with pytest.raises(ValueError, match="meta_objective must be one of"):
         _digits_meta(meta_objective="mse")
-

@@ -105,4 +105,3 @@ def test_meta_objective_is_the_loss_or_its_floored_logarithm():
     torch.testing.assert_close(high[0] - high[1], low[0] - low[1])
     with pytest.raises(ValueError, match="meta_objective must be one of"):
         meta_objective(losses, "mse")
-
