@@ -285,6 +285,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "celo2-base": OptimizerSpec("celo2-base"),
     "celo2-pure": OptimizerSpec("celo2", {"fused": False}),
     "celo2-base-pure": OptimizerSpec("celo2-base", {"fused": False}),
+    # MuCelo2's spectral steps on hidden matrices (the default) against its RMS rule: the difference
+    # is the Gram matrix of spectral_normalize.
+    "mucelo2": OptimizerSpec("mucelo2"),
+    "mucelo2-rms": OptimizerSpec("mucelo2", {"hidden_norm": "rms"}),
 }
 
 #: (cases, optimizers, warmup, repeats) per preset.

@@ -212,11 +212,12 @@ def read_light_checkpoint(directory: str | Path, load_theta: Callable[[Path], No
 #: cannot continue this run. The others (schedule, update clip, name) may change on purpose; a
 #: difference is reported, since it makes the continuation differ from an uninterrupted run.
 _SAME_RUN_KEYS = (
-    "lopt", "mu", "base_width", "stage", "tasks", "estimator", "meta_objective", "truncation", "initial_offset",
+    "lopt", "mu", "base_width", "hidden_norm", "stage", "tasks", "estimator", "meta_objective", "truncation",
+    "initial_offset",
     "augmentation", "seed",
 )
 #: What a checkpoint written before an entry existed ran with.
-_ABSENT_MEANS = {"meta_objective": "loss"}
+_ABSENT_MEANS = {"meta_objective": "loss", "hidden_norm": "rms"}
 
 
 def warn_nothing_left(step: int, max_steps: int) -> None:
@@ -231,7 +232,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a full checkpoint of another run; warn about settings that changed on resume."""
     if not saved:
         return
-    saved = {**_ABSENT_MEANS, **saved}
+    saved, current = {**_ABSENT_MEANS, **saved}, {**_ABSENT_MEANS, **current}
     differ = [k for k in _SAME_RUN_KEYS if k in saved and saved[k] != current.get(k)]
     if differ:
         lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, recipe {current.get(k)!r}" for k in differ)

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_lopt.checks import check_positive_int
 from lightning_lopt.models.scales import attach_readout_bases, readout_base, relative_update_scale, update_scales_of
+from lightning_lopt.optim.functional import celo2
 from lightning_lopt.optim.registry import import_path
 
 ModuleFactory = str | type | Callable[..., nn.Module]
@@ -127,15 +128,27 @@ class Task:
             return self.module(seed, width)
 
     def build(
-        self, *, lopt_is_mu: bool, device: torch.device | str = "cpu", base_width: float | None = None
+        self,
+        *,
+        lopt_is_mu: bool,
+        device: torch.device | str = "cpu",
+        base_width: float | None = None,
+        hidden_norm: str = "rms",
     ) -> list[TaskInstance]:
         """One :class:`TaskInstance` per width; checks everything that can fail before any compute.
 
-        ``base_width`` makes the μP scales relative to it (``MuCelo2``'s ``base_width``); it needs
+        ``base_width`` makes the μP scales relative to it (``MuCelo2``'s ``base_width``);
+        ``hidden_norm="spectral"`` gives hidden matrices ``MuCelo2``'s spectral steps. Both need
         ``lopt_is_mu``.
         """
         if base_width is not None and not lopt_is_mu:
             raise ValueError(f"task {self.name!r}: base_width={base_width} needs a μ learned optimizer (μP update scales)")
+        if hidden_norm not in HIDDEN_NORMS:
+            raise ValueError(f"task {self.name!r}: hidden_norm must be one of {HIDDEN_NORMS}, got {hidden_norm!r}")
+        if hidden_norm != "rms" and not lopt_is_mu:
+            raise ValueError(
+                f"task {self.name!r}: hidden_norm={hidden_norm!r} needs a μ learned optimizer (μP update scales)"
+            )
         device = torch.device(device)
         data = DataSource(self.datamodule, self.batch_size, device)
         instances = []
@@ -147,7 +160,9 @@ class Task:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"task {self.name!r}: the factory returned {type(module).__name__}, not a module")
             label = self.name if width is None else f"{self.name}-w{width}"
-            instances.append(TaskInstance(self, label, width, module.to(device), data, lopt_is_mu, base_width))
+            instances.append(
+                TaskInstance(self, label, width, module.to(device), data, lopt_is_mu, base_width, hidden_norm)
+            )
         return instances
 
 
@@ -278,6 +293,9 @@ def default_loss_cap(module: nn.Module, datamodule: L.LightningDataModule) -> fl
 INIT_LOSS_CAP_FACTOR = 1.5
 
 
+#: How hidden matrices' steps are sized (``MuCelo2``'s ``hidden_norm``).
+HIDDEN_NORMS = ("rms", "spectral")
+
 def cap_from_initial_loss(loss: float) -> float | None:
     """``1.5 ×`` the loss at initialisation, or ``None`` when that loss is not positive and finite."""
     if not (math.isfinite(loss) and loss > 0):
@@ -297,6 +315,8 @@ class TaskInstance:
     lopt_is_mu: bool
     #: Scales relative to this base width (``relative_update_scale``), or μLO's absolute ones (None).
     base_width: float | None = None
+    #: ``"spectral"``: hidden matrices take MuCelo2's spectral steps (``self.spectral``); ``"rms"``: not.
+    hidden_norm: str = "rms"
 
     def __post_init__(self) -> None:
         module = self.module
@@ -316,6 +336,9 @@ class TaskInstance:
             except ValueError as err:
                 raise ValueError(f"task {self.label!r} has no μP update scales for a μ learned optimizer: {err}") from err
             self.scales = [float(table[n]) for n in self.names]
+            # Hidden matrices are told apart by their absolute scale (1 / fan_in) before it is made
+            # relative, and readouts by their marks (the library's models carry them).
+            hidden = [s < 1.0 and readout_base(p) is None and p.dim() >= 2 for s, (_, p) in zip(self.scales, named)]
             if self.base_width is not None:
                 # A user's mup model has no marks yet; the library's models are marked already.
                 if not attach_readout_bases(module):
@@ -326,8 +349,16 @@ class TaskInstance:
                 self.scales = [
                     relative_update_scale(s, readout_base(p), self.base_width) for s, (_, p) in zip(self.scales, named)
                 ]
+            #: ``StepContext.spectral``: per tensor the spectral target, or None (see ``hidden_norm``).
+            self.spectral = None
+            if self.hidden_norm == "spectral":
+                self.spectral = [
+                    celo2.spectral_target(shape, s) if h else None
+                    for shape, s, h in zip(self.shapes, self.scales, hidden)
+                ]
         else:
             self.scales = [1.0] * len(self.names)
+            self.spectral = None
         self._pure = _has_pure_loss(module)
         self._call = _Method(module, "training_step")
         # Run the loss once, eagerly, on a real batch: a module whose training_step returns no loss

@@ -105,6 +105,10 @@ class MetaTrainer(L.LightningModule):
         base_width: μP scales relative to this width, as ``MuCelo2(base_width=...)`` uses them
             (hidden ``base_width / fan_in``, readout ``base_width / base fan-in``); ``None``: μLO's
             absolute scales. Needs a μ optimizer; recorded on the card.
+        hidden_norm: ``"rms"`` (default) or ``"spectral"``: hidden matrices' steps as
+            ``MuCelo2(hidden_norm=...)`` sizes them (``"spectral"`` needs a μ optimizer and only
+            changes Celo2-family steps); recorded on the card. ``MuCelo2``'s default is
+            ``"spectral"``; the default here stays ``"rms"``, what the committed runs used.
         init_from: a packaged name or a directory written by :meth:`save_pretrained` /
             :meth:`save_light_checkpoint`: start from these weights (fine-tuning).
         resume_from: a light checkpoint directory: continue its θ, meta-optimizer and step count.
@@ -128,6 +132,7 @@ class MetaTrainer(L.LightningModule):
         stage: int | None = None,
         mu: bool | None = None,
         base_width: float | None = None,
+        hidden_norm: str = "rms",
         init_from: str | None = None,
         resume_from: str | None = None,
         seed: int = 0,
@@ -153,6 +158,7 @@ class MetaTrainer(L.LightningModule):
         self.mu = default_mu if mu is None else bool(mu)
         # Task.build refuses a base width for a non-μ optimizer.
         self.base_width = None if base_width is None else check_positive_number("MetaTrainer: base_width", base_width)
+        self.hidden_norm = hidden_norm  # Task.build checks it against the optimizer
         if init_from is not None and resume_from is not None:
             raise ValueError("MetaTrainer: give init_from or resume_from, not both")
         if init_from is not None:
@@ -182,7 +188,10 @@ class MetaTrainer(L.LightningModule):
         self.seed = seed
         self.recipe = recipe
         # Built now, on the CPU, so that bad tasks and missing data fail before any compute.
-        instances = [i for t in self.tasks for i in t.build(lopt_is_mu=self.mu, base_width=self.base_width)]
+        instances = [
+            i for t in self.tasks
+            for i in t.build(lopt_is_mu=self.mu, base_width=self.base_width, hidden_norm=self.hidden_norm)
+        ]
         settings = EstimatorSettings(estimator, truncation, initial_offset, augmentation, seed, meta_objective)
         self.gradient_estimator = PESEstimator(self.lopt, self.trainable_names, instances, settings)
         self._full_resume = False
@@ -221,7 +230,9 @@ class MetaTrainer(L.LightningModule):
         on_device = None
         if device.type != "cpu":
             on_device = [
-                i for t in self.tasks for i in t.build(lopt_is_mu=self.mu, device=device, base_width=self.base_width)
+                i for t in self.tasks for i in t.build(
+                    lopt_is_mu=self.mu, device=device, base_width=self.base_width, hidden_norm=self.hidden_norm
+                )
             ]
         self.gradient_estimator.prepare(on_device)
 
@@ -324,6 +335,7 @@ class MetaTrainer(L.LightningModule):
                 "lopt": self.lopt_name,
                 "mu": self.mu,
                 "base_width": self.base_width,
+                "hidden_norm": self.hidden_norm,
                 "stage": self.stage,
                 "estimator": vars(self.estimator),
                 "meta_objective": self.meta_objective,

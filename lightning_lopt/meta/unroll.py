@@ -232,7 +232,7 @@ def batch_key(inst: TaskInstance) -> tuple[Any, ...] | None:
     """Instances with equal keys can share :func:`unroll_windows`; ``None``: this one runs alone.
 
     Equal keys mean the same module (its class and printed configuration), parameter names, shapes
-    and dtypes, buffers, update scales, device and batch structure (shapes and dtypes), so one
+    and dtypes, buffers, update scales and spectral targets, device and batch structure (shapes and dtypes), so one
     instance's loss is every one's and their batches stack. A module with dropout runs alone: its
     draws come from the global generator, seeded per instance.
     """
@@ -243,8 +243,8 @@ def batch_key(inst: TaskInstance) -> tuple[Any, ...] | None:
     buffers = tuple((n, b.shape, b.dtype, tuple(b.flatten().tolist())) for n, b in inst.buffers.items())
     return (
         type(module), repr(module), tuple(inst.names), tuple(tuple(s) for s in inst.shapes),
-        tuple(params[n].dtype for n in inst.names), buffers, tuple(inst.scales), str(inst.data.device),
-        inst.batch_structure,
+        tuple(params[n].dtype for n in inst.names), buffers, tuple(inst.scales),
+        None if inst.spectral is None else tuple(inst.spectral), str(inst.data.device), inst.batch_structure,
     )
 
 
@@ -277,7 +277,7 @@ def unroll_windows(
 ) -> list[tuple[Particles, WindowResult]]:
     """:func:`unroll_window` for several instances of one architecture at once, one result each.
 
-    The instances must share parameter names, shapes and dtypes, update scales and the loss
+    The instances must share parameter names, shapes and dtypes, update scales, spectral targets and the loss
     function (``inputs[0].inst.loss`` runs for all; equal :func:`batch_key` s say when that is right).
     Their particles are concatenated on the particle axis so that each inner step is one vmapped
     loss-and-grad and one :func:`~lightning_lopt.optim.particle_step.particle_step` call for all of
@@ -311,7 +311,7 @@ def unroll_windows(
         with torch.enable_grad():
             loss, grads = loss_and_grad(params, tau2, batch)
         loss = loss.detach()
-        ctx = StepContext(first.scales, loss, joined(*[doubled(length) for length in lengths]))
+        ctx = StepContext(first.scales, loss, joined(*[doubled(length) for length in lengths]), first.spectral)
         params, opt_state = particle_step(lopt, theta_pm, params, [g.detach() for g in grads], opt_state, ctx)
         # Each instance's bookkeeping works on its rows (views, so resets write into the joined tensors).
         for m, (w, (a, b)) in enumerate(zip(inputs, bounds)):

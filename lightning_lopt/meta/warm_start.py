@@ -147,10 +147,10 @@ def _fit_instance(
             loss, grads = loss_and_grad(params, None, batch)
         grads = [g.detach() for g in grads]
         teacher = [warm.lr * s * d for s, d in zip(scales, _adam_update(grads, m, v, t, warm))]
-        ctx = StepContext(scales, loss.detach(), warm.steps)
+        ctx = StepContext(scales, loss.detach(), warm.steps, inst.spectral)
 
         def one(theta, p, g, s, loss):
-            return pure(theta, p, g, s, StepContext(scales, loss, warm.steps))
+            return pure(theta, p, g, s, StepContext(scales, loss, warm.steps, inst.spectral))
 
         regress = t % warm.every == 0
         theta = lopt.theta() if regress else {k: v.detach() for k, v in lopt.theta().items()}

@@ -16,9 +16,11 @@ class          matrices (rank ≥ 2)             vectors, scalars, embeddings   
 ``MuCelo2``    as Celo2, × μP scale            as Celo2                        yes
 =============  ==============================  =============================  ================
 
-MuCelo2's μP scales are relative to ``base_width`` (default 128): ``base_width / fan_in`` on hidden
-matrices and ``base_width`` on a μLO readout, so that at width 128 it moves every layer as Celo2 does
-at the same ``lr``; ``base_width=None`` gives μLO's absolute ``1/fan_in`` (see ``MuCelo2``).
+MuCelo2's μP scales are relative to ``base_width`` (default 128): ``base_width`` on a μLO readout,
+and on hidden matrices a step of spectral norm ``lr · sqrt(base_width)`` (square matrices;
+``hidden_norm="spectral"``, the default) or ``base_width / fan_in`` × the RMS-1 update
+(``hidden_norm="rms"``), so that at width 128 it moves every layer about as Celo2 does at the same
+``lr``; ``base_width=None`` gives μLO's absolute scales (see ``MuCelo2``).
 
 **Routing to Adam** (Celo2, MuCelo2): tensors of rank ≤ 1, and parameters whose name contains
 ``"embed"`` when the parameters come as ``named_parameters()`` (what ``lightning_lopt.Trainer``
@@ -256,10 +258,21 @@ class MuCelo2(_Celo2Optimizer):
     library's models mark theirs; call it on a user mup model). ``base_width=None`` gives μLO's
     absolute scales, which the meta-training path uses (``MetaTrainer(lopt="mucelo2")``).
 
+    **Hidden matrices** (``hidden_norm``). ``"rms"`` scales a hidden matrix's RMS-1 update by
+    ``base_width / fan_in`` (Adam's μP rule). That is right when the update is low-rank, but Newton–
+    Schulz lifts every singular value of Celo2's update to the same size, and then a matrix's effect
+    on its layer's output per coordinate falls as ``1 / sqrt(fan_in)`` (the hidden layers' coordinate
+    check falls with width). ``"spectral"`` instead fixes each hidden matrix step's spectral norm
+    (measured as ``‖u uᵀ‖_F / ‖u‖_F``): ``lr · sqrt(scale · max(fan_out, fan_in))``, where scale is
+    the tensor's μP scale; for a square matrix ``lr · sqrt(base_width)``, which is what a full-rank
+    RMS-1 update of a width-``base_width`` matrix has. μP's spectral condition (Yang, Simon and
+    Bernstein, 2023) asks for exactly that, whatever the update's rank (``docs/celo2.md``).
+
     Args:
         params: as :class:`Celo2`; the parameters of a μP model.
         lr: the step's scale (see ``base_width``).
         base_width: the width at which MuCelo2 moves every layer as Celo2 does, or None.
+        hidden_norm: ``"spectral"`` or ``"rms"``, how hidden matrices' steps are sized (above).
         scales: per-name absolute μP scales (``model.update_scales()``) for named parameters.
         allow_sp: treat tensors without μP information as scale 1 instead of raising.
         Others: as :class:`Celo2`.
@@ -268,12 +281,15 @@ class MuCelo2(_Celo2Optimizer):
 
         opt = MuCelo2(model.named_parameters())                       # a lightning_lopt.models μP model
         opt = MuCelo2(model.parameters(), base_width=None, lr=1e-2)   # μLO's absolute scales
+        opt = MuCelo2(model.parameters(), hidden_norm="rms")          # Adam's μP rule on hidden matrices
     """
 
     module_factory = Celo2LOpt
     pretrained_names = ("mucelo2-8x8-mlp-w32-128-base128", "celo2-8x8-mlp-w32")
     mu = True
     registry_name = "mucelo2"
+    #: How hidden matrices' steps are sized (see the class docstring).
+    HIDDEN_NORMS = ("spectral", "rms")
 
     def __init__(
         self,
@@ -281,6 +297,7 @@ class MuCelo2(_Celo2Optimizer):
         lr: float = 1e-3,
         *,
         base_width: float | None = 128,
+        hidden_norm: str = "spectral",
         meta_weights: MetaWeights = None,
         weight_decay: float = 0.0,
         adam_lr_mult: float = 1.0,
@@ -289,21 +306,12 @@ class MuCelo2(_Celo2Optimizer):
         allow_sp: bool = False,
         fused: bool | None = None,
     ) -> None:
+        owner = type(self).__name__
+        if hidden_norm not in self.HIDDEN_NORMS:
+            raise ValueError(f"{owner}: hidden_norm must be one of {self.HIDDEN_NORMS}, got {hidden_norm!r}")
         if base_width is not None:
-            owner = type(self).__name__
-            params = scaled_param_groups(
-                route_embeddings(params), scales, allow_sp=allow_sp, owner=owner,
-                base_width=check_positive_number(f"{owner}: base_width", base_width),
-            )
-            scales = None
-            if not any(readout_base(p) is not None for g in params for p in g["params"]):
-                warnings.warn(
-                    f"{owner}(base_width={base_width}): no μP readout among the parameters, so none gets the "
-                    "readout's relative scale; mark a user mup model's readout with "
-                    "lightning_lopt.models.attach_readout_bases(model)",
-                    stacklevel=2,
-                )
-        self.base_width = base_width
+            base_width = check_positive_number(f"{owner}: base_width", base_width)
+        self.base_width, self.hidden_norm = base_width, hidden_norm
         super().__init__(
             params,
             lr,
@@ -315,6 +323,32 @@ class MuCelo2(_Celo2Optimizer):
             allow_sp=allow_sp,
             fused=fused,
         )
+        readouts = [p for g in self.param_groups for p in g["params"] if readout_base(p) is not None]
+        if base_width is not None and not readouts:
+            warnings.warn(
+                f"{owner}(base_width={base_width}): no μP readout among the parameters, so none gets the "
+                "readout's relative scale; mark a user mup model's readout with "
+                "lightning_lopt.models.attach_readout_bases(model)",
+                stacklevel=2,
+            )
+
+    def _scaled_groups(self, params: Iterable[Any]) -> list[dict[str, Any]]:
+        """Groups with one (base-width-relative) ``update_scale`` each, hidden matrices marked; used
+        by the constructor and by ``add_param_group`` alike."""
+        return scaled_param_groups(
+            params, self._scales, allow_sp=self._allow_sp, owner=type(self).__name__,
+            base_width=self.base_width, mark_hidden=True,
+        )
+
+    def _spectral_targets(self, params: list[Tensor], groups: list[dict[str, Any]]) -> list[float | None] | None:
+        """Per hidden matrix ``sqrt(max(fan_out, fan_in) / scale)``: times the step's ``lr · scale``
+        that is the spectral norm ``lr · sqrt(scale · max(fan_out, fan_in))``; None elsewhere."""
+        if self.hidden_norm != "spectral":
+            return None
+        return [
+            celo2.spectral_target(p.shape, g["update_scale"]) if g.get("hidden_matrix") and p.dim() >= 2 else None
+            for p, g in zip(params, groups)
+        ]
 
 
 __all__ = ["Celo2", "Celo2Base", "MuCelo2", "route_embeddings"]

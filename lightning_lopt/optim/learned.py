@@ -293,7 +293,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # lr multiplies the step: every core multiplies its final per-tensor step by the scale last,
         # so folding lr into the scale is exact (and lr = 1 reproduces the pure step bit for bit).
         scales = [g["update_scale"] * g["lr"] for g in groups]
-        ctx = StepContext(scales, used_loss, self.num_steps or 0)  # small_fc_lopt ignores the horizon
+        # small_fc_lopt ignores the horizon; only MuCelo2 asks for spectral normalisation
+        ctx = StepContext(scales, used_loss, self.num_steps or 0, self._spectral_targets(params, groups))
         if any(sharding.is_dtensor(p) for p in params):  # FSDP2: local blocks, statistics reduced over ranks
             sharding.sharded_step(self, module, params, groups, ctx)
             return closure_loss if closure is not None else used_loss
@@ -307,6 +308,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for p, accumulators in zip(params, new_state["tensors"]):
             self.state[p] = accumulators
         return closure_loss if closure is not None else used_loss
+
+    def _spectral_targets(self, params: list[Tensor], groups: list[dict[str, Any]]) -> list[float | None] | None:
+        """``StepContext.spectral`` for this step's tensors: None (no spectral normalisation) here."""
+        return None
 
     def _step_options(self) -> tensor_step.StepOptions:
         """What this optimizer asks of :func:`lightning_lopt.optim.tensor_step.step_in_place`."""

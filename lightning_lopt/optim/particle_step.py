@@ -111,10 +111,10 @@ def vmapped_pure_step(
 ) -> tuple[list[Tensor], State]:
     """The reference: ``module.pure_step`` mapped over the particle axis with ``torch.func.vmap``."""
     pure = module.pure_step
-    scales = list(ctx.scales)
+    scales, spectral = list(ctx.scales), ctx.spectral
 
     def one(th: dict[str, Tensor], p: list[Tensor], g: list[Tensor], s: State, loss: Any, n: Any):
-        return pure(th, p, g, s, StepContext(scales, loss, n))
+        return pure(th, p, g, s, StepContext(scales, loss, n, spectral))
 
     num_steps = ctx.num_steps
     per_particle_horizon = isinstance(num_steps, Tensor) and num_steps.dim() == 1

@@ -64,6 +64,7 @@ def scaled_param_groups(
     allow_sp: bool = False,
     owner: str = "optimizer",
     base_width: float | None = None,
+    mark_hidden: bool = False,
 ) -> list[dict[str, Any]]:
     """Split param groups so that every group has a single ``update_scale`` float.
 
@@ -71,14 +72,22 @@ def scaled_param_groups(
     without μP information unless ``allow_sp`` is set. With ``base_width``, each absolute scale is
     made relative to it (:func:`~lightning_lopt.models.scales.relative_update_scale`: hidden
     matrices ``base_width / fan_in``, readout tensors ``base_width / base fan-in``, the rest
-    unchanged).
+    unchanged). With ``mark_hidden``, groups are also split by whether their tensors are hidden
+    matrices (absolute scale below 1, i.e. ``1 / fan_in``, and not a marked readout) and carry
+    ``"hidden_matrix": bool``, which the relative scale alone cannot tell (it is 1 at
+    ``fan_in == base_width``). A group that a ``mark_hidden`` call already resolved (it has
+    ``"hidden_matrix"``) is kept as it is: torch's ``Optimizer.__init__`` passes every group through
+    ``add_param_group`` again, and a relative scale must not be made relative twice.
     """
     out: list[dict[str, Any]] = []
     index = 0
     for group in _as_groups(params):
+        if mark_hidden and "hidden_matrix" in group and "update_scale" in group:
+            out.append(group)
+            continue
         tensors, names = _unpack(group)
         options = {k: v for k, v in group.items() if k not in ("params", "param_names", "update_scale")}
-        by_scale: dict[float, list[torch.Tensor]] = {}
+        by_scale: dict[tuple[float, bool], list[torch.Tensor]] = {}
         for p, name in zip(tensors, names):
             scale = group.get("update_scale")
             if scale is None and scales is not None and name is not None:
@@ -92,11 +101,14 @@ def scaled_param_groups(
                         f"{owner}: parameter {label} (shape {list(p.shape)}) has no μP update scale. {_FIX}"
                     )
                 scale = 1.0
+            hidden = mark_hidden and float(scale) < 1.0 and readout_base(p) is None
             if base_width is not None:
                 scale = relative_update_scale(float(scale), readout_base(p), base_width)
-            by_scale.setdefault(float(scale), []).append(p)
+            by_scale.setdefault((float(scale), hidden), []).append(p)
             index += 1
         # Names are used for error messages only; dropping them keeps optimizer state_dicts identical
         # whether the parameters came named (our Trainer helper) or flat (LightningCLI).
-        out.extend({**options, "params": ps, "update_scale": scale} for scale, ps in by_scale.items())
+        for (scale, hidden), ps in by_scale.items():
+            extra = {"hidden_matrix": hidden} if mark_hidden else {}
+            out.append({**options, "params": ps, "update_scale": scale, **extra})
     return out

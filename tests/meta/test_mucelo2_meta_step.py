@@ -29,11 +29,11 @@ WIDTH = 16
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def build(lopt: str, base_width: float | None = None) -> MetaTrainer:
+def build(lopt: str, base_width: float | None = None, hidden_norm: str = "rms") -> MetaTrainer:
     task = ImageMLPTask("digits", widths=[WIDTH], depth=2, param="mup", batch_size=8)
     return MetaTrainer(
         lopt, tasks=[task], estimator=PES(num_pairs=1, trunc_length=1), truncation=LogUniformLengthSchedule(10, 10),
-        base_width=base_width,
+        base_width=base_width, hidden_norm=hidden_norm,
     )
 
 
@@ -50,12 +50,15 @@ def meta_training_step(meta: MetaTrainer) -> tuple[list[torch.Tensor], list[torc
     return before, [p[0] for p in after.params], tree_map(lambda x: x[0, 0], batches)
 
 
+@pytest.mark.parametrize("hidden_norm", ["rms", "spectral"])
 @pytest.mark.parametrize("base_width", [None, 4.0], ids=["absolute", "base4"])
 @pytest.mark.parametrize("fused", [False, True], ids=["pure", "fused"])
-def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_mode(fused, base_width, monkeypatch):
+def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_mode(
+    fused, base_width, hidden_norm, monkeypatch
+):
     if not fused:
         monkeypatch.setattr(unroll, "particle_step", vmapped_pure_step)
-    meta = build("mucelo2", base_width)
+    meta = build("mucelo2", base_width, hidden_norm)
     inst = meta.instances[0]
     before, stepped, batch = meta_training_step(meta)
 
@@ -69,7 +72,7 @@ def test_mucelo2_meta_training_step_is_the_mucelo2_class_step_in_meta_training_m
     grads = torch.autograd.grad(loss, [p for _, p in named])
     opt = MuCelo2(
         named, lr=celo2.META_TRAINING_STEP_MULT, base_width=base_width, meta_weights=meta.lopt, adam_mode="meta_training",
-        adam_lr_mult=celo2.META_TRAINING_ADAM_LR_MULT, fused=fused,
+        adam_lr_mult=celo2.META_TRAINING_ADAM_LR_MULT, fused=fused, hidden_norm=hidden_norm,
     )
     resolved = {id(p): g["update_scale"] for g in opt.param_groups for p in g["params"]}
     scales = [resolved[id(p)] for _, p in named]
@@ -99,6 +102,24 @@ def test_mucelo2_scales_are_not_celo2s():
     mu, sp = build("mucelo2").instances[0], build("celo2").instances[0]
     assert mu.names == sp.names and sp.scales == [1.0] * len(sp.names)
     assert [n for n, a in zip(mu.names, mu.scales) if a != 1.0] == ["model.hidden_layers.0.weight"]
+
+
+def test_spectral_targets_of_the_meta_training_path_and_their_checks():
+    """Only the hidden matrix gets a target: sqrt(fan_in / scale) for the square WIDTH x WIDTH one,
+    computed here from the widths; the card records the rule; a non-μ optimizer or an unknown rule
+    is refused; the default stays the RMS rule (no targets)."""
+    for base_width, scale in ((None, 1 / WIDTH), (4.0, 4.0 / WIDTH)):
+        meta = build("mucelo2", base_width, "spectral")
+        inst = meta.instances[0]
+        targets = {n: t for n, t in zip(inst.names, inst.spectral) if t is not None}
+        assert targets == {"model.hidden_layers.0.weight": pytest.approx((WIDTH / scale) ** 0.5)}
+        assert meta.card()["recipe"]["hidden_norm"] == "spectral"
+    assert build("mucelo2").instances[0].spectral is None
+    assert build("mucelo2").card()["recipe"]["hidden_norm"] == "rms"
+    with pytest.raises(ValueError, match="needs a μ learned optimizer"):
+        build("celo2", None, "spectral")
+    with pytest.raises(ValueError, match="hidden_norm must be one of"):
+        build("mucelo2", None, "frobenius")
 
 
 def test_base_width_is_checked_and_recorded():

@@ -169,14 +169,16 @@ def _mlp_with_grads(width: int, seed: int = 0):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pure", "fused"])
 def test_mucelo2_at_its_base_width_moves_every_layer_as_celo2_and_the_readout_by_the_base(fused):
-    """The reference is Celo2 itself (per-tensor rule, no scales): at fan_in == base_width every
-    hidden and input tensor moves exactly as Celo2's does, and the μLO readout, whose output is
-    multiplied by 1/fan_in in the forward, moves base_width times as much."""
+    """The reference is Celo2 itself (per-tensor rule, no scales): with hidden_norm="rms", at
+    fan_in == base_width every hidden and input tensor moves exactly as Celo2's does, and the μLO
+    readout, whose output is multiplied by 1/fan_in in the forward, moves base_width times as much."""
     width, lr = 32, 1e-3
     theta = Celo2LOpt(generator=torch.Generator().manual_seed(3))
     models = [_mlp_with_grads(width), _mlp_with_grads(width)]
     before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
-    MuCelo2(models[0].named_parameters(), lr=lr, base_width=width, meta_weights=theta, fused=fused).step()
+    MuCelo2(
+        models[0].named_parameters(), lr=lr, base_width=width, hidden_norm="rms", meta_weights=theta, fused=fused
+    ).step()
     Celo2(models[1].named_parameters(), lr=lr, meta_weights=theta, fused=fused).step()
     mu, ref = dict(models[0].named_parameters()), dict(models[1].named_parameters())
     for name, old in before.items():
@@ -224,17 +226,84 @@ def test_mucelo2_base_width_warns_when_no_readout_is_marked():
     assert {g["update_scale"] for g in opt.param_groups if any(p is model.out.weight for p in g["params"])} == {1.0}
 
 
-def test_mucelo2_base_width_state_dict_resume_is_bit_exact():
+def _effective_spectral_norm(delta):
+    s = torch.linalg.svdvals(delta.double())
+    return float(((s**4).sum() / (s**2).sum()).sqrt())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pure", "fused"])
+@pytest.mark.parametrize("width", [64, 256])
+def test_mucelo2_spectral_hidden_steps_have_the_target_spectral_norm(width, fused):
+    """hidden_norm="spectral": a hidden matrix's step has sqrt(Σσ⁴/Σσ²) = lr · sqrt(base_width) (square
+    matrices) at every width, measured by SVD on the parameter change; every other tensor moves
+    exactly as under hidden_norm="rms"."""
+    lr, base = 1e-3, 128
+    theta = Celo2LOpt(generator=torch.Generator().manual_seed(3))
+    models = [_mlp_with_grads(width), _mlp_with_grads(width)]
+    before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    MuCelo2(models[0].named_parameters(), lr=lr, hidden_norm="spectral", meta_weights=theta, fused=fused).step()
+    MuCelo2(models[1].named_parameters(), lr=lr, hidden_norm="rms", meta_weights=theta, fused=fused).step()
+    spectral, rms = dict(models[0].named_parameters()), dict(models[1].named_parameters())
+    for name, old in before.items():
+        d_spec, d_rms = spectral[name].detach() - old, rms[name].detach() - old
+        if name.startswith("hidden_layers.") and name.endswith(".weight"):
+            # float32: the step is a difference of parameters of size ~1, rounded to 6e-8 each
+            assert _effective_spectral_norm(d_spec) == pytest.approx(lr * base**0.5, rel=1e-3), name
+            # the RMS rule gives base/fan_in · RMS 1 instead: a different norm
+            assert abs(_effective_spectral_norm(d_rms) / (lr * base**0.5) - 1) > 0.05, name
+        else:
+            torch.testing.assert_close(d_spec, d_rms, rtol=0, atol=0, msg=name)
+
+
+def test_mucelo2_spectral_targets_follow_the_shape_and_the_scale():
+    """sqrt(max(fan_out, fan_in) / scale) per hidden matrix, for a non-square one too, and with the
+    absolute scales (base_width=None); hidden_norm is checked."""
+    import mup
+
+    class Net(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc1, self.up, self.out = nn.Linear(4, width), nn.Linear(width, 4 * width), mup.MuReadout(4 * width, 3)
+
+        def forward(self, x):
+            return self.out(self.up(self.fc1(x)))
+
+    model = mup.set_base_shapes(Net(64), Net(8), delta=Net(16))
+    llo.models.attach_readout_bases(model)
+    for base_width, scale in ((32, 32 / 64), (None, 1 / 64)):
+        opt = MuCelo2(model.parameters(), hidden_norm="spectral", base_width=base_width, meta_weights=Celo2LOpt())
+        params = [p for g in opt.param_groups for p in g["params"]]
+        groups = [g for g in opt.param_groups for _ in g["params"]]
+        targets = {id(p): t for p, t in zip(params, opt._spectral_targets(params, groups))}
+        assert targets[id(model.up.weight)] == pytest.approx((256 / scale) ** 0.5)
+        assert all(targets[id(p)] is None for p in (model.fc1.weight, model.fc1.bias, model.up.bias, model.out.weight))
+    with pytest.raises(ValueError, match="hidden_norm must be one of"):
+        MuCelo2(model.parameters(), hidden_norm="frobenius", meta_weights=Celo2LOpt())
+
+
+def test_mucelo2_add_param_group_resolves_relative_scales_and_marks_hidden_matrices():
+    """A group added later (layers unfrozen while fine-tuning) gets the same base-width-relative
+    scales and hidden-matrix marks as the constructor's groups."""
+    model = _mlp_with_grads(512)
+    hidden = model.hidden_layers[0].weight
+    opt = MuCelo2([p for p in model.parameters() if p is not hidden], base_width=128, meta_weights=Celo2LOpt())
+    opt.add_param_group({"params": [hidden]})
+    (group,) = [g for g in opt.param_groups if any(p is hidden for p in g["params"])]
+    assert group["update_scale"] == 0.25 and group["hidden_matrix"] is True
+
+
+@pytest.mark.parametrize("hidden_norm", ["rms", "spectral"])
+def test_mucelo2_base_width_state_dict_resume_is_bit_exact(hidden_norm):
     theta = Celo2LOpt(generator=torch.Generator().manual_seed(1))
 
     def run(resume: bool):
         model = _mlp_with_grads(64)
-        opt = MuCelo2(model.parameters(), lr=1e-3, base_width=32, meta_weights=theta)
+        opt = MuCelo2(model.parameters(), lr=1e-3, base_width=32, hidden_norm=hidden_norm, meta_weights=theta)
         for step in range(4):
             if resume and step == 2:
                 buffer = io.BytesIO()
                 torch.save(opt.state_dict(), buffer)
-                opt = MuCelo2(model.parameters(), lr=1e-3, base_width=32, meta_weights=theta)
+                opt = MuCelo2(model.parameters(), lr=1e-3, base_width=32, hidden_norm=hidden_norm, meta_weights=theta)
                 opt.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
             opt.step()  # the same gradients every step
         return [p.detach() for p in model.parameters()]

@@ -113,8 +113,17 @@ def haiku_theta(lopt):
             "b1": sd["mlp.1.bias"], "w2": sd["mlp.2.weight"].T, "b2": sd["mlp.2.bias"]}
 
 
-def run_reference(lopt, params, grads_per_step, lrs, torch_layout=True):
-    """Reference trajectory; ``params`` numpy arrays in the caller's layout."""
+def ref_spectral(u, target):
+    """target · u / sqrt(Σσ⁴ / Σσ²) per matrix of the last two axes (JAX view), by SVD."""
+    s = np.linalg.svd(u, compute_uv=False)
+    eff = np.sqrt((s**4).sum(axis=-1) / (s**2).sum(axis=-1))
+    return target * u / eff[..., None, None]
+
+
+def run_reference(lopt, params, grads_per_step, lrs, torch_layout=True, spectral=None):
+    """Reference trajectory; ``params`` numpy arrays in the caller's layout; ``spectral[i]`` a target
+    effective spectral norm for tensor i's learned direction, or None."""
+    spectral = spectral or [None] * len(params)
     th = haiku_theta(lopt)
     view = (to_jax, from_jax) if torch_layout else (lambda x: x, lambda x: x)
     adam = [lopt.adam_1d and p.ndim <= 1 for p in params]
@@ -128,6 +137,8 @@ def run_reference(lopt, params, grads_per_step, lrs, torch_layout=True):
                 u = lopt.adam_lr_mult * u
             else:
                 u, states[i] = ref_learned(th, ps[i], g, states[i], lopt.orthogonalize)
+                if spectral[i] is not None:
+                    u = ref_spectral(u, spectral[i])
             ps[i] = ps[i] - lopt.step_mult * lrs[i] * u
     return [view[1](p).reshape(orig.shape) for p, orig in zip(ps, params)]
 
@@ -153,12 +164,13 @@ def trajectory(lopt, shapes, steps=4, dtype=torch.float64, corrupt=False, seed=0
     return params, grads, lrs
 
 
-def run_library(lopt, params, grads, lrs, dtype=torch.float64):
+def run_library(lopt, params, grads, lrs, dtype=torch.float64, spectral=None):
     lopt = lopt.to(dtype).requires_grad_(False)
     ps = [torch.tensor(p, dtype=dtype) for p in params]
     state = lopt.init_state(ps)
     for gs in grads:
-        ps, state = lopt.step(ps, [torch.tensor(g, dtype=dtype) for g in gs], state, StepContext(lrs, None, 0))
+        ctx = StepContext(lrs, None, 0, spectral)
+        ps, state = lopt.step(ps, [torch.tensor(g, dtype=dtype) for g in gs], state, ctx)
     return [p.numpy() for p in ps]
 
 
@@ -179,6 +191,45 @@ def test_float64_step_equals_independent_reference(variant, corrupt):
     for shape, e, g in zip(SHAPES, expected, got):
         assert np.isfinite(g).all(), shape
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-10, err_msg=str(shape))
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["finite", "nan-inf-huge"])
+@pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
+def test_spectral_targets_equal_the_reference_renormalised_by_svd(variant, corrupt):
+    """ctx.spectral (MuCelo2's hidden matrices): each learned matrix slice's direction is rescaled to
+    the target sqrt(Σσ⁴/Σσ²); the reference takes σ from an SVD, the library from a Gram matrix."""
+    lopt = VARIANTS[variant]()
+    params, grads, lrs = trajectory(lopt, SHAPES, corrupt=corrupt)
+    spectral = [1.0 / (k + 1) if len(shape) >= 2 else None for k, shape in enumerate(SHAPES)]  # below every σ
+    expected = run_reference(lopt, params, grads, lrs, spectral=spectral)
+    got = run_library(lopt, params, grads, lrs, spectral=spectral)
+    plain = run_library(lopt, params, grads, lrs)
+    for shape, e, g, q, p0 in zip(SHAPES, expected, got, plain, params):
+        assert np.isfinite(g).all(), shape
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-10, err_msg=str(shape))
+        if len(shape) >= 2:  # the targets change every matrix's step by far more than the tolerance
+            assert np.abs(g - q).max() > 0.1 * np.abs(q - p0).max(), shape
+
+
+@pytest.mark.parametrize("layout", ["torch", "jax"])
+def test_spectral_normalize_per_matrix_slice_and_errors(layout):
+    torch.manual_seed(2)
+    for shape in [(6, 4), (4, 6), (6, 4, 3, 2)]:
+        u = torch.randn(shape, dtype=torch.float64)
+        u[..., 0] = 0.0 if len(shape) > 2 else u[..., 0]  # a zero slice (torch layout, rank 4) stays zero
+        got = celo2.spectral_normalize(u, 3.0, layout)
+        view = to_jax(u.numpy()) if layout == "torch" else u.numpy()
+        zero = np.abs(view).sum(axis=(-2, -1)) == 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = np.where(zero[..., None, None], 0.0, ref_spectral(view, 3.0))
+        ref = from_jax(ref) if layout == "torch" else ref
+        np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-12, err_msg=str(shape))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        celo2.spectral_normalize(torch.ones(3), 1.0, layout)
+    with pytest.raises(ValueError, match="ctx.spectral must have one entry per tensor"):
+        lopt = Celo2LOpt().double()
+        p = torch.randn(3, 3, dtype=torch.float64)
+        lopt.step([p], [p], lopt.init_state([p]), StepContext([1.0], None, 0, [1.0, 2.0]))
 
 
 def test_jax_layout_equals_reference_on_jax_tensors():

@@ -60,6 +60,8 @@ CASES = {
     "mucelo2": (MuCelo2, Celo2LOpt, {"base_width": None}),
     # base-width-relative: 4 × the absolute scales on matrices (no readout is marked here)
     "mucelo2-base-width": (MuCelo2, Celo2LOpt, {"base_width": 4}),
+    # every matrix is hidden here (scale 1/fan_in), so every one takes the spectral normalisation
+    "mucelo2-spectral": (MuCelo2, Celo2LOpt, {"base_width": 4, "hidden_norm": "spectral"}),
 }
 
 
@@ -297,17 +299,20 @@ PARTICLE_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("spectral", [False, True], ids=["rms", "spectral"])
 @pytest.mark.parametrize("config", PARTICLE_CONFIGS)
-def test_the_particle_form_matches_the_vmapped_pure_step(config):
-    """The meta-training seam: 3 particles, each its own θ, 12 steps in lockstep."""
+def test_the_particle_form_matches_the_vmapped_pure_step(config, spectral):
+    """The meta-training seam: 3 particles, each its own θ, 12 steps in lockstep (with and without
+    MuCelo2's spectral targets on the matrices)."""
     module = PARTICLE_CONFIGS[config]()
     assert implementation(Celo2LOpt) is not None
     theta, params, state, g = particle_problems.stacked_problem(module, SHAPES, 3)
     scales = [0.5] * len(SHAPES)
+    targets = [2.0 if len(shape) >= 2 else None for shape in SHAPES] if spectral else None
     for t in range(NUM_STEPS):
         grads = [torch.randn(p.shape, generator=g) for p in params]
         grads[3].view(-1)[t] = float("nan") if t % 3 == 0 else 1e30
-        ctx = StepContext(scales, None, 0)
+        ctx = StepContext(scales, None, 0, targets)
         new, new_state = particle_step(module, theta, params, grads, state, ctx)
         ref, ref_state = vmapped_pure_step(module, theta, params, grads, state, ctx)
         assert_step_close(new, ref, params, f"{config} step {t}", module.orthogonalize)

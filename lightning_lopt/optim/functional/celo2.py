@@ -14,6 +14,8 @@ One update (docs/reference/celo2.md#one-step), per tensor routed to the learned 
    slice of the other axes, then the 30→8→8→3 ReLU MLP gives d = channel 0 (§1.5);
 5. Celo2 only, rank ≥ 2: d ← NS(d), Newton–Schulz per matrix slice (:mod:`.newton_schulz`);
 6. u = d · rsqrt(1e-9 + mean(d²)) over the matrix axes, so that every matrix slice has RMS 1;
+   where ``ctx.spectral[i]`` is a number c (``MuCelo2``'s hidden matrices, not in the reference),
+   u ← c · u / ‖u‖_eff per matrix slice instead (:func:`spectral_normalize`);
 7. p ← p − step_mult · s · u, with s = ``ctx.scales[i]``: the optimizer classes pass lr × μP scale
    with ``step_mult=1`` (the decoupled weight decay −lr·λ·p is theirs too, docs/reference/celo2.md#one-step);
    meta-training passes s = 1 and ``step_mult`` = η = 1e-3, the reference's constant inner lr.
@@ -53,6 +55,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -197,6 +200,49 @@ def output_direction(d: Tensor, *, orthogonalize_matrices: bool, layout: str) ->
     return _normalize(d, matrix_axes(d.dim(), layout))
 
 
+def spectral_normalize(u: Tensor, target: float, layout: str) -> Tensor:
+    """``target · u / ‖u‖_eff`` per matrix slice of ``u`` (rank ≥ 2), ``‖u‖_eff = ‖u uᵀ‖_F / ‖u‖_F``.
+
+    ‖u‖_eff = sqrt(Σσ⁴ / Σσ²) over the singular values σ of the slice: its spectral norm when the
+    non-zero σ are equal, as Newton–Schulz leaves them (to within its [0.7, 1.2] band), and a
+    smooth, deterministic stand-in otherwise (it lies between the RMS and the largest σ). So the
+    result's spectral norm is about ``target`` whatever the rank of u, which is what μP asks of a
+    hidden matrix's step (docs/celo2.md, "MuCelo2: the μP scales"). The Gram matrix is taken on
+    the smaller side (one batched matmul, a fifteenth of Newton–Schulz). A zero slice stays zero.
+
+    Example::
+
+        v = spectral_normalize(torch.randn(64, 32), 2.0, "torch")   # ‖v vᵀ‖_F / ‖v‖_F == 2
+    """
+    if u.dim() < 2:
+        raise ValueError(f"spectral_normalize needs a tensor of rank >= 2, got shape {list(u.shape)}")
+    axes = matrix_axes(u.dim(), layout)
+    x = u.movedim(axes, (-2, -1))
+    gram = x.mT @ x if x.shape[-2] > x.shape[-1] else x @ x.mT
+    frobenius_sq = (x * x).sum(dim=(-2, -1), keepdim=True)
+    gram_norm = torch.linalg.vector_norm(gram, dim=(-2, -1), keepdim=True)
+    # target · u · ‖u‖_F / ‖u uᵀ‖_F; ‖u uᵀ‖_F ≥ ‖u‖_F² / min(m, n) > 0 unless the slice is zero
+    factor = target * torch.sqrt(frobenius_sq) / torch.where(gram_norm > 0, gram_norm, torch.ones_like(gram_norm))
+    return (x * factor).movedim((-2, -1), axes)
+
+
+def spectral_target(shape: Sequence[int], scale: float) -> float:
+    """The ``ctx.spectral`` entry of a hidden matrix of torch ``shape`` (``[fan_out, fan_in, ...]``)
+    whose step is multiplied by the μP ``scale``: ``sqrt(max(fan_out, fan_in) / scale)``, so that
+    the step's effective spectral norm is ``lr · sqrt(scale · max(fan_out, fan_in))`` (``MuCelo2``'s
+    ``hidden_norm="spectral"``; docs/celo2.md, "Spectral steps on hidden matrices").
+
+    Example::
+
+        spectral_target((512, 512), 128 / 512)   # 45.25...: spectral norm lr · sqrt(128)
+    """
+    if len(shape) < 2:
+        raise ValueError(f"spectral_target needs a matrix shape (rank >= 2), got {list(shape)}")
+    if not scale > 0:
+        raise ValueError(f"spectral_target needs a positive μP scale, got {scale!r}")
+    return math.sqrt(max(shape[0], shape[1]) / scale)
+
+
 def adam_direction(
     g: Tensor, acc: dict[str, Tensor], iteration: Tensor, *, adam_mode: str
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -230,8 +276,9 @@ def step(
 ) -> tuple[list[Tensor], State]:
     """One Celo2 (``orthogonalize=True``) or Celo2Base update; returns ``(new_params, new_state)``.
 
-    ``ctx.scales[i]`` multiplies tensor i's step (learning rate × μP scale); the loss and the
-    horizon are not used. Inputs are not mutated.
+    ``ctx.scales[i]`` multiplies tensor i's step (learning rate × μP scale); ``ctx.spectral[i]``,
+    where given, normalises a learned matrix direction by :func:`spectral_normalize`; the loss and
+    the horizon are not used. Inputs are not mutated.
     """
     check_lists(params, grads, ctx)
     _check_layout(layout)
@@ -240,7 +287,8 @@ def step(
     iteration = state["iteration"] + 1
     new_params: list[Tensor] = []
     new_tensors: list[dict[str, Tensor]] = []
-    for p, g, acc, scale in zip(params, grads, state["tensors"], ctx.scales):
+    spectral = ctx.spectral if ctx.spectral is not None else [None] * len(params)
+    for p, g, acc, scale, target in zip(params, grads, state["tensors"], ctx.scales, spectral):
         shape = work_shape(p.shape)
         p_w, g_w = p.reshape(shape), g.reshape(shape)
         if "adam_m" in acc:
@@ -248,6 +296,8 @@ def step(
             u = adam_lr_mult * u
         else:
             u, acc = learned_direction(theta, p_w, g_w, acc, orthogonalize_matrices=orthogonalize, layout=layout)
+            if target is not None and u.dim() >= 2:
+                u = spectral_normalize(u, target, layout)
         new_params.append((p_w - (step_mult * scale) * u).reshape(p.shape))
         new_tensors.append(acc)
     return new_params, {"iteration": iteration, "tensors": new_tensors}

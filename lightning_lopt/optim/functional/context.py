@@ -27,11 +27,16 @@ class StepContext(NamedTuple):
         num_steps: the training horizon T. Celo and VeLO use it for the progress features and the
             loss-EMA half-lives (docs/reference/celo.md#loss-buffer); small_fc_lopt ignores it. An ``int``, or a 0-d
             tensor so that particles vmapped together may each have their own horizon.
+        spectral: ``None``, or per tensor ``None`` or a target c: Celo2's step replaces that matrix
+            tensor's direction u by ``c · u / ‖u‖_eff`` per matrix slice before the scale, where
+            ``‖u‖_eff = ‖u uᵀ‖_F / ‖u‖_F`` (:func:`~lightning_lopt.optim.functional.celo2.spectral_normalize`;
+            ``MuCelo2``'s spectral hidden-matrix steps, docs/celo2.md). Other rules ignore it.
     """
 
     scales: Sequence[float]
     loss: Tensor | None
     num_steps: int | Tensor
+    spectral: Sequence[float | None] | None = None
 
 
 def check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], ctx: StepContext) -> None:
@@ -40,6 +45,10 @@ def check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], ctx: StepCont
         raise ValueError(
             f"params, grads and ctx.scales must have one entry per tensor; got {len(params)}, "
             f"{len(grads)} and {len(ctx.scales)}"
+        )
+    if ctx.spectral is not None and len(ctx.spectral) != len(params):
+        raise ValueError(
+            f"ctx.spectral must have one entry per tensor; got {len(ctx.spectral)} for {len(params)} tensors"
         )
 
 

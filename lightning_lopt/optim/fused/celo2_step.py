@@ -6,7 +6,8 @@ Per tensor routed to the learned rule (docs/reference/celo2.md#one-step):
   gradient, the accumulators (written in place), the 30 (or 15) features, their second-moment
   normalisation over the matrix axes per slice, and the 30→8→8→3 MLP, giving d;
 - torch (:func:`lightning_lopt.optim.functional.celo2.output_direction`, the pure step's own code):
-  Newton–Schulz on every matrix slice (Celo2, batched matmuls) and the RMS-1 normalisation;
+  Newton–Schulz on every matrix slice (Celo2, batched matmuls) and the RMS-1 normalisation, then
+  :func:`~lightning_lopt.optim.functional.celo2.spectral_normalize` where ``ctx.spectral`` asks;
 - torch: ``p ← p − step_mult·s·u − weight_decay·p``, in place.
 
 Tensors routed to the Adam branch take the pure step's Adam update
@@ -71,9 +72,13 @@ def step_in_place(
     )
     updates: dict[int, Tensor] = {}
     multipliers = [module.step_mult * float(s) for s in ctx.scales]
+    spectral = ctx.spectral if ctx.spectral is not None else [None] * len(params)
     whole = []  # tensors whose one matrix slice is the whole tensor and that skip Newton–Schulz
     for i, d in zip(learned, directions):
-        if d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize):
+        if spectral[i] is not None and d.dim() >= 2:  # the pure step's order: steps 5–6, then the target
+            u = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+            updates[i] = celo2.spectral_normalize(u, spectral[i], module.layout)
+        elif d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize):
             whole.append(i)
             updates[i] = d
         else:
@@ -195,6 +200,9 @@ def particle_step(
     for i, (p, g, acc) in enumerate(zip(params, grads, accumulators)):
         if i in directions:
             u = output(directions[i])
+            if ctx.spectral is not None and ctx.spectral[i] is not None and u.dim() >= 3:
+                normalize = functools.partial(celo2.spectral_normalize, target=ctx.spectral[i], layout=module.layout)
+                u = torch.func.vmap(normalize)(u)
         else:
             u, new_tensors[i] = adam(g.reshape(g.shape[0], *work_shape(g.shape[1:])), acc, new_iteration)
             u = module.adam_lr_mult * u
