@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,23 @@ def weights_identity(spec: OptimizerSpec) -> str | None:
     if path.is_file():
         return f"{name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
     return name
+
+
+def default_identity(spec: OptimizerSpec, setting: Mapping[str, Any]) -> dict[str, Any]:
+    """The defaults of the arguments an optimizer class names in ``identity_arguments`` that
+    ``setting`` leaves unset, for cache keys: when such a default changes (``MuCelo2``'s
+    ``hidden_norm`` did), runs cached under the old one are not reused. Empty for other optimizers.
+
+    Example::
+
+        default_identity(parse_optimizer("mucelo2"), {})   # {"hidden_norm": "spectral"}
+    """
+    factory = spec.resolve()
+    names = getattr(factory, "identity_arguments", ())
+    if not names:
+        return {}
+    parameters = inspect.signature(factory).parameters
+    return {name: parameters[name].default for name in names if name not in setting}
 
 
 def uses_random_weights(spec: OptimizerSpec) -> bool:

@@ -44,7 +44,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lightning_lopt.eval import store
-from lightning_lopt.eval.optimizers import OptimizerSpec, Setting, make_optimizer, make_schedule, weights_identity
+from lightning_lopt.eval.optimizers import (
+    OptimizerSpec,
+    Setting,
+    default_identity,
+    make_optimizer,
+    make_schedule,
+    weights_identity,
+)
 from lightning_lopt.eval.store import RunRecord
 from lightning_lopt.eval.tasks import CAP_FACTOR, DIVERGE_FACTOR, Task, build_model, held_out_batch, num_classes, reference_loss
 from lightning_lopt.optimizee import OptimizeeModule, objective_loss
@@ -83,6 +90,8 @@ class RunSpec:
                 "setting": dict(self.setting.values),
                 # only when set: the constant-rate runs keep their cache keys
                 **({"schedule": self.optimizer.schedule} if self.optimizer.schedule else {}),
+                # only for classes that name such arguments: the others keep their cache keys
+                **({"defaults": defaults} if (defaults := default_identity(self.optimizer, self.setting.values)) else {}),
             },
             "seed": self.seed,
         }

@@ -290,6 +290,8 @@ class MuCelo2(_Celo2Optimizer):
     registry_name = "mucelo2"
     #: How hidden matrices' steps are sized (see the class docstring).
     HIDDEN_NORMS = ("spectral", "rms")
+    #: Arguments whose defaults enter evaluation cache keys (``hidden_norm``'s changed on 2026-12-05).
+    identity_arguments = ("hidden_norm",)
 
     def __init__(
         self,

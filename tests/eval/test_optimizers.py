@@ -110,3 +110,21 @@ def test_a_cosine_run_steps_its_schedule_and_keys_apart_from_the_constant_one() 
     a, b = train(const), train(cosine)
     # Step 0 runs at lr 1e-2 / 2 (warmup of 2 steps) against 1e-2: the curves part from step 1 on.
     assert a.train_loss[0] == b.train_loss[0] and a.train_loss[1] != b.train_loss[1]
+
+
+def test_a_changed_default_keys_runs_apart_only_where_the_class_names_it() -> None:
+    """MuCelo2's hidden_norm default enters the cache key (runs cached under the RMS rule are not
+    reused as the new default's), an explicit setting replaces it, and other optimizers' keys do not
+    change."""
+    from lightning_lopt.eval.runner import RunSpec
+    from lightning_lopt.eval.tasks import Family, Task
+
+    family = Family.from_dict("mlp_tiny", {"model": "mlp", "data": "digits", "data_kwargs": {"image_size": 8},
+                                           "batch_size": 32, "base_width": 16, "tune_steps": 20, "eval_examples": 64})  # fmt: skip
+    task = Task(family, 16, 2, 40)
+    default = RunSpec(task, parse_optimizer("mucelo2"), Setting({}), 0).identity()["optimizer"]
+    assert default["defaults"] == {"hidden_norm": "spectral"}
+    rms = RunSpec(task, parse_optimizer("mucelo2"), Setting({"hidden_norm": "rms"}), 0).identity()["optimizer"]
+    assert "defaults" not in rms and rms["setting"] == {"hidden_norm": "rms"}
+    for name in ("mulo", "celo2", "adamw"):
+        assert "defaults" not in RunSpec(task, parse_optimizer(name), Setting({}), 0).identity()["optimizer"]
