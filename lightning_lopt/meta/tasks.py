@@ -42,7 +42,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_lopt.checks import check_positive_int
-from lightning_lopt.models.scales import attach_readout_bases, readout_base, relative_update_scale, update_scales_of
+from lightning_lopt.models.scales import (
+    attach_readout_bases,
+    is_hidden_matrix,
+    readout_base,
+    relative_update_scale,
+    update_scales_of,
+)
 from lightning_lopt.optim.functional import celo2
 from lightning_lopt.optim.registry import import_path
 
@@ -143,8 +149,10 @@ class Task:
         """
         if base_width is not None and not lopt_is_mu:
             raise ValueError(f"task {self.name!r}: base_width={base_width} needs a μ learned optimizer (μP update scales)")
-        if hidden_norm not in HIDDEN_NORMS:
-            raise ValueError(f"task {self.name!r}: hidden_norm must be one of {HIDDEN_NORMS}, got {hidden_norm!r}")
+        if hidden_norm not in celo2.HIDDEN_NORMS:
+            raise ValueError(
+                f"task {self.name!r}: hidden_norm must be one of {celo2.HIDDEN_NORMS}, got {hidden_norm!r}"
+            )
         if hidden_norm != "rms" and not lopt_is_mu:
             raise ValueError(
                 f"task {self.name!r}: hidden_norm={hidden_norm!r} needs a μ learned optimizer (μP update scales)"
@@ -293,9 +301,6 @@ def default_loss_cap(module: nn.Module, datamodule: L.LightningDataModule) -> fl
 INIT_LOSS_CAP_FACTOR = 1.5
 
 
-#: How hidden matrices' steps are sized (``MuCelo2``'s ``hidden_norm``).
-HIDDEN_NORMS = ("rms", "spectral")
-
 def cap_from_initial_loss(loss: float) -> float | None:
     """``1.5 ×`` the loss at initialisation, or ``None`` when that loss is not positive and finite."""
     if not (math.isfinite(loss) and loss > 0):
@@ -336,9 +341,8 @@ class TaskInstance:
             except ValueError as err:
                 raise ValueError(f"task {self.label!r} has no μP update scales for a μ learned optimizer: {err}") from err
             self.scales = [float(table[n]) for n in self.names]
-            # Hidden matrices are told apart by their absolute scale (1 / fan_in) before it is made
-            # relative, and readouts by their marks (the library's models carry them).
-            hidden = [s < 1.0 and readout_base(p) is None and p.dim() >= 2 for s, (_, p) in zip(self.scales, named)]
+            # Told apart by the absolute scale, before it is made relative.
+            hidden = [is_hidden_matrix(p, s) for s, (_, p) in zip(self.scales, named)]
             if self.base_width is not None:
                 # A user's mup model has no marks yet; the library's models are marked already.
                 if not attach_readout_bases(module):

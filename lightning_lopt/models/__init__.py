@@ -20,6 +20,7 @@ from lightning_lopt.models.mlp import MuMLP
 from lightning_lopt.models.scales import (
     attach_readout_bases,
     attach_update_scales,
+    is_hidden_matrix,
     mup_update_scales,
     param_update_scale,
     readout_base,
@@ -40,6 +41,7 @@ __all__ = [
     "attach_readout_bases",
     "attach_update_scales",
     "build",
+    "is_hidden_matrix",
     "mup_update_scales",
     "param_update_scale",
     "readout_base",

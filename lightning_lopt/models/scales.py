@@ -195,6 +195,18 @@ def readout_base(p: torch.Tensor) -> float | None:
     return None if attached is None else float(attached)
 
 
+def is_hidden_matrix(p: torch.Tensor, absolute: float) -> bool:
+    """Whether ``p``, whose *absolute* μLO scale is ``absolute``, is a hidden matrix: scale below 1
+    (``1 / fan_in``, two width dimensions), rank ≥ 2 and not a marked readout. The relative scale
+    cannot tell (it is 1 at ``fan_in == base_width``). MuCelo2's spectral steps apply to these.
+
+    Example::
+
+        is_hidden_matrix(model.hidden_layers[0].weight, 1 / 128)   # True
+    """
+    return absolute < 1.0 and p.dim() >= 2 and readout_base(p) is None
+
+
 def relative_update_scale(absolute: float, readout_base_fan_in: float | None, base_width: float) -> float:
     """μLO's absolute update scale made relative to ``base_width`` (MuCelo2's ``base_width``).
 

@@ -288,8 +288,6 @@ class MuCelo2(_Celo2Optimizer):
     pretrained_names = ("mucelo2-8x8-mlp-w32-128-base128", "celo2-8x8-mlp-w32")
     mu = True
     registry_name = "mucelo2"
-    #: How hidden matrices' steps are sized (see the class docstring).
-    HIDDEN_NORMS = ("spectral", "rms")
     #: Arguments whose defaults enter evaluation cache keys (``hidden_norm``'s changed on 2026-12-05).
     identity_arguments = ("hidden_norm",)
 
@@ -309,8 +307,8 @@ class MuCelo2(_Celo2Optimizer):
         fused: bool | None = None,
     ) -> None:
         owner = type(self).__name__
-        if hidden_norm not in self.HIDDEN_NORMS:
-            raise ValueError(f"{owner}: hidden_norm must be one of {self.HIDDEN_NORMS}, got {hidden_norm!r}")
+        if hidden_norm not in celo2.HIDDEN_NORMS:
+            raise ValueError(f"{owner}: hidden_norm must be one of {celo2.HIDDEN_NORMS}, got {hidden_norm!r}")
         if base_width is not None:
             base_width = check_positive_number(f"{owner}: base_width", base_width)
         self.base_width, self.hidden_norm = base_width, hidden_norm
@@ -348,7 +346,7 @@ class MuCelo2(_Celo2Optimizer):
         if self.hidden_norm != "spectral":
             return None
         return [
-            celo2.spectral_target(p.shape, g["update_scale"]) if g.get("hidden_matrix") and p.dim() >= 2 else None
+            celo2.spectral_target(p.shape, g["update_scale"]) if g.get("hidden_matrix") else None
             for p, g in zip(params, groups)
         ]
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lightning_lopt.models.scales import (
+    is_hidden_matrix,
     param_update_scale,
     readout_base,
     relative_update_scale,
@@ -73,7 +74,7 @@ def scaled_param_groups(
     made relative to it (:func:`~lightning_lopt.models.scales.relative_update_scale`: hidden
     matrices ``base_width / fan_in``, readout tensors ``base_width / base fan-in``, the rest
     unchanged). With ``mark_hidden``, groups are also split by whether their tensors are hidden
-    matrices (absolute scale below 1, i.e. ``1 / fan_in``, and not a marked readout) and carry
+    matrices (:func:`~lightning_lopt.models.scales.is_hidden_matrix`) and carry
     ``"hidden_matrix": bool``, which the relative scale alone cannot tell (it is 1 at
     ``fan_in == base_width``). A group that a ``mark_hidden`` call already resolved (it has
     ``"hidden_matrix"``) is kept as it is: torch's ``Optimizer.__init__`` passes every group through
@@ -101,7 +102,7 @@ def scaled_param_groups(
                         f"{owner}: parameter {label} (shape {list(p.shape)}) has no μP update scale. {_FIX}"
                     )
                 scale = 1.0
-            hidden = mark_hidden and float(scale) < 1.0 and readout_base(p) is None
+            hidden = mark_hidden and is_hidden_matrix(p, float(scale))
             if base_width is not None:
                 scale = relative_update_scale(float(scale), readout_base(p), base_width)
             by_scale.setdefault((float(scale), hidden), []).append(p)

@@ -14,6 +14,7 @@ from lightning_lopt.models import (
     MuViT,
     attach_readout_bases,
     attach_update_scales,
+    is_hidden_matrix,
     mup_update_scales,
     param_update_scale,
     readout_base,
@@ -230,3 +231,12 @@ def test_relative_update_scale_arithmetic():
     assert relative_update_scale(1.0, 1.0, 128) == 128.0  # μLO readout, base fan-in 1
     assert relative_update_scale(1.0, 64.0, 128) == 2.0  # mup readout with base fan-in 64
     assert relative_update_scale(1.0, None, 128) == 1.0  # input layer, vectors
+
+
+def test_is_hidden_matrix_from_the_absolute_scale_the_rank_and_the_readout_mark():
+    model = MuMLP((1, 8, 8), width=32, depth=3, num_classes=10)  # marks its readout
+    scales = update_scales_of(model)
+    hidden = {n for n, p in model.named_parameters() if is_hidden_matrix(p, scales[n])}
+    assert hidden == {"hidden_layers.0.weight", "hidden_layers.1.weight"}
+    assert not is_hidden_matrix(torch.zeros(32), 1 / 32)  # a vector with a small scale
+    assert not is_hidden_matrix(model.readout.weight, 1 / 32)  # marked readout, whatever the scale

@@ -88,6 +88,10 @@ GRAD_CLIP = 1000.0
 FEATURE_EPS = 1e-8  # rsqrt(v + 1e-8)
 NORMALIZER_EPS = 1e-9  # input and output second-moment normalisation
 
+#: How ``MuCelo2`` sizes hidden matrices' steps: :func:`spectral_normalize` to :func:`spectral_target`,
+#: or the RMS-1 direction times the μP scale (docs/celo2.md, "Spectral steps on hidden matrices").
+HIDDEN_NORMS = ("spectral", "rms")
+
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 ADAM_MODES = ("adamw", "meta_training")

@@ -75,14 +75,14 @@ def step_in_place(
     spectral = ctx.spectral if ctx.spectral is not None else [None] * len(params)
     whole = []  # tensors whose one matrix slice is the whole tensor and that skip Newton–Schulz
     for i, d in zip(learned, directions):
-        if spectral[i] is not None and d.dim() >= 2:  # the pure step's order: steps 5–6, then the target
-            u = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
-            updates[i] = celo2.spectral_normalize(u, spectral[i], module.layout)
-        elif d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize):
+        target = spectral[i] if d.dim() >= 2 else None  # as the pure step: matrices only
+        if target is None and (d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize)):
             whole.append(i)
             updates[i] = d
         else:
             updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
+            if target is not None:  # the pure step's order: steps 5–6, then the target
+                updates[i] = celo2.spectral_normalize(updates[i], target, module.layout)
     if whole:
         for i, factor in zip(whole, _whole_tensor_normalizers([updates[i] for i in whole])):
             multipliers[i] *= factor
