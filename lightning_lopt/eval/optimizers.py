@@ -19,7 +19,8 @@ Every run builds its optimizer with :func:`lightning_lopt.optim.build` over the 
 parameters with its μP update scales, exactly as ``OptimizeeModule.configure_optimizers`` does, so
 what is measured is the ``torch.optim`` class users get. A :class:`Setting` adds what tuning chose:
 optimizer keyword arguments, plus for μAdam the model's input and output multipliers and a learning
-rate multiplier on the hidden matrices (the tensors whose μP update scale is below 1).
+rate multiplier on the hidden matrices (the tensors whose μP update scale is below 1); any optimizer
+may also get a weight decay of its own on the 1-D tensors (``vector_weight_decay``).
 
 Example::
 
@@ -49,6 +50,11 @@ from lightning_lopt.optim.registry import accepts
 MODEL_KEYS = ("input_mult", "output_mult")
 #: Setting key of the learning-rate multiplier on hidden matrices.
 HIDDEN_LR_MULT = "hidden_lr_mult"
+#: Setting key of the weight decay of the 1-D tensors (LayerNorm gains and biases, biases), which
+#: then get their own param group; the optimizer's ``weight_decay`` stays on every other tensor.
+VECTOR_WEIGHT_DECAY = "vector_weight_decay"
+#: Setting keys that shape the param groups rather than the optimizer's arguments.
+GROUP_KEYS = (HIDDEN_LR_MULT, VECTOR_WEIGHT_DECAY)
 PARAMS = ("mup", "sp")
 #: Suffix of a hand-designed optimizer's warmup + cosine variant, and its warmup fraction.
 COSINE_SUFFIX = "-cosine"
@@ -93,8 +99,9 @@ class Setting:
     """What one optimizer runs with on one task family.
 
     Attributes:
-        values: optimizer keyword arguments, plus ``input_mult`` / ``output_mult`` (model) and
-            ``hidden_lr_mult`` (param groups) where tuning chose them.
+        values: optimizer keyword arguments, plus ``input_mult`` / ``output_mult`` (model),
+            ``hidden_lr_mult`` and ``vector_weight_decay`` (param groups) where tuning or the user
+            chose them.
         origin: where they come from, for the report: ``"tuned: <file>"``, ``"given"`` or ``"defaults"``.
     """
 
@@ -103,7 +110,7 @@ class Setting:
 
     @property
     def optimizer_kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in self.values.items() if k not in (*MODEL_KEYS, HIDDEN_LR_MULT)}
+        return {k: v for k, v in self.values.items() if k not in (*MODEL_KEYS, *GROUP_KEYS)}
 
     @property
     def model_kwargs(self) -> dict[str, float]:
@@ -112,6 +119,11 @@ class Setting:
     @property
     def hidden_lr_mult(self) -> float:
         return float(self.values.get(HIDDEN_LR_MULT, 1.0))
+
+    @property
+    def vector_weight_decay(self) -> float | None:
+        value = self.values.get(VECTOR_WEIGHT_DECAY)
+        return None if value is None else float(value)
 
 
 def parse_optimizer(text: str) -> OptimizerSpec:
@@ -234,19 +246,37 @@ def uses_random_weights(spec: OptimizerSpec) -> bool:
     return identity is not None and identity.startswith("random")
 
 
-def param_groups(module: nn.Module, scales: Mapping[str, float], hidden_lr_mult: float, lr: float | None) -> list[Any]:
-    """Named parameters, or two groups when the hidden matrices get their own learning rate.
+def param_groups(
+    module: nn.Module,
+    scales: Mapping[str, float],
+    hidden_lr_mult: float,
+    lr: float | None,
+    vector_weight_decay: float | None = None,
+) -> list[Any]:
+    """Named parameters, or param groups when some tensors get their own settings.
 
-    Hidden matrices are the tensors whose μP update scale is below 1 (``1/fan_in``).
+    Hidden matrices (the tensors whose μP update scale is below 1, ``1/fan_in``) get
+    ``lr * hidden_lr_mult``; 1-D tensors get ``vector_weight_decay`` when it is given. Example::
+
+        param_groups(module, scales, 1.0, None, vector_weight_decay=1e-2)
+        # [{"params": [the 1-D tensors], "weight_decay": 0.01}, {"params": [the rest]}]
     """
     named = list(module.named_parameters())
-    if hidden_lr_mult == 1.0:
+    if hidden_lr_mult == 1.0 and vector_weight_decay is None:
         return named
-    if lr is None:
+    if hidden_lr_mult != 1.0 and lr is None:
         raise ValueError(f"{HIDDEN_LR_MULT} needs an explicit lr to multiply")
-    hidden = [(n, p) for n, p in named if scales[n] < 1.0]
-    rest = [(n, p) for n, p in named if scales[n] >= 1.0]
-    groups: list[dict[str, Any]] = [{"params": hidden, "lr": lr * hidden_lr_mult}] if hidden else []
+    if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
+        raise ValueError(f"{VECTOR_WEIGHT_DECAY} must be a non-negative number, got {vector_weight_decay!r}")
+    hidden = [(n, p) for n, p in named if hidden_lr_mult != 1.0 and scales[n] < 1.0]
+    vectors = [(n, p) for n, p in named if vector_weight_decay is not None and p.ndim <= 1 and scales[n] >= 1.0]
+    taken = {n for n, _ in hidden + vectors}
+    rest = [(n, p) for n, p in named if n not in taken]
+    groups: list[dict[str, Any]] = []
+    if hidden:
+        groups.append({"params": hidden, "lr": lr * hidden_lr_mult})
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": vector_weight_decay})
     return groups + ([{"params": rest}] if rest else [])
 
 
@@ -265,6 +295,6 @@ def make_optimizer(spec: OptimizerSpec, setting: Setting, module: nn.Module, ste
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     scales = module.update_scales()
-    groups = param_groups(module, scales, setting.hidden_lr_mult, kwargs.get("lr"))
+    groups = param_groups(module, scales, setting.hidden_lr_mult, kwargs.get("lr"), setting.vector_weight_decay)
     # Registry names go through the registry (its per-name defaults); import paths as the class.
     return optim.build(spec.factory if ":" not in spec.factory else factory, groups, scales=scales, **kwargs)

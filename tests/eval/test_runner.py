@@ -63,6 +63,44 @@ def test_hidden_lr_multiplier_reaches_the_hidden_param_group() -> None:
     assert lrs == pytest.approx([0.1 * 4 / 16, 0.1])
 
 
+@pytest.mark.parametrize("name", ["adamw", "mulo"])
+def test_vector_weight_decay_decays_the_1d_tensors_only(name: str) -> None:
+    # Decoupled weight decay is p <- p - lr * wd * p before the update, which does not depend on it:
+    # one step with vector_weight_decay = 0.5 differs from one with 0 by exactly lr * 0.5 * p on the
+    # 1-D tensors and not at all elsewhere.
+    from lightning_lopt.eval.optimizers import make_optimizer
+    from lightning_lopt.eval.tasks import build_model
+    from lightning_lopt.optimizee import OptimizeeModule
+
+    task = Task(FAMILY, 16, 3, 10)
+    source = FAMILY.source()
+    x, y = (t[0] for t in source.sample(32, 1, torch.Generator().manual_seed(0)))
+    after = {}
+    for vwd in (0.0, 0.5):
+        torch.manual_seed(0)
+        module = OptimizeeModule(build_model(task, "mup", source), num_classes=10)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        opt = make_optimizer(parse_optimizer(name), Setting({"lr": 0.01, "vector_weight_decay": vwd}), module, 10)
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+        after[vwd] = {n: p.detach().clone() for n, p in module.named_parameters()}
+    vectors = [n for n, p in before.items() if p.ndim == 1]
+    assert vectors and len(vectors) < len(before)
+    for n, p in before.items():
+        expected = 0.01 * 0.5 * p if p.ndim == 1 else torch.zeros_like(p)
+        torch.testing.assert_close(after[0.0][n] - after[0.5][n], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_vector_weight_decay_must_be_a_non_negative_number() -> None:
+    from lightning_lopt.eval.optimizers import make_optimizer
+    from lightning_lopt.eval.tasks import build_model
+    from lightning_lopt.optimizee import OptimizeeModule
+
+    module = OptimizeeModule(build_model(Task(FAMILY, 16, 3, 10), "mup", FAMILY.source()), num_classes=10)
+    with pytest.raises(ValueError, match="vector_weight_decay"):
+        make_optimizer(parse_optimizer("adamw"), Setting({"vector_weight_decay": -1.0}), module, 10)
+
+
 def test_a_diverged_run_is_recorded_with_its_loss_capped(tmp_path: Path) -> None:
     diverging = spec(lr=50.0, steps=60)
     record = execute([diverging], tmp_path, progress=False)[diverging.key]
