@@ -269,8 +269,9 @@ def param_groups(
     if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
         raise ValueError(f"{VECTOR_WEIGHT_DECAY} must be a non-negative number, got {vector_weight_decay!r}")
     hidden = [(n, p) for n, p in named if hidden_lr_mult != 1.0 and scales[n] < 1.0]
-    vectors = [(n, p) for n, p in named if vector_weight_decay is not None and p.ndim <= 1 and scales[n] >= 1.0]
-    taken = {n for n, _ in hidden + vectors}
+    in_hidden = {n for n, _ in hidden}
+    vectors = [(n, p) for n, p in named if vector_weight_decay is not None and p.ndim <= 1 and n not in in_hidden]
+    taken = in_hidden | {n for n, _ in vectors}
     rest = [(n, p) for n, p in named if n not in taken]
     groups: list[dict[str, Any]] = []
     if hidden:
