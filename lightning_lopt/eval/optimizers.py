@@ -268,17 +268,21 @@ def param_groups(
         raise ValueError(f"{HIDDEN_LR_MULT} needs an explicit lr to multiply")
     if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
         raise ValueError(f"{VECTOR_WEIGHT_DECAY} must be a non-negative number, got {vector_weight_decay!r}")
-    hidden = [(n, p) for n, p in named if hidden_lr_mult != 1.0 and scales[n] < 1.0]
-    in_hidden = {n for n, _ in hidden}
-    vectors = [(n, p) for n, p in named if vector_weight_decay is not None and p.ndim <= 1 and n not in in_hidden]
-    taken = in_hidden | {n for n, _ in vectors}
-    rest = [(n, p) for n, p in named if n not in taken]
-    groups: list[dict[str, Any]] = []
-    if hidden:
-        groups.append({"params": hidden, "lr": lr * hidden_lr_mult})
-    if vectors:
-        groups.append({"params": vectors, "weight_decay": vector_weight_decay})
-    return groups + ([{"params": rest}] if rest else [])
+    # One pass, one group per kind (in this order); a hidden matrix is never a vector.
+    options: dict[str, dict[str, Any]] = {
+        "hidden": {"lr": lr * hidden_lr_mult} if hidden_lr_mult != 1.0 else {},
+        "vectors": {"weight_decay": vector_weight_decay},
+        "rest": {},
+    }
+    members: dict[str, list[tuple[str, nn.Parameter]]] = {kind: [] for kind in options}
+    for n, p in named:
+        if hidden_lr_mult != 1.0 and scales[n] < 1.0:
+            members["hidden"].append((n, p))
+        elif vector_weight_decay is not None and p.ndim <= 1:
+            members["vectors"].append((n, p))
+        else:
+            members["rest"].append((n, p))
+    return [{"params": members[kind], **options[kind]} for kind in options if members[kind]]
 
 
 def make_optimizer(spec: OptimizerSpec, setting: Setting, module: nn.Module, steps: int) -> torch.optim.Optimizer:
