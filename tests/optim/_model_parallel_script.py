@@ -78,6 +78,11 @@ def main(out_dir: Path) -> None:
         "checksum": [float(p.double().sum()) for p in params],
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    # Tear gloo down before the interpreter exits: left to exit, its threads can abort the process
+    # ("terminate called without an active exception") after everything above has succeeded.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
