@@ -61,6 +61,17 @@ def step_in_place(
     iteration = state["iteration"] + 1
     accumulators = state["tensors"]
     learned = [i for i, acc in enumerate(accumulators) if "adam_m" not in acc]
+    multipliers = [module.step_mult * float(s) for s in ctx.scales]
+    spectral = ctx.spectral if ctx.spectral is not None else [None] * len(params)
+    # Small tensors normalised as a whole are also normalised and stepped by the kernel (FINISH in
+    # kernel.c): per tensor, the three foreach passes below cost more than the kernel's arithmetic.
+    finished = {
+        i
+        for i in learned
+        if _normalised_whole(max(params[i].dim(), 1), spectral[i], module.orthogonalize)
+        and params[i].numel() <= driver.CELO2_FINISH_MAX
+        and (multipliers[i] != 0.0 or weight_decays[i] != 0.0)
+    }
     directions = driver.celo2_directions(
         kernel,
         module,
@@ -69,24 +80,24 @@ def step_in_place(
         [accumulators[i] for i in learned],
         learned,
         state["iteration"],
+        finish=[(multipliers[i], float(weight_decays[i])) if i in finished else (0.0, 0.0) for i in learned],
     )
     updates: dict[int, Tensor] = {}
-    multipliers = [module.step_mult * float(s) for s in ctx.scales]
-    spectral = ctx.spectral if ctx.spectral is not None else [None] * len(params)
-    whole = []  # tensors whose one matrix slice is the whole tensor and that skip Newton–Schulz
+    whole = []  # the other tensors normalised as a whole (larger than one kernel work unit)
     for i, d in zip(learned, directions):
-        target = spectral[i] if d.dim() >= 2 else None  # as the pure step: matrices only
-        if target is None and (d.dim() == 1 or (d.dim() == 2 and not module.orthogonalize)):
+        if i in finished:
+            continue
+        if _normalised_whole(d.dim(), spectral[i], module.orthogonalize):
             whole.append(i)
             updates[i] = d
         else:
             updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
-            if target is not None:  # the pure step's order: steps 5–6, then the target
-                updates[i] = celo2.spectral_normalize(updates[i], target, module.layout)
+            if spectral[i] is not None:  # the pure step's order: steps 5–6, then the target
+                updates[i] = celo2.spectral_normalize(updates[i], spectral[i], module.layout)
     if whole:
         for i, factor in zip(whole, _whole_tensor_normalizers([updates[i] for i in whole])):
             multipliers[i] *= factor
-    adam = [i for i in range(len(accumulators)) if i not in updates]
+    adam = [i for i in range(len(accumulators)) if i not in updates and i not in finished]
     if adam:
         directions = _adam_directions_in_place(
             [grads[i] for i in adam], [accumulators[i] for i in adam], int(iteration), module.adam_mode
@@ -97,16 +108,24 @@ def step_in_place(
     # p − step_mult·s·u − wd·p (the pure step, then the wrappers' decay on the pre-update p), as
     # foreach operations: with many small tensors the per-operation overhead dominates, so the
     # whole-tensor normalisation and the Adam branch's lr multiplier ride on the one scaling.
-    steps = [updates[i] for i in range(len(params))]
-    steps = [u if u.shape == p.shape else u.view(p.shape) for u, p in zip(steps, params)]  # a view costs 2 µs
-    torch._foreach_mul_(steps, multipliers)
-    decayed = [i for i, wd in enumerate(weight_decays) if wd]
+    rest = sorted(updates)
+    if not rest:
+        return {"iteration": iteration}
+    steps = [updates[i] if updates[i].shape == params[i].shape else updates[i].view(params[i].shape) for i in rest]
+    torch._foreach_mul_(steps, [multipliers[i] for i in rest])  # a view above costs 2 µs: only where shapes differ
+    decayed = [k for k, i in enumerate(rest) if weight_decays[i]]
     if decayed:
         torch._foreach_add_(
-            [steps[i] for i in decayed], torch._foreach_mul([params[i] for i in decayed], [float(weight_decays[i]) for i in decayed])
+            [steps[k] for k in decayed], torch._foreach_mul([params[rest[k]] for k in decayed], [float(weight_decays[rest[k]]) for k in decayed])
         )
-    torch._foreach_sub_(list(params), steps)
+    torch._foreach_sub_([params[i] for i in rest], steps)
     return {"iteration": iteration}
+
+
+def _normalised_whole(rank: int, spectral_target: float | None, orthogonalize: bool) -> bool:
+    """Whether the pure step normalises a tensor's direction as a whole: vectors, and matrices that
+    skip Newton–Schulz and have no spectral target (a vector's target is ignored, as there)."""
+    return rank == 1 or (rank == 2 and not orthogonalize and spectral_target is None)
 
 
 def _adam_directions_in_place(grads: list[Tensor], accumulators: list[State], iteration: int, adam_mode: str) -> list[Tensor]:

@@ -55,6 +55,9 @@ State = dict[str, Any]
 _RULE = {SmallFCLOpt: 0, CeloLOpt: 1, Celo2LOpt: 2}
 #: lopt_step's status for a call it refuses (unknown rule, hidden size or normalisation view).
 _INVALID_CALL = -2
+#: The largest Celo2 tensor kernel.c's FINISH normalises and steps: one work unit (``CHUNK``), so its
+#: one-thread sum costs no parallelism; larger ones are normalised by torch.
+CELO2_FINISH_MAX = 16384
 #: small_fc hidden sizes the kernel's register tiles divide (8 outputs per tile on AVX-512).
 _HIDDEN_SIZES = (8, 16, 24, 32)
 
@@ -501,10 +504,17 @@ def celo2_directions(
     accumulators: Sequence[dict[str, Tensor]],
     indices: Sequence[int],
     iteration: Tensor,
+    finish: Sequence[tuple[float, float]] | None = None,
 ) -> list[Tensor]:
     """Celo2's elementwise part for tensors routed to the learned rule: updates their accumulators
     in place and returns the MLP output ``d`` of each (float32, work shape), before Newton–Schulz
     and the output normalisation (docs/reference/celo2.md#one-step, steps 1–4).
+
+    ``finish`` gives each tensor a ``(scale, weight_decay)``: where either is nonzero the kernel
+    also normalises ``d`` over the whole tensor and steps the parameter in place, ``p ← p −
+    scale·d·rsqrt(1e-9 + mean(d²)) − weight_decay·p`` (kernel.c's FINISH). Right at any size, but
+    one thread sums each tensor: the caller hands over tensors of at most :data:`CELO2_FINISH_MAX`
+    elements that take no Newton–Schulz.
 
     ``params``, ``grads`` and the accumulators must be contiguous float32 (``m`` / ``rms`` may be
     bf16); ``indices`` are the tensors' positions in the step and ``iteration`` the updates done
@@ -518,9 +528,10 @@ def celo2_directions(
     sizes = [math.prod(s) for s in shapes]
     chunks = torch.empty(sum(sizes), dtype=torch.float32).split(sizes)
     directions = [d if len(shape) == 1 else d.view(shape) for d, shape in zip(chunks, shapes)]
+    finish = finish if finish is not None else [(0.0, 0.0)] * len(params)
     jobs = [
-        _Job(shape, module.layout, p, d, _dense_contiguous(g), acc, acc, 0.0, 0.0, index, normalisation_view(shape, module.layout))
-        for p, g, acc, d, shape, index in zip(params, grads, accumulators, directions, shapes, indices)
+        _Job(shape, module.layout, p, d, _dense_contiguous(g), acc, acc, float(scale), float(wd), index, normalisation_view(shape, module.layout))
+        for p, g, acc, d, shape, index, (scale, wd) in zip(params, grads, accumulators, directions, shapes, indices, finish)
     ]
     _launch(kernel, module, nets, jobs)
     return directions
