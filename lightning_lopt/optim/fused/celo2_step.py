@@ -8,7 +8,10 @@ Per tensor routed to the learned rule (docs/reference/celo2.md#one-step):
 - torch (:func:`lightning_lopt.optim.functional.celo2.output_direction`, the pure step's own code):
   Newton–Schulz on every matrix slice (Celo2, batched matmuls) and the RMS-1 normalisation, then
   :func:`~lightning_lopt.optim.functional.celo2.spectral_normalize` where ``ctx.spectral`` asks;
-- torch: ``p ← p − step_mult·s·u − weight_decay·p``, in place.
+- torch: ``p ← p − step_mult·s·u − weight_decay·p``, in place; except that a tensor of at most
+  one kernel work unit normalised as a whole (a vector, a matrix without Newton–Schulz) is
+  normalised and stepped by the kernel itself (FINISH), where three torch passes per tensor would
+  cost more than its arithmetic.
 
 Tensors routed to the Adam branch take the pure step's Adam update
 (:func:`lightning_lopt.optim.functional.celo2.adam_direction`) as torch foreach operations, all
