@@ -20,7 +20,8 @@ parameters with its μP update scales, exactly as ``OptimizeeModule.configure_op
 what is measured is the ``torch.optim`` class users get. A :class:`Setting` adds what tuning chose:
 optimizer keyword arguments, plus for μAdam the model's input and output multipliers and a learning
 rate multiplier on the hidden matrices (the tensors whose μP update scale is below 1); any optimizer
-may also get a weight decay of its own on the 1-D tensors (``vector_weight_decay``).
+may also get a weight decay and a learning-rate multiplier of their own on the 1-D tensors
+(``vector_weight_decay``, ``vector_lr_mult``).
 
 Example::
 
@@ -53,8 +54,10 @@ HIDDEN_LR_MULT = "hidden_lr_mult"
 #: Setting key of the weight decay of the 1-D tensors (LayerNorm gains and biases, biases), which
 #: then get their own param group; the optimizer's ``weight_decay`` stays on every other tensor.
 VECTOR_WEIGHT_DECAY = "vector_weight_decay"
+#: Setting key of the learning-rate multiplier on the 1-D tensors (their own param group too).
+VECTOR_LR_MULT = "vector_lr_mult"
 #: Setting keys that shape the param groups rather than the optimizer's arguments.
-GROUP_KEYS = (HIDDEN_LR_MULT, VECTOR_WEIGHT_DECAY)
+GROUP_KEYS = (HIDDEN_LR_MULT, VECTOR_WEIGHT_DECAY, VECTOR_LR_MULT)
 PARAMS = ("mup", "sp")
 #: Suffix of a hand-designed optimizer's warmup + cosine variant, and its warmup fraction.
 COSINE_SUFFIX = "-cosine"
@@ -100,8 +103,8 @@ class Setting:
 
     Attributes:
         values: optimizer keyword arguments, plus ``input_mult`` / ``output_mult`` (model),
-            ``hidden_lr_mult`` and ``vector_weight_decay`` (param groups) where tuning or the user
-            chose them.
+            ``hidden_lr_mult``, ``vector_weight_decay`` and ``vector_lr_mult`` (param groups) where
+            tuning or the user chose them.
         origin: where they come from, for the report: ``"tuned: <file>"``, ``"given"`` or ``"defaults"``.
     """
 
@@ -124,6 +127,10 @@ class Setting:
     def vector_weight_decay(self) -> float | None:
         value = self.values.get(VECTOR_WEIGHT_DECAY)
         return None if value is None else float(value)
+
+    @property
+    def vector_lr_mult(self) -> float:
+        return float(self.values.get(VECTOR_LR_MULT, 1.0))
 
 
 def parse_optimizer(text: str) -> OptimizerSpec:
@@ -252,33 +259,42 @@ def param_groups(
     hidden_lr_mult: float,
     lr: float | None,
     vector_weight_decay: float | None = None,
+    vector_lr_mult: float = 1.0,
 ) -> list[Any]:
     """Named parameters, or param groups when some tensors get their own settings.
 
     Hidden matrices (the tensors whose μP update scale is below 1, ``1/fan_in``) get
-    ``lr * hidden_lr_mult``; 1-D tensors get ``vector_weight_decay`` when it is given. Example::
+    ``lr * hidden_lr_mult``; 1-D tensors get ``vector_weight_decay`` when it is given and
+    ``lr * vector_lr_mult``. Example::
 
-        param_groups(module, scales, 1.0, None, vector_weight_decay=1e-2)
-        # [{"params": [the 1-D tensors], "weight_decay": 0.01}, {"params": [the rest]}]
+        param_groups(module, scales, 1.0, 0.5, vector_weight_decay=1e-2, vector_lr_mult=0.1)
+        # [{"params": [the 1-D tensors], "weight_decay": 0.01, "lr": 0.05}, {"params": [the rest]}]
     """
     named = list(module.named_parameters())
-    if hidden_lr_mult == 1.0 and vector_weight_decay is None:
+    vectors_apart = vector_weight_decay is not None or vector_lr_mult != 1.0
+    if hidden_lr_mult == 1.0 and not vectors_apart:
         return named
-    if hidden_lr_mult != 1.0 and lr is None:
-        raise ValueError(f"{HIDDEN_LR_MULT} needs an explicit lr to multiply")
+    for key, mult in ((HIDDEN_LR_MULT, hidden_lr_mult), (VECTOR_LR_MULT, vector_lr_mult)):
+        if not (math.isfinite(mult) and mult > 0):
+            raise ValueError(f"{key} must be a positive number, got {mult!r}")
+        if mult != 1.0 and lr is None:
+            raise ValueError(f"{key} needs an explicit lr to multiply")
     if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
         raise ValueError(f"{VECTOR_WEIGHT_DECAY} must be a non-negative number, got {vector_weight_decay!r}")
     # One pass, one group per kind (in this order); a hidden matrix is never a vector.
+    vector_options: dict[str, Any] = {} if vector_weight_decay is None else {"weight_decay": vector_weight_decay}
+    if vector_lr_mult != 1.0:
+        vector_options["lr"] = lr * vector_lr_mult
     options: dict[str, dict[str, Any]] = {
         "hidden": {"lr": lr * hidden_lr_mult} if hidden_lr_mult != 1.0 else {},
-        "vectors": {"weight_decay": vector_weight_decay},
+        "vectors": vector_options,
         "rest": {},
     }
     members: dict[str, list[tuple[str, nn.Parameter]]] = {kind: [] for kind in options}
     for n, p in named:
         if hidden_lr_mult != 1.0 and scales[n] < 1.0:
             members["hidden"].append((n, p))
-        elif vector_weight_decay is not None and p.ndim <= 1:
+        elif vectors_apart and p.ndim <= 1:
             members["vectors"].append((n, p))
         else:
             members["rest"].append((n, p))
@@ -300,6 +316,8 @@ def make_optimizer(spec: OptimizerSpec, setting: Setting, module: nn.Module, ste
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     scales = module.update_scales()
-    groups = param_groups(module, scales, setting.hidden_lr_mult, kwargs.get("lr"), setting.vector_weight_decay)
+    groups = param_groups(
+        module, scales, setting.hidden_lr_mult, kwargs.get("lr"), setting.vector_weight_decay, setting.vector_lr_mult
+    )
     # Registry names go through the registry (its per-name defaults); import paths as the class.
     return optim.build(spec.factory if ":" not in spec.factory else factory, groups, scales=scales, **kwargs)

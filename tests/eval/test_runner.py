@@ -91,6 +91,52 @@ def test_vector_weight_decay_decays_the_1d_tensors_only(name: str) -> None:
         torch.testing.assert_close(after[0.0][n] - after[0.5][n], expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["adamw", "mulo"])
+def test_vector_lr_mult_scales_the_1d_tensors_steps_only(name: str) -> None:
+    # Without weight decay both optimizers' steps are proportional to lr (AdamW: lr * m / (sqrt(v) +
+    # eps); MuLO: lr times its learned step), so vector_lr_mult = 0.25 makes the 1-D tensors' first
+    # step exactly a quarter of the default one and leaves every other tensor's step unchanged.
+    from lightning_lopt.eval.optimizers import make_optimizer
+    from lightning_lopt.eval.tasks import build_model
+    from lightning_lopt.optimizee import OptimizeeModule
+
+    task = Task(FAMILY, 16, 3, 10)
+    source = FAMILY.source()
+    x, y = (t[0] for t in source.sample(32, 1, torch.Generator().manual_seed(0)))
+    steps = {}
+    for mult in (1.0, 0.25):
+        torch.manual_seed(0)  # the parametrization the evaluation gives it (SP for AdamW: every tensor moves)
+        module = OptimizeeModule(build_model(task, parse_optimizer(name).param, source), num_classes=10)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        setting = Setting({"lr": 0.01, "weight_decay": 0.0, "vector_lr_mult": mult})
+        opt = make_optimizer(parse_optimizer(name), setting, module, 10)
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+        steps[mult] = {n: p.detach() - before[n] for n, p in module.named_parameters()}
+    moved = {n for n, d in steps[1.0].items() if d.abs().max() > 0}  # (μP's zero readout stops some at step 1)
+    vectors = {n for n, d in steps[1.0].items() if d.ndim == 1}
+    assert vectors <= moved and moved - vectors, "the comparison below needs moving vectors and matrices"
+    for n, step in steps[1.0].items():
+        expected = 0.25 * step if step.ndim == 1 else step
+        # p_new − p loses up to an ulp of p: the tolerance, far below the 0.75·step a missing multiplier leaves
+        ulp = torch.finfo(torch.float32).eps * float(before[n].abs().max())
+        torch.testing.assert_close(steps[0.25][n], expected, rtol=1e-5, atol=2 * ulp)
+
+
+@pytest.mark.parametrize("mult", [0.0, -1.0, float("nan")])
+def test_lr_multipliers_must_be_positive_and_need_an_lr(mult: float) -> None:
+    from lightning_lopt.eval.optimizers import make_optimizer
+    from lightning_lopt.eval.tasks import build_model
+    from lightning_lopt.optimizee import OptimizeeModule
+
+    module = OptimizeeModule(build_model(Task(FAMILY, 16, 3, 10), "mup", FAMILY.source()), num_classes=10)
+    for key in ("vector_lr_mult", "hidden_lr_mult"):
+        with pytest.raises(ValueError, match=key):
+            make_optimizer(parse_optimizer("adamw"), Setting({"lr": 0.01, key: mult}), module, 10)
+    with pytest.raises(ValueError, match="vector_lr_mult needs an explicit lr"):
+        make_optimizer(parse_optimizer("adamw"), Setting({"vector_lr_mult": 0.5}), module, 10)
+
+
 def test_vector_weight_decay_must_be_a_non_negative_number() -> None:
     from lightning_lopt.eval.optimizers import make_optimizer
     from lightning_lopt.eval.tasks import build_model
