@@ -20,4 +20,7 @@ def test_the_tuned_settings_table_matches_the_committed_settings():
         tuned = yaml.safe_load(path.read_text())
         cells = rows[path.stem].split(" | ")
         for column, optimizer in ((2, "adamw"), (3, "muadam")):
+            if optimizer not in tuned:  # a family tuned for its SP baseline only
+                assert "not tuned" in cells[column], (path.stem, optimizer)
+                continue
             assert f"lr {tuned[optimizer]['chosen']['lr']}," in cells[column], (path.stem, optimizer)
