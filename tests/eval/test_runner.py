@@ -50,14 +50,33 @@ def test_learned_optimizers_and_mu_multipliers_run() -> None:
     assert base.train_loss[0] != tuned.train_loss[0]  # the multipliers change the forward pass
 
 
-def test_hidden_lr_multiplier_reaches_the_hidden_param_group() -> None:
-    from lightning_lopt.eval.optimizers import make_optimizer
+def _module(param: str = "mup") -> torch.nn.Module:
+    """A fresh width-16 optimizee of FAMILY (initialised from torch's global seed)."""
     from lightning_lopt.eval.tasks import build_model
     from lightning_lopt.optimizee import OptimizeeModule
 
-    task = Task(FAMILY, 16, 3, 10)
-    module = OptimizeeModule(build_model(task, "mup", FAMILY.source()), num_classes=10)
-    opt = make_optimizer(parse_optimizer("muadam"), Setting({"lr": 0.1, "hidden_lr_mult": 4.0}), module, 10)
+    return OptimizeeModule(build_model(Task(FAMILY, 16, 3, 10), param, FAMILY.source()), num_classes=10)
+
+
+def _one_step(name: str, values: dict[str, Any], param: str = "mup") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The parameters before and after one step of ``name`` built by the evaluation with ``values``,
+    from the same initialisation and batch every call."""
+    from lightning_lopt.eval.optimizers import make_optimizer
+
+    x, y = (t[0] for t in FAMILY.source().sample(32, 1, torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    module = _module(param)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    opt = make_optimizer(parse_optimizer(name), Setting(values), module, 10)
+    torch.nn.functional.cross_entropy(module(x), y).backward()
+    opt.step()
+    return before, {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_hidden_lr_multiplier_reaches_the_hidden_param_group() -> None:
+    from lightning_lopt.eval.optimizers import make_optimizer
+
+    opt = make_optimizer(parse_optimizer("muadam"), Setting({"lr": 0.1, "hidden_lr_mult": 4.0}), _module(), 10)
     lrs = sorted(g["lr"] for g in opt.param_groups)
     # hidden matrices: 0.1 * 4 * (1/16); everything else: 0.1
     assert lrs == pytest.approx([0.1 * 4 / 16, 0.1])
@@ -68,22 +87,9 @@ def test_vector_weight_decay_decays_the_1d_tensors_only(name: str) -> None:
     # Decoupled weight decay is p <- p - lr * wd * p before the update, which does not depend on it:
     # one step with vector_weight_decay = 0.5 differs from one with 0 by exactly lr * 0.5 * p on the
     # 1-D tensors and not at all elsewhere.
-    from lightning_lopt.eval.optimizers import make_optimizer
-    from lightning_lopt.eval.tasks import build_model
-    from lightning_lopt.optimizee import OptimizeeModule
-
-    task = Task(FAMILY, 16, 3, 10)
-    source = FAMILY.source()
-    x, y = (t[0] for t in source.sample(32, 1, torch.Generator().manual_seed(0)))
-    after = {}
+    before, after = {}, {}
     for vwd in (0.0, 0.5):
-        torch.manual_seed(0)
-        module = OptimizeeModule(build_model(task, "mup", source), num_classes=10)
-        before = {n: p.detach().clone() for n, p in module.named_parameters()}
-        opt = make_optimizer(parse_optimizer(name), Setting({"lr": 0.01, "vector_weight_decay": vwd}), module, 10)
-        torch.nn.functional.cross_entropy(module(x), y).backward()
-        opt.step()
-        after[vwd] = {n: p.detach().clone() for n, p in module.named_parameters()}
+        before, after[vwd] = _one_step(name, {"lr": 0.01, "vector_weight_decay": vwd})
     vectors = [n for n, p in before.items() if p.ndim == 1]
     assert vectors and len(vectors) < len(before)
     for n, p in before.items():
@@ -96,23 +102,11 @@ def test_vector_lr_mult_scales_the_1d_tensors_steps_only(name: str) -> None:
     # Without weight decay both optimizers' steps are proportional to lr (AdamW: lr * m / (sqrt(v) +
     # eps); MuLO: lr times its learned step), so vector_lr_mult = 0.25 makes the 1-D tensors' first
     # step exactly a quarter of the default one and leaves every other tensor's step unchanged.
-    from lightning_lopt.eval.optimizers import make_optimizer
-    from lightning_lopt.eval.tasks import build_model
-    from lightning_lopt.optimizee import OptimizeeModule
-
-    task = Task(FAMILY, 16, 3, 10)
-    source = FAMILY.source()
-    x, y = (t[0] for t in source.sample(32, 1, torch.Generator().manual_seed(0)))
-    steps = {}
+    before, steps = {}, {}
     for mult in (1.0, 0.25):
-        torch.manual_seed(0)  # the parametrization the evaluation gives it (SP for AdamW: every tensor moves)
-        module = OptimizeeModule(build_model(task, parse_optimizer(name).param, source), num_classes=10)
-        before = {n: p.detach().clone() for n, p in module.named_parameters()}
-        setting = Setting({"lr": 0.01, "weight_decay": 0.0, "vector_lr_mult": mult})
-        opt = make_optimizer(parse_optimizer(name), setting, module, 10)
-        torch.nn.functional.cross_entropy(module(x), y).backward()
-        opt.step()
-        steps[mult] = {n: p.detach() - before[n] for n, p in module.named_parameters()}
+        # the parametrization the evaluation gives it (SP for AdamW: every tensor moves)
+        before, after = _one_step(name, {"lr": 0.01, "weight_decay": 0.0, "vector_lr_mult": mult}, parse_optimizer(name).param)
+        steps[mult] = {n: after[n] - before[n] for n in before}
     moved = {n for n, d in steps[1.0].items() if d.abs().max() > 0}  # (μP's zero readout stops some at step 1)
     vectors = {n for n, d in steps[1.0].items() if d.ndim == 1}
     assert vectors <= moved and moved - vectors, "the comparison below needs moving vectors and matrices"
@@ -126,10 +120,8 @@ def test_vector_lr_mult_scales_the_1d_tensors_steps_only(name: str) -> None:
 @pytest.mark.parametrize("mult", [0.0, -1.0, float("nan")])
 def test_lr_multipliers_must_be_positive_and_need_an_lr(mult: float) -> None:
     from lightning_lopt.eval.optimizers import make_optimizer
-    from lightning_lopt.eval.tasks import build_model
-    from lightning_lopt.optimizee import OptimizeeModule
 
-    module = OptimizeeModule(build_model(Task(FAMILY, 16, 3, 10), "mup", FAMILY.source()), num_classes=10)
+    module = _module()
     for key in ("vector_lr_mult", "hidden_lr_mult"):
         with pytest.raises(ValueError, match=key):
             make_optimizer(parse_optimizer("adamw"), Setting({"lr": 0.01, key: mult}), module, 10)
@@ -139,12 +131,9 @@ def test_lr_multipliers_must_be_positive_and_need_an_lr(mult: float) -> None:
 
 def test_vector_weight_decay_must_be_a_non_negative_number() -> None:
     from lightning_lopt.eval.optimizers import make_optimizer
-    from lightning_lopt.eval.tasks import build_model
-    from lightning_lopt.optimizee import OptimizeeModule
 
-    module = OptimizeeModule(build_model(Task(FAMILY, 16, 3, 10), "mup", FAMILY.source()), num_classes=10)
     with pytest.raises(ValueError, match="vector_weight_decay"):
-        make_optimizer(parse_optimizer("adamw"), Setting({"vector_weight_decay": -1.0}), module, 10)
+        make_optimizer(parse_optimizer("adamw"), Setting({"vector_weight_decay": -1.0}), _module(), 10)
 
 
 def test_a_diverged_run_is_recorded_with_its_loss_capped(tmp_path: Path) -> None:

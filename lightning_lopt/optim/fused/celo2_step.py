@@ -66,14 +66,13 @@ def step_in_place(
     learned = [i for i, acc in enumerate(accumulators) if "adam_m" not in acc]
     multipliers = [module.step_mult * float(s) for s in ctx.scales]
     spectral = ctx.spectral if ctx.spectral is not None else [None] * len(params)
+    whole = {i for i in learned if _normalised_whole(max(params[i].dim(), 1), spectral[i], module.orthogonalize)}
     # Small tensors normalised as a whole are also normalised and stepped by the kernel (FINISH in
     # kernel.c): per tensor, the three foreach passes below cost more than the kernel's arithmetic.
     finished = {
         i
-        for i in learned
-        if _normalised_whole(max(params[i].dim(), 1), spectral[i], module.orthogonalize)
-        and params[i].numel() <= driver.CELO2_FINISH_MAX
-        and (multipliers[i] != 0.0 or weight_decays[i] != 0.0)
+        for i in whole
+        if params[i].numel() <= driver.CELO2_FINISH_MAX and (multipliers[i] != 0.0 or weight_decays[i] != 0.0)
     }
     directions = driver.celo2_directions(
         kernel,
@@ -86,21 +85,20 @@ def step_in_place(
         finish=[(multipliers[i], float(weight_decays[i])) if i in finished else (0.0, 0.0) for i in learned],
     )
     updates: dict[int, Tensor] = {}
-    whole = []  # the other tensors normalised as a whole (larger than one kernel work unit)
     for i, d in zip(learned, directions):
         if i in finished:
             continue
-        if _normalised_whole(d.dim(), spectral[i], module.orthogonalize):
-            whole.append(i)
+        if i in whole:  # normalised below, with the other whole tensors, from one foreach norm
             updates[i] = d
         else:
             updates[i] = celo2.output_direction(d, orthogonalize_matrices=module.orthogonalize, layout=module.layout)
             if spectral[i] is not None:  # the pure step's order: steps 5–6, then the target
                 updates[i] = celo2.spectral_normalize(updates[i], spectral[i], module.layout)
-    if whole:
-        for i, factor in zip(whole, _whole_tensor_normalizers([updates[i] for i in whole])):
+    by_torch = [i for i in learned if i in whole and i not in finished]
+    if by_torch:
+        for i, factor in zip(by_torch, _whole_tensor_normalizers([updates[i] for i in by_torch])):
             multipliers[i] *= factor
-    adam = [i for i in range(len(accumulators)) if i not in updates and i not in finished]
+    adam = [i for i, acc in enumerate(accumulators) if "adam_m" in acc]
     if adam:
         directions = _adam_directions_in_place(
             [grads[i] for i in adam], [accumulators[i] for i in adam], int(iteration), module.adam_mode
