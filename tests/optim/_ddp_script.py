@@ -19,6 +19,8 @@ import lightning_lopt as llo
 from lightning_lopt.datamodules import DigitsDataModule
 from lightning_lopt.models import MuMLP
 
+from _process_group import tear_down  # beside this script (its folder is on sys.path)
+
 
 class LastLoss(llo.OptimizeeModule):
     def training_step(self, batch, batch_idx):
@@ -52,6 +54,7 @@ def main(out_dir: Path) -> None:
     tensors["local_loss"] = module.local_loss.reshape(1).float()
     tensors["change"] = sum((p.detach() - s).abs().sum() for p, s in zip(module.parameters(), start)).reshape(1)
     save_file(tensors, str(out_dir / f"rank{trainer.global_rank}.safetensors"))
+    tear_down()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import lightning_lopt as llo
 from lightning_lopt.datamodules import DigitsDataModule
 from lightning_lopt.models import MuMLP
 
+from _process_group import tear_down  # beside this script (its folder is on sys.path)
+
 
 class ShardedOptimizee(llo.OptimizeeModule):
     def configure_model(self) -> None:
@@ -78,11 +80,7 @@ def main(out_dir: Path) -> None:
         "checksum": [float(p.double().sum()) for p in params],
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
-    # Tear gloo down before the interpreter exits: left to exit, its threads can abort the process
-    # ("terminate called without an active exception") after everything above has succeeded.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    tear_down()
 
 
 if __name__ == "__main__":
