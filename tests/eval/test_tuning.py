@@ -187,6 +187,20 @@ def test_committed_tuned_settings_are_current() -> None:
                 assert setting is not None, (path, optimizer)
 
 
+def test_no_committed_winner_sits_on_an_edge_of_its_grid() -> None:
+    """Every committed baseline was tuned until its winner is interior on every axis of three or
+    more numbers (an edge winner may have its optimum outside the grid: an under-tuned baseline)."""
+    from lightning_lopt.eval.tuning import DEFAULT_TUNED_DIR
+
+    for path in sorted(DEFAULT_TUNED_DIR.glob("*/*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        for name, section in data.items():
+            if isinstance(section, dict) and "chosen" in section:
+                row = {**section["chosen"], **dict(zip(("beta1", "beta2"), section["chosen"].get("betas", ())))}
+                assert section["at_grid_edge"] == [], (path.name, name, section["at_grid_edge"])
+                assert grid_edges(section["grid"], row) == [], (path.name, name)
+
+
 def test_the_cosine_variant_is_tuned_on_the_same_grid_under_its_own_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
