@@ -9,6 +9,7 @@ Example::
     from lightning_lopt import provenance
 
     provenance.machine()      # 'x86_64 AMD EPYC 7B13, 2 cores'
+    provenance.arithmetic()   # 'AMD EPYC 7B13, AVX2, torch 2.10.0'
     provenance.git_commit()   # '1c20c44…' or None outside a git checkout
 """
 
@@ -18,6 +19,8 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+
+import torch
 
 _SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -37,6 +40,20 @@ def cpu_model() -> str | None:
 def machine() -> str:
     """The architecture, CPU model and core count in one line, for cards."""
     return f"{platform.machine()} {cpu_model() or ''}, {os.cpu_count()} cores".replace("  ", " ")
+
+
+def arithmetic(device: str = "cpu") -> str:
+    """What decides a run's float rounding, in one line: the processor, the instruction set torch's
+    kernels use on it (``ATEN_CPU_CAPABILITY``) and the torch version.
+
+    Two runs of the same seed pair like for like only when this matches: a learned optimizer
+    amplifies rounding differences, so the same seed on another CPU (or with AVX2 instead of
+    AVX-512 kernels) ends somewhere else (``docs/results.md``, section 16).
+    """
+    where = torch.device(device)
+    if where.type == "cuda":
+        return f"{torch.cuda.get_device_name(where)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
+    return f"{cpu_model() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
 
 
 def git(*args: str) -> str | None:

@@ -4,7 +4,9 @@ An evaluation's report compares only the optimizers it ran. Runs of the same tas
 initialisations and batches whichever evaluation made them, so a new optimizer run later (e.g. on
 `docs/results/width_celo2/suite.yaml`) pairs with committed baseline runs (`docs/results/width`).
 This prints, per task, each optimizer's mean ± s.e.m. and, for each optimizer, the paired
-difference against each baseline (mean ± paired s.e., and on how many seeds it is lower).
+difference against each baseline (mean ± paired s.e., and on how many seeds it is lower). Only runs
+made on the same machine pair (the ``machine`` column; a file without it counts as its own machine):
+a seed's runs on two machines do not share their rounding.
 
 Example::
 
@@ -28,14 +30,20 @@ import numpy as np
 from lightning_lopt.eval.metrics import paired_comparison
 
 
-def read_runs(paths: list[Path], aliases: dict[str, str]) -> dict[str, dict[str, dict[int, float]]]:
-    """task -> optimizer -> seed -> final loss, from `runs.csv` files (a later file wins a duplicate).
+#: What ``read_runs`` files a run under when its ``runs.csv`` has no ``machine`` column (runs made
+#: before machines were recorded): the file, since the runs of one evaluation share a machine.
+UNRECORDED = "not recorded: {path}"
+
+
+def read_runs(paths: list[Path], aliases: dict[str, str]) -> dict[str, dict[str, dict[int, tuple[float, str]]]]:
+    """task -> optimizer -> seed -> (final loss, machine), from `runs.csv` files (a later file wins a
+    duplicate).
 
     ``aliases`` maps a family to the family whose tasks it repeats (same model, data and seeds, e.g.
     tuned at another horizon); its tasks are filed under that family, its optimizers get the suffix
     ``@<family>``.
     """
-    runs: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    runs: dict[str, dict[str, dict[int, tuple[float, str]]]] = defaultdict(lambda: defaultdict(dict))
     for path in paths:
         with path.open() as f:
             for row in csv.DictReader(f):
@@ -43,8 +51,26 @@ def read_runs(paths: list[Path], aliases: dict[str, str]) -> dict[str, dict[str,
                 family, _, rest = task.partition("-")
                 if family in aliases:
                     task, optimizer = f"{aliases[family]}-{rest}", f"{optimizer}@{family}"
-                runs[task][optimizer][int(row["seed"])] = float(row["final_loss"])
+                machine = row.get("machine") or UNRECORDED.format(path=path)
+                runs[task][optimizer][int(row["seed"])] = (float(row["final_loss"]), machine)
     return runs
+
+
+def paired_cell(runs: dict[int, tuple[float, str]], base: dict[int, tuple[float, str]]) -> str:
+    """``runs`` − ``base`` paired by seed, over the seeds whose two runs come from the same machine.
+
+    The same seed on two machines does not share its rounding, and a learned optimizer turns that
+    into final losses as far apart as different seeds (``docs/results.md``, section 16), so pairs
+    across machines are left out, and said to be.
+    """
+    common = sorted(set(runs) & set(base))
+    same = [s for s in common if runs[s][1] == base[s][1]]
+    if not same:
+        return f"not paired: {len(common)} seeds from different machines" if common else ""
+    c = paired_comparison([runs[s][0] for s in same], [base[s][0] for s in same])
+    left_out = len(common) - len(same)
+    note = f"; {left_out} seeds from different machines left out" if left_out else ""
+    return f"{c['mean_diff']:+.4f} ± {c['paired_se']:.4f} ({c['wins']} of {c['n']}{note})"
 
 
 def main() -> None:
@@ -66,16 +92,9 @@ def main() -> None:
             if chosen and name not in chosen and name not in baselines:
                 continue
             seeds = by_opt[name]
-            values = np.array([seeds[s] for s in sorted(seeds)])
+            values = np.array([seeds[s][0] for s in sorted(seeds)])
             sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
-            cells = []
-            for base in baselines:
-                common = sorted(set(seeds) & set(by_opt.get(base, {})))
-                if name == base or not common:
-                    cells.append("")
-                    continue
-                c = paired_comparison([seeds[s] for s in common], [by_opt[base][s] for s in common])
-                cells.append(f"{c['mean_diff']:+.4f} ± {c['paired_se']:.4f} ({c['wins']} of {c['n']})")
+            cells = ["" if name == base else paired_cell(seeds, by_opt.get(base, {})) for base in baselines]
             print(f"| `{name}` | {values.size} | {values.mean():.4f} ± {sem:.4f} | " + " | ".join(cells) + " |")
 
 

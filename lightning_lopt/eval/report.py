@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,22 @@ def paired_table(g: GroupTables) -> list[str]:
             cells.append(f"{r['mean_diff']:+.3g} ± {_num(r['paired_se'], 2)}, wins {r['wins']} of {r['n']}{noise}")
         rows.append(cells)
     return _table(["task", *(f"{o} − {b}" for o, b in pairs)], rows)
+
+
+def machines_note(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which machines (:func:`lightning_lopt.provenance.arithmetic`) made the runs, with a warning
+    when there are several: a seed then no longer shares its rounding across optimizers, and a
+    learned optimizer turns rounding differences into final losses as far apart as seeds are."""
+    counts = Counter(r.get("machine") or "not recorded (cached before machines were)" for r in runs)
+    lines = ["Machines: " + "; ".join(f"{m} ({n} runs)" for m, n in counts.most_common()) + ".", ""]
+    if len(counts) > 1:
+        lines += [
+            "> **Warning.** These runs come from more than one machine, so the paired comparisons above mix "
+            "seeds whose runs did not share their rounding. Re-run on one machine (a fresh `--cache-dir`) "
+            "before reading a paired difference.",
+            "",
+        ]
+    return lines
 
 
 def write_report(
@@ -208,6 +225,7 @@ def write_report(
         "curves (training loss every step, test loss and accuracy at about 10 evenly spaced steps) are CSV files listed in `runs.csv`; "
         "the tables are in `final_losses.csv`, `ranks.csv`, `scores.csv`, `aggregates.csv` and `summary.json`.", "",
     ]  # fmt: skip
+    lines += machines_note(tables.runs)
     path = out / REPORT_NAME
     path.write_text("\n".join(lines))
     return path

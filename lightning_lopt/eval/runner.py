@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lightning_lopt import provenance
 from lightning_lopt.eval import store
 from lightning_lopt.eval.optimizers import (
     OptimizerSpec,
@@ -229,6 +230,7 @@ def train(spec: RunSpec, device: str | torch.device = "cpu", on_step: StepCallba
         cap=cap,
         wall_s=time.perf_counter() - start,
         device=str(device),
+        machine=provenance.arithmetic(str(device)),
     )
 
 

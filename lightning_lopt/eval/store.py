@@ -5,7 +5,7 @@ the optimizer (factory, parametrization, settings, the learned-optimizer weights
 seed and the runner's version. Its SHA-256 is the config hash. A run lives in
 
     <cache>/<task id>/<optimizer label>/seed<seed>-<hash>/
-        result.json    identity, final numbers, divergence, wall time, device
+        result.json    identity, final numbers, divergence, wall time, device, machine
         curve.csv      step, train_loss (every step), test_loss and test_acc (at evaluation steps)
 
 ``result.json`` is written last, by renaming a finished temporary directory, so an interrupted run
@@ -52,6 +52,9 @@ class RunRecord:
         cap: the loss cap (1.5 x the task's reference loss).
         wall_s: seconds the run took.
         device: where it ran.
+        machine: what decided its rounding (:func:`lightning_lopt.provenance.arithmetic`); runs of
+            one seed pair like for like only on the same machine. Empty for runs cached before it
+            was recorded.
         cached: whether it came from the cache (not stored).
     """
 
@@ -63,6 +66,7 @@ class RunRecord:
     cap: float
     wall_s: float
     device: str
+    machine: str = ""
     cached: bool = field(default=False, compare=False)
 
     @property
@@ -110,6 +114,7 @@ def save(directory: Path, identity: dict[str, Any], record: RunRecord) -> None:
         "cap": record.cap,
         "wall_s": record.wall_s,
         "device": record.device,
+        "machine": record.machine,
     }
     (tmp / RESULT_NAME).write_text(json.dumps(result, indent=2, default=str) + "\n")
     if directory.exists():
@@ -144,5 +149,6 @@ def load(directory: Path) -> RunRecord | None:
         cap=result["cap"],
         wall_s=result["wall_s"],
         device=result["device"],
+        machine=result.get("machine", ""),
         cached=True,
     )

@@ -200,6 +200,7 @@ def summarize(
         {
             "task": task_id, "optimizer": opt, "seed": seed, "final_loss": _final(r, ema),
             "diverged_at": r.diverged_at, "wall_s": round(r.wall_s, 3), "cached": r.cached, "device": r.device,
+            "machine": r.machine,
         }  # fmt: skip
         for (task_id, opt, seed), r in records.items()
     ]

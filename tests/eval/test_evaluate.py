@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_lopt import provenance
 from lightning_lopt.eval import runner
 from lightning_lopt.eval.arguments import UsageError
 from lightning_lopt.eval.evaluate import evaluate, main
@@ -125,6 +126,8 @@ def test_tune_then_evaluate_then_resume(
     assert len(rows) == 2 * 2 * 2  # tasks x optimizers x seeds
     assert {r["seed"] for r in rows} == {"0", "1"}  # --seeds 2: two seeds, 0 and 1
     assert all(Path(r["path"], "curve.csv").is_file() for r in rows)
+    assert {r["machine"] for r in rows} == {provenance.arithmetic("cpu")}
+    assert f"Machines: {provenance.arithmetic('cpu')} (8 runs)." in report and "Warning" not in report
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a cached run was trained again")
