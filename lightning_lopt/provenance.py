@@ -46,9 +46,10 @@ def arithmetic(device: str = "cpu") -> str:
     """What decides a run's float rounding, in one line: the processor, the instruction set torch's
     kernels use on it (``ATEN_CPU_CAPABILITY``) and the torch version.
 
-    Two runs of the same seed pair like for like only when this matches: a learned optimizer
-    amplifies rounding differences, so the same seed on another CPU (or with AVX2 instead of
-    AVX-512 kernels) ends somewhere else (``docs/results.md``, section 16).
+    Two runs of the same seed pair like for like only when this matches: training amplifies
+    rounding differences, so the same seed on another CPU (or with AVX2 instead of AVX-512
+    kernels) ends somewhere else, by about a third of the seed-to-seed spread for μLO and μAdam on
+    a μP MLP (``docs/results.md``, section 16).
     """
     where = torch.device(device)
     if where.type == "cuda":

@@ -1,8 +1,8 @@
 """Runs record the machine that decided their rounding, and pairs across machines are refused.
 
-A learned optimizer turns a rounding difference into a different final loss (the same seed of μLO
-with torch's AVX2 and AVX-512 kernels ends as far apart as two seeds: ``docs/results.md``, section 16),
-so a seed pairs like for like only with runs from the same machine.
+Training turns a rounding difference into a different final loss (the same seed of μLO with AVX2
+and AVX-512 kernels ends about a third of the seed-to-seed spread apart: ``docs/results.md``,
+section 16), so a seed pairs like for like only with runs from the same machine.
 """
 
 from __future__ import annotations
