@@ -9,6 +9,9 @@ the last 10 steps, for the meta-initialisation (``MetaTrainer``'s, seed 0, which
 
     # Celo2 (configs/meta/celo2_cpu.yaml: MLP 64-32-10, SP)
     python scripts/celo2_heldout.py --weights checkpoints/meta/celo2_cpu --steps 500 --seeds 4
+    # late training: the mean loss over the 100 steps before each of --at (does the loss drift up?)
+    python scripts/celo2_heldout.py --weights checkpoints/meta/celo2_cpu checkpoints/meta/celo2_cpu_long \\
+        --no-init --steps 10000 --seeds 2 --at 1000 2000 4000 7000 10000
     # MuCelo2 (configs/meta/mucelo2_cpu.yaml: μP MLP 64-w-w-10)
     python scripts/celo2_heldout.py --lopt mucelo2 --param mup --depth 2 --widths 32 128 256 \\
         --weights checkpoints/meta/celo2_cpu checkpoints/meta/mucelo2_cpu --steps 1000 --seeds 4
@@ -39,7 +42,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--init-seed", type=int, default=0, help="MetaTrainer's seed (its meta-initialisation)")
     parser.add_argument("--no-init", action="store_true", help="skip the meta-initialisation")
+    parser.add_argument("--at", type=int, nargs="*", default=[], help="also report the mean loss of the 100 steps before these")
     args = parser.parse_args()
+    if any(not 100 <= t <= args.steps for t in args.at):
+        parser.error(f"--at steps must lie in [100, --steps={args.steps}]")
 
     init, mu = build_lopt(args.lopt, stage=None, seed=args.init_seed)
     candidates = {} if args.no_init else {"meta-init": init}
@@ -47,15 +53,19 @@ def main() -> None:
     for module in candidates.values():
         module.requires_grad_(False)
     results: dict[str, dict[str, float]] = {name: {} for name in candidates}
+    before: dict[str, dict[str, dict[int, float]]] = {name: {} for name in candidates}
     for dataset in args.datasets:
         task = ImageMLPTask(dataset, image_size=8, widths=args.widths, depth=args.depth, param=args.param, batch_size=64)
         for inst in task.build(lopt_is_mu=mu):
             for name, module in candidates.items():
                 curve = inner_loss_curve(module, inst, args.steps, range(args.seeds))
                 results[name][inst.label] = float(curve[-10:].mean())
-                print(f"{name:40s} {inst.label:32s} {results[name][inst.label]:.4f}", flush=True)
+                at = before[name][inst.label] = {t: float(curve[t - 100 : t].mean()) for t in args.at}
+                late = "".join(f"  {t}: {v:.4f}" for t, v in at.items())
+                print(f"{name:40s} {inst.label:32s} {results[name][inst.label]:.4f}{late}", flush=True)
     settings = {k: getattr(args, k) for k in ("lopt", "param", "depth", "widths", "datasets", "steps", "seeds")}
-    print(json.dumps({**settings, "final_loss": results}, indent=1))
+    late = {"mean_loss_of_100_steps_before": before} if args.at else {}
+    print(json.dumps({**settings, "final_loss": results, **late}, indent=1))
 
 
 if __name__ == "__main__":
