@@ -59,10 +59,9 @@ def read_runs(paths: list[Path], aliases: dict[str, str]) -> dict[str, dict[str,
 def paired_cell(runs: dict[int, tuple[float, str]], base: dict[int, tuple[float, str]]) -> str:
     """``runs`` − ``base`` paired by seed, over the seeds whose two runs come from the same machine.
 
-    The same seed on two machines does not share its rounding, and training turns that into final
-    losses about a third of the seed-to-seed spread apart, more than the paired standard errors they
-    are read against (``docs/results.md``, section 16), so pairs across machines are left out, and
-    said to be.
+    The same seed on two machines does not share its rounding (``lightning_lopt.provenance.arithmetic``),
+    a difference larger than the paired standard errors it would be read against, so pairs across
+    machines are left out, and said to be.
     """
     common = sorted(set(runs) & set(base))
     same = [s for s in common if runs[s][1] == base[s][1]]

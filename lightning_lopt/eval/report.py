@@ -109,10 +109,9 @@ def paired_table(g: GroupTables) -> list[str]:
 
 
 def machines_note(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Which machines (:func:`lightning_lopt.provenance.arithmetic`) made the runs, with a warning
-    when there are several: a seed then no longer shares its rounding across optimizers, and
-    training turns rounding differences into final losses a third of the seed-to-seed spread apart
-    (μLO and μAdam on a μP MLP, ``docs/results.md`` section 16)."""
+    """Which machines (:func:`lightning_lopt.provenance.arithmetic`, which says why it matters) made
+    the runs, with a warning when there are several: a seed then no longer shares its rounding across
+    optimizers."""
     counts = Counter(r.get("machine") or "not recorded (cached before machines were)" for r in runs)
     lines = ["Machines: " + "; ".join(f"{m} ({n} runs)" for m, n in counts.most_common()) + ".", ""]
     if len(counts) > 1:
