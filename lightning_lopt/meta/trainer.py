@@ -91,7 +91,7 @@ class MetaTrainer(L.LightningModule):
             and Celo's choice) or ``"log"`` (its logarithm, floored at 1e-3: relative improvements
             count the same at every loss level; :func:`~lightning_lopt.meta.pes.meta_objective`).
             The logged ``meta/loss`` is the normalised loss either way.
-        truncation: episode lengths, log-uniform in ``[min_length, max_length]``.
+        truncation: episode lengths, log-uniform in ``[min_length, max_length]`` (or two ranges).
         initial_offset: the first episode starts at a random inner step in ``[0, initial_offset)``.
         schedule: the meta-learning-rate schedule (``None``: the meta-optimizer's own lr).
         meta_optimizer: ``params -> Optimizer`` (default AdamW, wd 1e-4, optax's betas and eps).
