@@ -161,13 +161,17 @@ class MetaTrainer(L.LightningModule):
         self.hidden_norm = hidden_norm  # Task.build checks it against the optimizer
         if init_from is not None and resume_from is not None:
             raise ValueError("MetaTrainer: give init_from or resume_from, not both")
+        # The weights a fine-tune started from, with their own chain, so a card's compute is complete.
+        self.started_from: dict[str, Any] | None = None
         if init_from is not None:
-            self._load_theta(init_from)
+            self.started_from = started_from_entry(init_from, self._load_theta(init_from))
         self._light_state: dict[str, Any] | None = None
         self.warm_start_report: dict[str, Any] | None = None
         if resume_from is not None:
-            self._light_state = read_light_checkpoint(resume_from, self._load_theta)
+            resumed_card: dict[str, Any] = {}
+            self._light_state = read_light_checkpoint(resume_from, lambda d: resumed_card.update(self._load_theta(d)))
             self.warm_start_report = self._light_state["warm_start_report"]
+            self.started_from = resumed_card.get("started_from")
         frozen = frozen_by_stage(self.lopt, stage)
         for name, p in self.lopt.named_parameters():
             p.requires_grad_(not frozen(name))
@@ -206,13 +210,15 @@ class MetaTrainer(L.LightningModule):
         """The task instances (each width of each task), on the fit's device once it is set up."""
         return self.gradient_estimator.instances
 
-    def _load_theta(self, source: str | Path) -> None:
+    def _load_theta(self, source: str | Path) -> dict[str, Any]:
+        """Load θ from ``source``; returns its card."""
         loaded = from_pretrained(source)
         if type(loaded) is not type(self.lopt):
             raise TypeError(f"init_from {source}: holds {type(loaded).__name__}, this run trains {type(self.lopt).__name__}")
         if isinstance(loaded, CeloLOpt) and isinstance(self.lopt, CeloLOpt):
             loaded.train_phase = self.lopt.train_phase  # stage 2 starts from stage-1 weights
         load_checked(self.lopt, loaded.state_dict(), str(source))
+        return dict(getattr(loaded, "card", {}))
 
     # -- Lightning hooks -----------------------------------------------------------------------------
 
@@ -349,6 +355,7 @@ class MetaTrainer(L.LightningModule):
                 "seed": self.seed,
             },
             "meta_training_steps": self.global_step if self._trainer is not None else 0,
+            "started_from": self.started_from,
             "tasks": [i.label for i in self.instances],
             "data": sorted({type(t.datamodule).__name__ for t in self.tasks}),
             "compute": {
@@ -413,3 +420,23 @@ class LightCheckpoint(L.Callback):
 
 
 __all__ = ["LightCheckpoint", "MetaTrainer"]
+
+
+def started_from_entry(source: str | Path, card: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tune's card records about the weights it started from (``init_from``).
+
+    The source's recipe, meta-steps and compute, and its own ``started_from``, so the chain back to
+    a meta-initialisation, and the compute it took, can be read off the last card.
+
+    Example::
+
+        started_from_entry("checkpoints/meta/celo2_cpu", from_pretrained("checkpoints/meta/celo2_cpu").card)
+        # {"source": "checkpoints/meta/celo2_cpu", "recipe": "celo2_cpu", "meta_training_steps": 690, ...}
+    """
+    return {
+        "source": str(source),
+        "recipe": (card.get("recipe") or {}).get("name"),
+        "meta_training_steps": card.get("meta_training_steps"),
+        "compute_seconds": (card.get("compute") or {}).get("seconds"),
+        "started_from": card.get("started_from"),
+    }

@@ -135,3 +135,22 @@ def test_a_malformed_meta_state_json_names_the_file(saves, tmp_path):
         _meta(resume_from=str(broken))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         _meta(resume_from=str(tmp_path / "nowhere"))
+
+
+def test_a_fine_tunes_card_names_the_weights_it_started_from_and_a_resume_keeps_them(saves, tmp_path):
+    _, at4 = saves
+    tune = _meta(init_from=str(at4))
+    L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[LightCheckpoint(tmp_path / "tune", every_n_steps=2)],
+    ).fit(tune)
+    start = json.loads((at4 / "card.json").read_text())
+    card = json.loads((tmp_path / "tune" / "card.json").read_text())
+    assert start["compute"]["seconds"] > 0 and start["started_from"] is None
+    assert card["meta_training_steps"] == 2
+    assert card["started_from"] == {
+        "source": str(at4), "recipe": start["recipe"]["name"], "meta_training_steps": 4,
+        "compute_seconds": start["compute"]["seconds"], "started_from": None,
+    }
+    assert _meta(resume_from=str(tmp_path / "tune")).card()["started_from"] == card["started_from"]
+    assert _meta().card()["started_from"] is None
