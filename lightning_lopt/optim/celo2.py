@@ -47,9 +47,13 @@ Newton–Schulz (batched matmuls), the RMS normalisation, the Adam branch and th
 ``fused=False`` runs the pure step (:mod:`lightning_lopt.optim.functional.celo2`), as do float64
 parameters and CUDA; ``fused=True`` raises where the fused step cannot run.
 
-**Meta-weights.** ``Celo2`` loads the packaged ``celo2-8x8-mlp-w32`` by default: meta-trained here on
-CPU for a few hundred steps of the authors' recipe (width-32 MLPs on 8x8 images; its card says what
-it measured), far less than the authors' 100,000. The authors' ``theta.state`` could not be fetched
+**Meta-weights.** ``Celo2`` loads the packaged ``celo2-8x8-16x16-mlp-mix10k`` by default: the authors'
+recipe run here on CPU for 690 meta-steps (width-32 MLPs on 8x8 images, episodes up to 2,000 steps),
+then fine-tuned for 3,310 on those tasks plus a 16x16 MNIST MLP with episodes of 100–2,000 and
+2,000–10,000 steps (``configs/meta/celo2_cpu_mix16.yaml``; its card says what it measured), far less
+than the authors' 100,000. Unlike the first run's θ (``celo2-8x8-mlp-w32``, by name), it does not
+diverge on a 10,000-step MLP run at lr 1e-3 and keeps improving to 25,000 steps on the Brown LM
+(``docs/results.md``, section 18). The authors' ``theta.state`` could not be fetched
 offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_haiku` and
 ``save_pretrained`` and pass the directory as ``meta_weights``). ``MuCelo2`` loads
 ``mucelo2-8x8-mlp-w32-128-base128``: that θ fine-tuned for 490 CPU steps with MuCelo2's default scales
@@ -187,7 +191,7 @@ class Celo2(_Celo2Optimizer):
     """
 
     module_factory = Celo2LOpt
-    pretrained_names = ("celo2-8x8-mlp-w32",)
+    pretrained_names = ("celo2-8x8-16x16-mlp-mix10k", "celo2-8x8-mlp-w32")
     registry_name = "celo2"
 
     def __init__(

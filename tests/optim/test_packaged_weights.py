@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -30,6 +31,7 @@ PACKAGED = {
     "lo-fmnist8-w32-128-long4k": SmallFCLOpt,
     "celo-8x8-mlp-w32": CeloLOpt,
     "celo2-8x8-mlp-w32": Celo2LOpt,
+    "celo2-8x8-16x16-mlp-mix10k": Celo2LOpt,
     "mucelo2-8x8-mlp-w32-128": Celo2LOpt,
     "mucelo2-8x8-mlp-w32-128-base128": Celo2LOpt,
 }
@@ -37,7 +39,7 @@ DEFAULTS = {
     MuLO: "mulo-fmnist8-w32-128",
     LO: "lo-fmnist8-w32-128",
     Celo: "celo-8x8-mlp-w32",
-    Celo2: "celo2-8x8-mlp-w32",
+    Celo2: "celo2-8x8-16x16-mlp-mix10k",
     MuCelo2: "mucelo2-8x8-mlp-w32-128-base128",
 }
 #: The longest episode of the CPU recipes (truncation max_length): "10x the meta-training unroll".
@@ -62,9 +64,12 @@ def test_card_schema(name: str) -> None:
     assert recipe["name"] and recipe["estimator"]["num_pairs"] > 0 and recipe["truncation"]["max_length"] > 0
     assert card["tasks"] and all(isinstance(t, str) for t in card["tasks"])
     assert card["data"] and card["commit"]
-    # The name says the scale honestly: every meta-training task is 8x8 and at most 128 wide.
+    # The name says the scale honestly: every meta-training task is at most 16x16 and 128 wide, and
+    # a name without "16x16" has only 8x8 tasks (labels like "mlp-mnist16-d2-sp-w64").
     widths = [int(t.rsplit("-w", 1)[1]) for t in card["tasks"]]
-    assert max(widths) <= 128 and all("8-" in t for t in card["tasks"])
+    sizes = {int(re.search(r"(\d+)-d\d+-", t).group(1)) for t in card["tasks"]}
+    assert max(widths) <= 128 and sizes <= {8, 16}
+    assert ("16x16" in name) == (16 in sizes)
     if name.startswith(("mulo", "lo")):
         # Warm start is disclosed with its teacher and how well the regression fit.
         warm = recipe["warm_start"]
