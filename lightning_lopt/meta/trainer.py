@@ -419,9 +419,6 @@ class LightCheckpoint(L.Callback):
             pl_module.save_light_checkpoint(self.dirpath)
 
 
-__all__ = ["LightCheckpoint", "MetaTrainer"]
-
-
 def started_from_entry(source: str | Path, card: dict[str, Any]) -> dict[str, Any]:
     """What a fine-tune's card records about the weights it started from (``init_from``).
 
@@ -440,3 +437,6 @@ def started_from_entry(source: str | Path, card: dict[str, Any]) -> dict[str, An
         "compute_seconds": (card.get("compute") or {}).get("seconds"),
         "started_from": card.get("started_from"),
     }
+
+
+__all__ = ["LightCheckpoint", "MetaTrainer"]
