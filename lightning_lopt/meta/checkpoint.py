@@ -168,11 +168,12 @@ def write_light_checkpoint(
     return write_atomically(directory, write)
 
 
-def read_light_checkpoint(directory: str | Path, load_theta: Callable[[Path], None]) -> dict[str, Any]:
+def read_light_checkpoint(directory: str | Path, load_theta: Callable[[Path], object]) -> dict[str, Any]:
     """Check a light checkpoint, hand its directory to ``load_theta`` and read the rest.
 
-    Returns ``{"optimizer": state_dict, "meta_step", "compute_seconds", "warm_start_report"}``
-    (the report only when the card holds a finished warm start, else ``None``).
+    Returns ``{"optimizer": state_dict, "meta_step", "compute_seconds", "warm_start_report",
+    "started_from"}`` (the report only when the card holds a finished warm start, else ``None``;
+    ``started_from`` as the card has it, ``None`` on cards written before it was recorded).
     """
     path = Path(directory)
     if not path.is_dir():
@@ -205,6 +206,7 @@ def read_light_checkpoint(directory: str | Path, load_theta: Callable[[Path], No
         "meta_step": int(meta["meta_step"]),
         "compute_seconds": float(meta.get("compute_seconds", 0.0)),
         "warm_start_report": report if report and "relative_error_end" in report else None,
+        "started_from": card.get("started_from"),
     }
 
 

@@ -168,10 +168,9 @@ class MetaTrainer(L.LightningModule):
         self._light_state: dict[str, Any] | None = None
         self.warm_start_report: dict[str, Any] | None = None
         if resume_from is not None:
-            resumed_card: dict[str, Any] = {}
-            self._light_state = read_light_checkpoint(resume_from, lambda d: resumed_card.update(self._load_theta(d)))
+            self._light_state = read_light_checkpoint(resume_from, self._load_theta)
             self.warm_start_report = self._light_state["warm_start_report"]
-            self.started_from = resumed_card.get("started_from")
+            self.started_from = self._light_state["started_from"]
         frozen = frozen_by_stage(self.lopt, stage)
         for name, p in self.lopt.named_parameters():
             p.requires_grad_(not frozen(name))
