@@ -59,7 +59,10 @@ offline (convert it with :meth:`~lightning_lopt.optim.celo2_lopt.Celo2LOpt.from_
 ``mucelo2-8x8-mlp-w32-128-base128``: that θ fine-tuned for 490 CPU steps with MuCelo2's default scales
 (base width 128), lower than ``celo2-8x8-mlp-w32`` under the same defaults at widths 128–2048 on 5 of 5
 seeds (``docs/celo2.md``, "Meta-trained with the base width"). ``mucelo2-8x8-mlp-w32-128`` (absolute
-scales, 410 steps) is kept by name only: it was worse than its starting θ. ``Celo2Base`` has no packaged weights:
+scales, 410 steps) is kept by name only: it was worse than its starting θ. For long runs of MuCelo2 load
+``meta_weights="mucelo2-8x8-16x16-mlp-mix10k"`` (the Celo2 default above fine-tuned for 510 steps under
+MuCelo2's rule): on a 10,000-step MLP run it ends far lower than the default θ, but on 300-step runs it
+stops improving with width past 256 (``docs/results.md``, section 19). ``Celo2Base`` has no packaged weights:
 without ``meta_weights`` it warns and uses a random meta-initialisation.
 
 Example::

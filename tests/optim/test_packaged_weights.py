@@ -27,6 +27,7 @@ from lightning_lopt.optim.optimizers import LO, Celo, MuLO
 PACKAGED = {
     "mulo-fmnist8-w32-128": SmallFCLOpt,
     "mulo-fmnist8-w32-128-long4k": SmallFCLOpt,
+    "mulo-fmnist8-16x16-mix10k": SmallFCLOpt,
     "lo-fmnist8-w32-128": SmallFCLOpt,
     "lo-fmnist8-w32-128-long4k": SmallFCLOpt,
     "celo-8x8-mlp-w32": CeloLOpt,
@@ -34,6 +35,7 @@ PACKAGED = {
     "celo2-8x8-16x16-mlp-mix10k": Celo2LOpt,
     "mucelo2-8x8-mlp-w32-128": Celo2LOpt,
     "mucelo2-8x8-mlp-w32-128-base128": Celo2LOpt,
+    "mucelo2-8x8-16x16-mlp-mix10k": Celo2LOpt,
 }
 DEFAULTS = {
     MuLO: "mulo-fmnist8-w32-128",
