@@ -1,12 +1,24 @@
-"""Pair μLO mix16's LM 10k runs (this machine) with the committed 5-seed runs of section 14 (files without a
-machine column; section 17 re-ran seed 0 of each here and found them bit for bit)."""
-import csv, numpy as np
+"""Pair μLO mix16's LM 10k runs (this machine) with the committed 5-seed runs of section 14.
+
+Those files have no machine column, so ``scripts/paired_runs.py`` will not pair them; section 17 re-ran seed 0
+of each on this machine and got them bit for bit, which is what makes this pairing valid.
+Run from the repository root: ``python docs/results/mix16/lm10k_paired_mulo.py > docs/results/mix16/lm10k_paired_mulo.txt``.
+"""
+import csv
+
+import numpy as np
+
 from lightning_lopt.eval.metrics import paired_comparison
-def load(p, label=None):
-    d = {}
-    for r in csv.DictReader(open(p)):
-        d.setdefault(label or r["optimizer"], {})[int(r["seed"])] = float(r["final_loss"])
-    return d
+
+
+def load(path: str) -> dict[str, dict[int, float]]:
+    """optimizer label -> seed -> final loss, from a ``runs.csv``."""
+    runs: dict[str, dict[int, float]] = {}
+    for r in csv.DictReader(open(path)):
+        runs.setdefault(r["optimizer"], {})[int(r["seed"])] = float(r["final_loss"])
+    return runs
+
+
 new = load("docs/results/mix16/lm10k_runs_mulo.csv")["mulo-cosine:checkpoints/meta/mulo_m_cpu_mix16"]
 ref = load("docs/results/horizon_diagnosis/lm10k_long4k_lr2/runs.csv")
 ref.update(load("docs/results/horizon_diagnosis/lm10k_long4k_lr2/runs_hidden_lr_mult2.csv"))
