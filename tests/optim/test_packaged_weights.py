@@ -28,6 +28,7 @@ PACKAGED = {
     "mulo-fmnist8-w32-128": SmallFCLOpt,
     "mulo-fmnist8-w32-128-long4k": SmallFCLOpt,
     "mulo-fmnist8-16x16-mix10k": SmallFCLOpt,
+    "mulo-fmnist8-16x16-mix10k-v2": SmallFCLOpt,
     "lo-fmnist8-w32-128": SmallFCLOpt,
     "lo-fmnist8-w32-128-long4k": SmallFCLOpt,
     "celo-8x8-mlp-w32": CeloLOpt,
