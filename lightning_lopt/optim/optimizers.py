@@ -77,9 +77,8 @@ class MuLO(LearnedOptimizer):
     most 1000 steps: measured, they are good to about 2000 steps and diverge around 5000 on a
     Fashion-MNIST MLP (``docs/results.md``, "Horizon"). For longer runs load
     ``meta_weights="mulo-fmnist8-16x16-mix10k-v2"`` (episodes up to 10,000 steps) with weight decay 1e-3 and a
-    warmup + cosine schedule: stable for 10,000 steps on that MLP and on a Transformer LM (its 1,000-meta-step
-    predecessor ``mulo-fmnist8-16x16-mix10k`` also for 25,000 on the MLP), but still behind a μAdam tuned for
-    10,000 steps (``docs/results.md``, sections 19 and 20).
+    warmup + cosine schedule: stable for 10,000 steps on that MLP and on a Transformer LM and for 25,000 on
+    the MLP, but still behind a μAdam tuned for 10,000 steps (``docs/results.md``, sections 19 and 20).
 
     Example::
 
