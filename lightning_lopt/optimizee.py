@@ -24,9 +24,10 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+
 from lightning_lopt.models.scales import update_scales_of
-from lightning_lopt.optim.registry import build
-from lightning_lopt.trainer import with_horizon
+from lightning_lopt.trainer import LrSchedule, check_lr_schedule, optimizers_for_fit
 
 Objective = Literal["classification", "lm", "autoencoder"]
 _OBJECTIVES = ("classification", "lm", "autoencoder")
@@ -61,6 +62,8 @@ class OptimizeeModule(L.LightningModule):
         optimizer_kwargs: keyword arguments for the optimizer, e.g. ``{"lr": 1e-2}``.
         num_classes: classes for the accuracy metric; read from ``model.num_classes`` or
             ``model.readout.out_features`` when omitted.
+        lr_schedule: ``"constant"`` or ``"warmup-cosine"`` (warmup over 5% of the fit, then a cosine
+            decay to zero; for long runs), as ``lightning_lopt.Trainer``'s.
     """
 
     def __init__(
@@ -70,8 +73,10 @@ class OptimizeeModule(L.LightningModule):
         optimizer: str | Callable[..., torch.optim.Optimizer] = "adamw",
         optimizer_kwargs: dict[str, Any] | None = None,
         num_classes: int | None = None,
+        lr_schedule: LrSchedule = "constant",
     ) -> None:
         super().__init__()
+        check_lr_schedule(lr_schedule)
         if objective not in _OBJECTIVES:
             raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
         if not isinstance(model, nn.Module):
@@ -81,6 +86,7 @@ class OptimizeeModule(L.LightningModule):
         self.objective = objective
         self.optimizer = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.lr_schedule = lr_schedule
         if objective == "classification":
             classes = num_classes if num_classes is not None else _infer_num_classes(model)
             if classes is None:
@@ -130,10 +136,12 @@ class OptimizeeModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         """Build ``self.optimizer`` over the named parameters with the model's μP scales.
 
-        Learned optimizers with a schedule (Celo, VeLO) get the fit's length as their horizon.
+        Learned optimizers with a schedule (Celo, VeLO) get the fit's length as their horizon;
+        ``lr_schedule`` adds its scheduler (:func:`lightning_lopt.trainer.optimizers_for_fit`).
         """
-        kwargs = with_horizon(self, self.optimizer, self.optimizer_kwargs)
-        return build(self.optimizer, self.named_parameters(), scales=self.update_scales, **kwargs)
+        return optimizers_for_fit(
+            self, self.optimizer, self.optimizer_kwargs, self.lr_schedule, scales=self.update_scales
+        )

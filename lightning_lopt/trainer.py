@@ -13,11 +13,19 @@ the mean loss over the micro-batches of the step. :class:`Trainer` adds it to ev
 optimizers, :func:`configure_optimizer` also fills in the horizon ``num_steps`` from
 ``trainer.estimated_stepping_batches`` when it is not given.
 
+Long runs: ``lr_schedule="warmup-cosine"`` steps a :class:`~lightning_lopt.optim.schedules.WarmupCosine`
+over the fit's optimizer steps. A learned optimizer asked to run far past the episodes its weights
+were meta-trained on gets a warning naming the settings measured to hold there (README, "Long runs").
+
 Example::
 
     import lightning_lopt as llo
     trainer = llo.Trainer(optimizer="muadam", optimizer_kwargs={"lr": 1e-2}, max_steps=300)
     trainer.fit(module, datamodule)
+
+    # a long run: the long-run weights, weight decay and warmup + cosine over the 10,000 steps
+    trainer = llo.Trainer(optimizer="mulo", lr_schedule="warmup-cosine", max_steps=10_000,
+                          optimizer_kwargs={"meta_weights": "mulo-fmnist8-16x16-mix10k-v2", "weight_decay": 1e-3})
 
     # or keep lightning.Trainer:
     llo.configure_optimizer(module, "celo")
@@ -27,21 +35,32 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MethodType
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
 
+from lightning_lopt.optim.learned import LearnedOptimizer
 from lightning_lopt.optim.registry import accepts, build, resolve
+from lightning_lopt.optim.schedules import WarmupCosine
 
 OptimizerChoice = str | Callable[..., torch.optim.Optimizer]
+#: ``"constant"``: the optimizer's ``lr`` throughout; ``"warmup-cosine"``: :class:`WarmupCosine` over the fit.
+LrSchedule = Literal["constant", "warmup-cosine"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+#: Past this many times its longest meta-training episode a learned optimizer's weights are on their own:
+#: measured, μLO's default weights (episodes of at most 1,000 steps) hold to about 2,000 steps and diverge
+#: between 2,863 and 6,186 on a Fashion-MNIST MLP at a constant lr (docs/results.md, "Horizon").
+LONG_RUN_FACTOR = 2
 
 
-def configure_optimizers(module: L.LightningModule) -> torch.optim.Optimizer:
+def configure_optimizers(module: L.LightningModule) -> OptimizerLRScheduler:
     """The ``configure_optimizers`` that :func:`configure_optimizer` binds to a module.
 
     A module-level function bound with ``MethodType``: Lightning's override check needs a real
@@ -49,9 +68,98 @@ def configure_optimizers(module: L.LightningModule) -> torch.optim.Optimizer:
     (OptimizeeModule, or a user's) is the most robust source of μP scales; otherwise the optimizer
     reads them from the parameters themselves.
     """
-    optimizer, kwargs = module._lopt_optimizer
-    scales = getattr(module, "update_scales", None)
-    return build(optimizer, module.named_parameters(), scales=scales, **with_horizon(module, optimizer, kwargs))
+    optimizer, kwargs, lr_schedule = module._lopt_optimizer
+    return optimizers_for_fit(module, optimizer, kwargs, lr_schedule, scales=getattr(module, "update_scales", None))
+
+
+def optimizers_for_fit(
+    module: L.LightningModule,
+    optimizer: OptimizerChoice,
+    kwargs: Mapping[str, Any],
+    lr_schedule: LrSchedule = "constant",
+    *,
+    scales: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
+) -> OptimizerLRScheduler:
+    """What a ``configure_optimizers`` returns for ``optimizer`` over ``module``'s parameters.
+
+    The optimizer gets the fit's horizon where it takes one (:func:`with_horizon`); with
+    ``lr_schedule="warmup-cosine"`` it comes with a :class:`WarmupCosine` over the fit's optimizer
+    steps, stepped every step. A learned optimizer asked to run far past its weights' meta-training
+    episodes is warned once (:func:`long_run_advice`).
+
+    Example::
+
+        def configure_optimizers(self):
+            return optimizers_for_fit(self, "mulo", {"weight_decay": 1e-3}, "warmup-cosine")
+    """
+    check_lr_schedule(lr_schedule)
+    built = build(optimizer, module.named_parameters(), scales=scales, **with_horizon(module, optimizer, dict(kwargs)))
+    if isinstance(built, LearnedOptimizer) and module._trainer is not None:
+        horizon = module.trainer.estimated_stepping_batches
+        advice = long_run_advice(built, int(horizon), lr_schedule) if math.isfinite(horizon) else None
+        if advice is not None:
+            rank_zero_warn(advice)
+    if lr_schedule == "constant":
+        return built
+    scheduler = WarmupCosine(built, fit_horizon(module, f"lr_schedule={lr_schedule!r}"))
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_lr_schedule(lr_schedule: str) -> None:
+    """``ValueError`` unless ``lr_schedule`` is one of :data:`LR_SCHEDULES`."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+
+
+def fit_horizon(module: L.LightningModule, needed_by: str) -> int:
+    """The number of optimizer steps of the fit ``module`` is in: ``trainer.estimated_stepping_batches``
+    (it accounts for ``max_steps``, ``max_epochs``, accumulation and devices).
+
+    Raises:
+        ValueError: no trainer is attached, or the fit has no end.
+    """
+    if module._trainer is None:
+        raise ValueError(f"{needed_by} needs the length of training, read from the Trainer during fit(); no trainer is attached")
+    horizon = module.trainer.estimated_stepping_batches
+    if not math.isfinite(horizon):
+        raise ValueError(
+            f"{needed_by} needs num_steps, the length of training, but this fit has no end: set "
+            "max_steps or max_epochs on the Trainer, or pass num_steps in the optimizer's kwargs"
+        )
+    return int(horizon)
+
+
+def long_run_advice(optimizer: LearnedOptimizer, horizon: int, lr_schedule: LrSchedule) -> str | None:
+    """A warning for a fit of ``horizon`` steps far past the episodes ``optimizer``'s weights were
+    meta-trained on, naming the settings measured to hold there; ``None`` when there is nothing to change.
+
+    "Far past" is more than :data:`LONG_RUN_FACTOR` times the longest episode on the weights' card.
+    The settings are ``lr_schedule="warmup-cosine"`` and the class's :attr:`~LearnedOptimizer.long_run_settings`
+    (e.g. MuLO's long-run weights and weight decay 1e-3). Celo and VeLO, whose learned schedulers
+    read the horizon, are left alone.
+
+    Example::
+
+        long_run_advice(MuLO(model.parameters()), 10_000, "constant")   # 'MuLO: this fit runs 10,000 ...'
+    """
+    if optimizer.needs_loss:
+        return None
+    card = getattr(optimizer.meta_weights, "card", None) or {}
+    longest = card.get("recipe", {}).get("truncation", {}).get("max_length")
+    if not longest or horizon <= LONG_RUN_FACTOR * longest:
+        return None
+    fixes = [] if lr_schedule == "warmup-cosine" else ['lr_schedule="warmup-cosine"']
+    current = {"meta_weights": card.get("name"), "weight_decay": optimizer.defaults["weight_decay"]}
+    fixes += [f"{key}={value!r}" for key, value in optimizer.long_run_settings.items() if current.get(key) != value]
+    if not fixes:
+        return None
+    name = type(optimizer).__name__
+    return (
+        f"{name}: this fit runs {horizon:,} optimizer steps, more than {LONG_RUN_FACTOR}x the longest episode "
+        f"({longest:,} steps) its weights {card.get('name', '(unnamed)')!r} were meta-trained on; past that a "
+        f"constant lr was measured to drift or diverge. Measured to hold for 10,000 steps: {', '.join(fixes)} "
+        "(README, 'Long runs'; in a LightningModule, lightning_lopt.optim.schedules.WarmupCosine)."
+    )
 
 
 def with_horizon(module: L.LightningModule, optimizer: OptimizerChoice, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -71,23 +179,21 @@ def with_horizon(module: L.LightningModule, optimizer: OptimizerChoice, kwargs: 
     # Outside a fit (no trainer attached) there is no horizon to read; the optimizer then asks for one.
     if module._trainer is None or not accepts(resolve(optimizer), "num_steps"):
         return kwargs
-    horizon = module.trainer.estimated_stepping_batches
-    if not math.isfinite(horizon):
-        raise ValueError(
-            f"{optimizer} needs num_steps, the length of training, but this fit has no end: set "
-            "max_steps or max_epochs on the Trainer, or pass num_steps in the optimizer's kwargs"
-        )
-    return {**kwargs, "num_steps": int(horizon)}
+    return {**kwargs, "num_steps": fit_horizon(module, str(optimizer))}
 
 
-def configure_optimizer(module: L.LightningModule, optimizer: OptimizerChoice, **kwargs: Any) -> L.LightningModule:
+def configure_optimizer(
+    module: L.LightningModule, optimizer: OptimizerChoice, *, lr_schedule: LrSchedule = "constant", **kwargs: Any
+) -> L.LightningModule:
     """Make ``module.configure_optimizers`` return ``optimizer`` built over its parameters.
 
     ``optimizer`` is a registry name (``lightning_lopt.optim.available()``) or an optimizer class or
-    callable; ``kwargs`` go to it. Returns the module, for chaining.
+    callable; ``kwargs`` go to it; ``lr_schedule`` as in :func:`optimizers_for_fit`. Returns the
+    module, for chaining.
     """
     resolve(optimizer)  # fail now, with the list of known names, rather than inside fit()
-    module._lopt_optimizer = (optimizer, dict(kwargs))
+    check_lr_schedule(lr_schedule)
+    module._lopt_optimizer = (optimizer, dict(kwargs), lr_schedule)
     module.configure_optimizers = MethodType(configure_optimizers, module)  # type: ignore[method-assign]
     return module
 
@@ -140,6 +246,9 @@ class Trainer(L.Trainer):
             optimizer class / callable. ``None`` keeps the module's ``configure_optimizers``.
         optimizer_kwargs: keyword arguments for the optimizer. Optimizers that take ``num_steps``
             (Celo, VeLO) get ``trainer.estimated_stepping_batches`` unless it is given here.
+        lr_schedule: ``"warmup-cosine"`` for a linear warmup (5% of the fit) and a cosine decay to
+            zero over the fit's optimizer steps, what long runs need; ``None`` (or ``"constant"``)
+            keeps ``lr`` constant. Needs ``optimizer``.
         **kwargs: everything ``lightning.Trainer`` takes.
     """
 
@@ -148,10 +257,15 @@ class Trainer(L.Trainer):
         *,
         optimizer: OptimizerChoice | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
+        lr_schedule: LrSchedule | None = None,
         **kwargs: Any,
     ) -> None:
         if optimizer is not None:
             resolve(optimizer)
+        if lr_schedule is not None:
+            check_lr_schedule(lr_schedule)
+            if optimizer is None:
+                raise ValueError("lr_schedule schedules the optimizer chosen here: give optimizer= too")
         callbacks = kwargs.get("callbacks")
         callbacks = [] if callbacks is None else [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
         if not any(isinstance(c, LossToOptimizer) for c in callbacks):
@@ -162,8 +276,9 @@ class Trainer(L.Trainer):
         super().__init__(**kwargs)
         self.optimizer_choice = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.lr_schedule: LrSchedule = lr_schedule or "constant"
 
     def fit(self, model: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         if self.optimizer_choice is not None:
-            configure_optimizer(model, self.optimizer_choice, **self.optimizer_kwargs)
+            configure_optimizer(model, self.optimizer_choice, lr_schedule=self.lr_schedule, **self.optimizer_kwargs)
         return super().fit(model, *args, **kwargs)

@@ -39,20 +39,29 @@ def test_lightning_cli_fit_with_optimizer_class(tmp_path):
     assert lcli.trainer.global_step == 5
 
 
-def test_lightning_cli_trainer_optimizer_option(tmp_path):
+@pytest.mark.parametrize("schedule", [None, "warmup-cosine"])
+def test_lightning_cli_trainer_optimizer_option(tmp_path, schedule):
     lcli = cli.lightning_cli(
         [
             "fit",
             "--trainer.optimizer", "sgd",
             "--trainer.optimizer_kwargs", "{lr: 0.3}",
+            *(["--trainer.lr_schedule", schedule] if schedule else []),
             "--trainer.max_steps", "3",
             "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path),
         ]
     )
-    assert type(lcli.trainer.optimizers[0]).__name__ == "SGD"
-    assert lcli.trainer.optimizers[0].param_groups[0]["lr"] == 0.3
+    (opt,) = lcli.trainer.optimizers
+    assert type(opt).__name__ == "SGD"
+    if schedule is None:
+        assert opt.param_groups[0]["lr"] == 0.3 and not lcli.trainer.lr_scheduler_configs
+    else:  # stepped every optimizer step over the 3 steps: the cosine has reached zero
+        (config,) = lcli.trainer.lr_scheduler_configs
+        assert config.interval == "step" and config.scheduler.num_steps == 3
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+        assert config.scheduler.base_lrs == [0.3]
 
 
 def test_unknown_command_and_help(capsys):

@@ -1,13 +1,16 @@
+import math
 import warnings
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 import lightning_lopt as llo
 from lightning_lopt import OptimizeeModule, configure_optimizer
 from lightning_lopt.datamodules import DigitsDataModule
 from lightning_lopt.models import MuMLP
+from lightning_lopt.trainer import long_run_advice
 
 
 def _module():
@@ -56,3 +59,91 @@ def test_horizon_needs_a_finite_fit(tmp_path, fit_kwargs):
     kwargs["max_epochs"] = -1  # an endless fit
     with pytest.raises(ValueError, match="set max_steps or max_epochs"):
         L.Trainer(**kwargs).fit(module, DigitsDataModule(batch_size=64))
+
+
+class _RecordLrs(Callback):
+    """The learning rates of every group at each optimizer step; optionally stop after ``stop_after`` steps."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.lrs: list[list[float]] = []
+        self.stop_after = stop_after
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.stop_after is not None and len(self.lrs) >= self.stop_after:
+            trainer.should_stop = True
+
+
+def test_warmup_cosine_runs_over_the_fits_optimizer_steps(tmp_path, fit_kwargs):
+    # 12 batches accumulated 3 at a time in one epoch: 4 optimizer steps, each with its own lr.
+    record = _RecordLrs()
+    kwargs = fit_kwargs(tmp_path, -1, max_epochs=1, limit_train_batches=12, accumulate_grad_batches=3)
+    trainer = llo.Trainer(
+        optimizer="muadam", optimizer_kwargs={"lr": 0.05}, lr_schedule="warmup-cosine", callbacks=[record], **kwargs
+    )
+    trainer.fit(_module(), DigitsDataModule(batch_size=32))
+    base = [0.05 / 64 if lr < 0.05 else 0.05 for lr in record.lrs[0]]  # hidden matrices at lr / fan_in
+    # warmup round(0.05 * 4) -> 1 step at full rate, then a cosine over the remaining 3 steps.
+    factors = [1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]
+    assert len(record.lrs) == 4
+    for seen, factor in zip(record.lrs, factors, strict=True):
+        assert seen == pytest.approx([b * factor for b in base])
+    assert trainer.lr_scheduler_configs[0].scheduler.num_steps == 4
+
+
+def test_optimizee_module_takes_the_schedule_too(tmp_path, fit_kwargs):
+    module = OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), optimizer="sgd", lr_schedule="warmup-cosine")
+    record = _RecordLrs()
+    L.Trainer(callbacks=[record], **fit_kwargs(tmp_path, 20)).fit(module, DigitsDataModule(batch_size=32))
+    expected = [0.1 * (1.0 if t == 0 else 0.5 * (1 + math.cos(math.pi * (t - 1) / 19))) for t in range(20)]
+    assert [lrs[0] for lrs in record.lrs] == pytest.approx(expected)  # registry default lr 0.1 for sgd
+    with pytest.raises(ValueError, match="no trainer is attached"):
+        OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), lr_schedule="warmup-cosine").configure_optimizers()
+
+
+def test_bad_lr_schedules_are_refused_before_training():
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        llo.Trainer(optimizer="adamw", lr_schedule="cosine", logger=False)
+    with pytest.raises(ValueError, match="give optimizer= too"):
+        llo.Trainer(lr_schedule="warmup-cosine", logger=False)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        configure_optimizer(_module(), "adamw", lr_schedule="linear")
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), lr_schedule="step")
+
+
+def _params():
+    return MuMLP((1, 8, 8), width=16, depth=2, num_classes=10).parameters()
+
+
+def test_long_run_advice_names_what_is_missing_past_twice_the_meta_training_episodes():
+    default = llo.MuLO(_params())  # packaged default: episodes of at most 1,000 steps
+    assert long_run_advice(default, 2000, "constant") is None
+    advice = long_run_advice(default, 2001, "constant")
+    assert "2,001 optimizer steps" in advice and "(1,000 steps)" in advice and "'mulo-fmnist8-w32-128'" in advice
+    assert 'lr_schedule="warmup-cosine"' in advice
+    assert "meta_weights='mulo-fmnist8-16x16-mix10k-v2'" in advice and "weight_decay=0.001" in advice
+    # Only what is still missing is named.
+    scheduled = long_run_advice(default, 10_000, "warmup-cosine")
+    assert "lr_schedule" not in scheduled and "meta_weights=" in scheduled
+    long_run = llo.MuLO(_params(), meta_weights="mulo-fmnist8-16x16-mix10k-v2", weight_decay=1e-3)
+    assert long_run_advice(long_run, 20_000, "constant") is None  # episodes up to 10,000 steps
+    assert long_run_advice(long_run, 25_000, "warmup-cosine") is None  # nothing left to change
+    only_schedule = long_run_advice(long_run, 25_000, "constant")
+    assert 'lr_schedule="warmup-cosine"' in only_schedule and "meta_weights=" not in only_schedule
+    mucelo2 = llo.MuCelo2(_params())
+    assert "meta_weights='mucelo2-8x8-16x16-mlp-mix10k'" in long_run_advice(mucelo2, 10_000, "warmup-cosine")
+    # Celo's learned scheduler reads the horizon itself.
+    assert long_run_advice(llo.Celo(_params(), num_steps=50_000), 50_000, "constant") is None
+
+
+def test_trainer_warns_a_long_mulo_fit_and_not_a_short_one(tmp_path, fit_kwargs):
+    with pytest.warns(UserWarning, match="more than 2x the longest episode"):
+        llo.Trainer(optimizer="mulo", callbacks=[_RecordLrs(stop_after=1)], **fit_kwargs(tmp_path, 5000)).fit(
+            _module(), DigitsDataModule(batch_size=32)
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*longest episode")
+        llo.Trainer(optimizer="mulo", **fit_kwargs(tmp_path, 3)).fit(_module(), DigitsDataModule(batch_size=32))

@@ -46,6 +46,7 @@ from lightning_lopt import optim
 from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.learned import RANDOM_META_SEED, LearnedOptimizer
 from lightning_lopt.optim.registry import accepts
+from lightning_lopt.optim.schedules import WarmupCosine
 
 #: Setting keys that configure the model rather than the optimizer.
 MODEL_KEYS = ("input_mult", "output_mult")
@@ -61,7 +62,6 @@ GROUP_KEYS = (HIDDEN_LR_MULT, VECTOR_WEIGHT_DECAY, VECTOR_LR_MULT)
 PARAMS = ("mup", "sp")
 #: Suffix of a hand-designed optimizer's warmup + cosine variant, and its warmup fraction.
 COSINE_SUFFIX = "-cosine"
-WARMUP_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -177,31 +177,11 @@ def issubclass_safe(obj: Any, cls: type) -> bool:
     return isinstance(obj, type) and issubclass(obj, cls)
 
 
-def warmup_cosine(steps: int, warmup_fraction: float = WARMUP_FRACTION) -> Callable[[int], float]:
-    """The learning-rate multiplier after ``t`` optimizer steps: linear from 1/w to 1 over the first
-    ``w = max(1, round(warmup_fraction · steps))`` steps, then a cosine from 1 to 0 at ``steps``.
-
-    Example::
-
-        f = warmup_cosine(100)             # warmup 5 steps
-        f(0), f(4), f(5), f(100)           # 0.2, 1.0, 1.0, 0.0
-    """
-    warmup = max(1, round(warmup_fraction * steps))
-
-    def multiplier(t: int) -> float:
-        if t < warmup:
-            return (t + 1) / warmup
-        progress = min(1.0, (t - warmup) / max(1, steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
 def make_schedule(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The run's learning-rate schedule (stepped once after every optimizer step), or ``None``."""
     if spec.schedule is None:
         return None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    return WarmupCosine(optimizer, steps)
 
 
 def weights_identity(spec: OptimizerSpec) -> str | None:

@@ -117,6 +117,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     meta_trainable: ClassVar[bool] = True
     #: Whether meta-training runs in stages (Celo: 1, then 2; see :meth:`frozen_in_stage`).
     staged: ClassVar[bool] = False
+    #: Constructor settings measured to hold on runs far past the default weights' meta-training
+    #: episodes (with a warmup + cosine schedule), named by ``lightning_lopt.trainer.long_run_advice``.
+    long_run_settings: ClassVar[Mapping[str, Any]] = {}
 
     @classmethod
     def meta_module(cls, stage: int) -> LearnedOptimizerModule:

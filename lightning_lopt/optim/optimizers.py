@@ -77,13 +77,17 @@ class MuLO(LearnedOptimizer):
     most 1000 steps: measured, they are good to about 2000 steps and diverge around 5000 on a
     Fashion-MNIST MLP (``docs/results.md``, "Horizon"). For longer runs load
     ``meta_weights="mulo-fmnist8-16x16-mix10k-v2"`` (episodes up to 10,000 steps) with weight decay 1e-3 and a
-    warmup + cosine schedule: stable for 10,000 steps on that MLP and on a Transformer LM and for 25,000 on
-    the MLP, but still behind a μAdam tuned for 10,000 steps (``docs/results.md``, sections 19 and 20).
+    warmup + cosine schedule (:class:`~lightning_lopt.optim.schedules.WarmupCosine`, or
+    ``lightning_lopt.Trainer(lr_schedule="warmup-cosine")``, which also warns a long fit that lacks these):
+    stable for 10,000 steps on that MLP and on a Transformer LM and for 25,000 on the MLP, but still
+    behind a μAdam tuned for 10,000 steps (``docs/results.md``, sections 19 to 21).
 
     Example::
 
         opt = MuLO(model.parameters())                                  # lightning_lopt.models
         opt = MuLO(model.named_parameters(), scales=model.update_scales())
+        long_run = MuLO(model.parameters(), meta_weights="mulo-fmnist8-16x16-mix10k-v2", weight_decay=1e-3)
+        schedule = WarmupCosine(long_run, num_steps=10_000)             # step it after every step
     """
 
     module_class = SmallFCLOpt
@@ -91,6 +95,8 @@ class MuLO(LearnedOptimizer):
     pretrained_names = ("mulo-fmnist8-w32-128", "mulo-fmnist8-w32-128-long4k")
     registry_name = "mulo"
     mu = True
+    # docs/results.md sections 19-20: 10,000 steps on a Fashion-MNIST MLP and a Transformer LM, no divergence.
+    long_run_settings = {"meta_weights": "mulo-fmnist8-16x16-mix10k-v2", "weight_decay": 1e-3}
 
     def __init__(
         self,

@@ -87,15 +87,6 @@ def test_cosine_variants_parse_and_are_tuned_under_their_own_name() -> None:
         parse_optimizer("adamw-cosine:some/dir")
 
 
-def test_warmup_cosine_multiplier_by_hand() -> None:
-    from lightning_lopt.eval.optimizers import warmup_cosine
-
-    f = warmup_cosine(100)  # warmup: round(0.05 * 100) = 5 steps
-    assert [f(t) for t in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
-    assert f(5 + 95 // 2) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 47 / 95)))
-    assert f(100) == pytest.approx(0.0) and f(99) > 0.0
-
-
 def test_a_cosine_run_steps_its_schedule_and_keys_apart_from_the_constant_one() -> None:
     from lightning_lopt.eval.runner import RunSpec, train
     from lightning_lopt.eval.tasks import Family, Task
