@@ -156,8 +156,8 @@ def long_run_advice(optimizer: LearnedOptimizer, horizon: int, lr_schedule: LrSc
     name = type(optimizer).__name__
     return (
         f"{name}: this fit runs {horizon:,} optimizer steps, more than {LONG_RUN_FACTOR}x the longest episode "
-        f"({longest:,} steps) its weights {card.get('name', '(unnamed)')!r} were meta-trained on; past that a "
-        f"constant lr was measured to drift or diverge. Measured to hold for 10,000 steps: {', '.join(fixes)} "
+        f"({longest:,} steps) its weights {card.get('name', '(unnamed)')!r} were meta-trained on, where learned "
+        f"optimizers at a constant lr were measured to drift or diverge. Measured to hold for 10,000 steps: {', '.join(fixes)} "
         "(README, 'Long runs'; in a LightningModule, lightning_lopt.optim.schedules.WarmupCosine)."
     )
 
