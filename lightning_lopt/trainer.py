@@ -111,7 +111,7 @@ def check_lr_schedule(lr_schedule: str) -> None:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
 
 
-def fit_horizon(module: L.LightningModule, needed_by: str) -> int:
+def fit_horizon(module: L.LightningModule, needed_by: str, alternative: str = "") -> int:
     """The number of optimizer steps of the fit ``module`` is in: ``trainer.estimated_stepping_batches``
     (it accounts for ``max_steps``, ``max_epochs``, accumulation and devices).
 
@@ -123,8 +123,8 @@ def fit_horizon(module: L.LightningModule, needed_by: str) -> int:
     horizon = module.trainer.estimated_stepping_batches
     if not math.isfinite(horizon):
         raise ValueError(
-            f"{needed_by} needs num_steps, the length of training, but this fit has no end: set "
-            "max_steps or max_epochs on the Trainer, or pass num_steps in the optimizer's kwargs"
+            f"{needed_by} needs the length of training, but this fit has no end: set max_steps or "
+            f"max_epochs on the Trainer{alternative}"
         )
     return int(horizon)
 
@@ -179,7 +179,7 @@ def with_horizon(module: L.LightningModule, optimizer: OptimizerChoice, kwargs: 
     # Outside a fit (no trainer attached) there is no horizon to read; the optimizer then asks for one.
     if module._trainer is None or not accepts(resolve(optimizer), "num_steps"):
         return kwargs
-    return {**kwargs, "num_steps": fit_horizon(module, str(optimizer))}
+    return {**kwargs, "num_steps": fit_horizon(module, str(optimizer), ", or pass num_steps in the optimizer's kwargs")}
 
 
 def configure_optimizer(

@@ -57,8 +57,11 @@ def test_horizon_needs_a_finite_fit(tmp_path, fit_kwargs):
     assert llo.with_horizon(module, "celo", {}) == {}
     kwargs = fit_kwargs(tmp_path, -1)
     kwargs["max_epochs"] = -1  # an endless fit
-    with pytest.raises(ValueError, match="set max_steps or max_epochs"):
+    with pytest.raises(ValueError, match="set max_steps or max_epochs on the Trainer, or pass num_steps"):
         L.Trainer(**kwargs).fit(module, DigitsDataModule(batch_size=64))
+    scheduled = OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), optimizer="sgd", lr_schedule="warmup-cosine")
+    with pytest.raises(ValueError, match="lr_schedule='warmup-cosine' needs the length of training.*on the Trainer$"):
+        L.Trainer(**kwargs).fit(scheduled, DigitsDataModule(batch_size=64))
 
 
 class _RecordLrs(Callback):
