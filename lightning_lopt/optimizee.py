@@ -22,9 +22,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torch import Tensor, nn
-
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
 
 from lightning_lopt.models.scales import update_scales_of
 from lightning_lopt.trainer import LrSchedule, check_lr_schedule, optimizers_for_fit

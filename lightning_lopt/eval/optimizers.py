@@ -60,7 +60,7 @@ VECTOR_LR_MULT = "vector_lr_mult"
 #: Setting keys that shape the param groups rather than the optimizer's arguments.
 GROUP_KEYS = (HIDDEN_LR_MULT, VECTOR_WEIGHT_DECAY, VECTOR_LR_MULT)
 PARAMS = ("mup", "sp")
-#: Suffix of a hand-designed optimizer's warmup + cosine variant, and its warmup fraction.
+#: Suffix of a hand-designed optimizer's warmup + cosine variant (``optim.schedules.WarmupCosine``).
 COSINE_SUFFIX = "-cosine"
 
 

@@ -53,8 +53,9 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
 
     Its ``state_dict`` holds ``num_steps``, ``warmup_fraction`` and the step count, and loading it
     rebuilds the schedule from them, so a resumed run continues the schedule it saved (even if the
-    resumed fit was configured with another length). In Lightning return it with ``"interval": "step"`` (the default ``"epoch"`` would step
-    it once per epoch); :class:`lightning_lopt.Trainer`'s ``lr_schedule="warmup-cosine"`` does that.
+    resumed fit was configured with another length). In Lightning return it with
+    ``"interval": "step"`` (the default ``"epoch"`` would step it once per epoch);
+    :class:`lightning_lopt.Trainer`'s ``lr_schedule="warmup-cosine"`` does that.
 
     Example::
 
