@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from torch import nn
 from lightning_lopt import optim
 from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.learned import RANDOM_META_SEED, LearnedOptimizer
+from lightning_lopt.optim.param_groups import param_groups_by_role
 from lightning_lopt.optim.registry import accepts
 from lightning_lopt.optim.schedules import WarmupCosine
 
@@ -233,54 +233,6 @@ def uses_random_weights(spec: OptimizerSpec) -> bool:
     return identity is not None and identity.startswith("random")
 
 
-def param_groups(
-    module: nn.Module,
-    scales: Mapping[str, float],
-    hidden_lr_mult: float,
-    lr: float | None,
-    vector_weight_decay: float | None = None,
-    vector_lr_mult: float = 1.0,
-) -> list[Any]:
-    """Named parameters, or param groups when some tensors get their own settings.
-
-    Hidden matrices (the tensors whose μP update scale is below 1, ``1/fan_in``) get
-    ``lr * hidden_lr_mult``; 1-D tensors get ``vector_weight_decay`` when it is given and
-    ``lr * vector_lr_mult``. Example::
-
-        param_groups(module, scales, 1.0, 0.5, vector_weight_decay=1e-2, vector_lr_mult=0.1)
-        # [{"params": [the 1-D tensors], "weight_decay": 0.01, "lr": 0.05}, {"params": [the rest]}]
-    """
-    named = list(module.named_parameters())
-    vectors_apart = vector_weight_decay is not None or vector_lr_mult != 1.0
-    if hidden_lr_mult == 1.0 and not vectors_apart:
-        return named
-    for key, mult in ((HIDDEN_LR_MULT, hidden_lr_mult), (VECTOR_LR_MULT, vector_lr_mult)):
-        if not (math.isfinite(mult) and mult > 0):
-            raise ValueError(f"{key} must be a positive number, got {mult!r}")
-        if mult != 1.0 and lr is None:
-            raise ValueError(f"{key} needs an explicit lr to multiply")
-    if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
-        raise ValueError(f"{VECTOR_WEIGHT_DECAY} must be a non-negative number, got {vector_weight_decay!r}")
-    # One pass, one group per kind (in this order); a hidden matrix is never a vector.
-    vector_options: dict[str, Any] = {} if vector_weight_decay is None else {"weight_decay": vector_weight_decay}
-    if vector_lr_mult != 1.0:
-        vector_options["lr"] = lr * vector_lr_mult
-    options: dict[str, dict[str, Any]] = {
-        "hidden": {"lr": lr * hidden_lr_mult} if hidden_lr_mult != 1.0 else {},
-        "vectors": vector_options,
-        "rest": {},
-    }
-    members: dict[str, list[tuple[str, nn.Parameter]]] = {kind: [] for kind in options}
-    for n, p in named:
-        if hidden_lr_mult != 1.0 and scales[n] < 1.0:
-            members["hidden"].append((n, p))
-        elif vectors_apart and p.ndim <= 1:
-            members["vectors"].append((n, p))
-        else:
-            members["rest"].append((n, p))
-    return [{"params": members[kind], **options[kind]} for kind in options if members[kind]]
-
-
 def make_optimizer(spec: OptimizerSpec, setting: Setting, module: nn.Module, steps: int) -> torch.optim.Optimizer:
     """Build the optimizer of one run over ``module`` (an ``OptimizeeModule``).
 
@@ -296,8 +248,13 @@ def make_optimizer(spec: OptimizerSpec, setting: Setting, module: nn.Module, ste
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     scales = module.update_scales()
-    groups = param_groups(
-        module, scales, setting.hidden_lr_mult, kwargs.get("lr"), setting.vector_weight_decay, setting.vector_lr_mult
+    groups = param_groups_by_role(
+        module,
+        kwargs.get("lr"),
+        hidden_lr_mult=setting.hidden_lr_mult,
+        vector_weight_decay=setting.vector_weight_decay,
+        vector_lr_mult=setting.vector_lr_mult,
+        scales=scales,
     )
     # Registry names go through the registry (its per-name defaults); import paths as the class.
     return optim.build(spec.factory if ":" not in spec.factory else factory, groups, scales=scales, **kwargs)
