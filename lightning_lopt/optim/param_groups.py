@@ -20,12 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_lopt.models.base import check_positive_float
 from lightning_lopt.models.scales import update_scales_of
-
-
-def _positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def param_groups_by_role(
@@ -65,8 +61,8 @@ def param_groups_by_role(
         # [{"params": [the 1-D tensors], "weight_decay": 0.01, "lr": 0.05}, {"params": [the rest]}]
     """
     named = list(module.named_parameters())
-    _positive("hidden_lr_mult", hidden_lr_mult)
-    _positive("vector_lr_mult", vector_lr_mult)
+    check_positive_float("hidden_lr_mult", hidden_lr_mult)
+    check_positive_float("vector_lr_mult", vector_lr_mult)
     if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
         raise ValueError(f"vector_weight_decay must be a non-negative number, got {vector_weight_decay!r}")
     vectors_apart = vector_weight_decay is not None or vector_lr_mult != 1.0

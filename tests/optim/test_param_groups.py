@@ -77,8 +77,8 @@ def test_the_hidden_matrices_move_by_their_own_lr() -> None:
     [
         ({"hidden_lr_mult": 2.0}, "hidden_lr_mult needs an explicit lr"),
         ({"vector_lr_mult": 0.5}, "vector_lr_mult needs an explicit lr"),
-        ({"lr": 1.0, "hidden_lr_mult": 0.0}, "hidden_lr_mult must be a positive number"),
-        ({"lr": 1.0, "vector_lr_mult": float("nan")}, "vector_lr_mult must be a positive number"),
+        ({"lr": 1.0, "hidden_lr_mult": 0.0}, "hidden_lr_mult must be a positive finite number"),
+        ({"lr": 1.0, "vector_lr_mult": float("nan")}, "vector_lr_mult must be a positive finite number"),
         ({"vector_weight_decay": -1e-3}, "vector_weight_decay must be a non-negative number"),
     ],
 )
