@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 
 from lightning_lopt.models.scales import update_scales_of
-from lightning_lopt.trainer import LrSchedule, check_lr_schedule, optimizers_for_fit
+from lightning_lopt.trainer import LrSchedule, check_lr_schedule, check_roles_against, optimizers_for_fit
 
 Objective = Literal["classification", "lm", "autoencoder"]
 _OBJECTIVES = ("classification", "lm", "autoencoder")
@@ -63,6 +63,9 @@ class OptimizeeModule(L.LightningModule):
             ``model.readout.out_features`` when omitted.
         lr_schedule: ``"constant"`` or ``"warmup-cosine"`` (warmup over 5% of the fit, then a cosine
             decay to zero; for long runs), as ``lightning_lopt.Trainer``'s.
+        param_groups_by_role: settings of their own for the hidden matrices and 1-D tensors, e.g.
+            ``{"hidden_lr_mult": 2.0}`` (:func:`lightning_lopt.optim.param_groups_by_role`), as
+            ``lightning_lopt.Trainer``'s.
     """
 
     def __init__(
@@ -73,9 +76,11 @@ class OptimizeeModule(L.LightningModule):
         optimizer_kwargs: dict[str, Any] | None = None,
         num_classes: int | None = None,
         lr_schedule: LrSchedule = "constant",
+        param_groups_by_role: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         check_lr_schedule(lr_schedule)
+        check_roles_against(optimizer, optimizer_kwargs or {}, param_groups_by_role or {})
         if objective not in _OBJECTIVES:
             raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
         if not isinstance(model, nn.Module):
@@ -86,6 +91,7 @@ class OptimizeeModule(L.LightningModule):
         self.optimizer = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.lr_schedule = lr_schedule
+        self.param_groups_by_role = dict(param_groups_by_role or {})
         if objective == "classification":
             classes = num_classes if num_classes is not None else _infer_num_classes(model)
             if classes is None:
@@ -139,8 +145,14 @@ class OptimizeeModule(L.LightningModule):
         """Build ``self.optimizer`` over the named parameters with the model's μP scales.
 
         Learned optimizers with a schedule (Celo, VeLO) get the fit's length as their horizon;
-        ``lr_schedule`` adds its scheduler (:func:`lightning_lopt.trainer.optimizers_for_fit`).
+        ``lr_schedule`` adds its scheduler and ``param_groups_by_role`` its param groups
+        (:func:`lightning_lopt.trainer.optimizers_for_fit`).
         """
         return optimizers_for_fit(
-            self, self.optimizer, self.optimizer_kwargs, self.lr_schedule, scales=self.update_scales
+            self,
+            self.optimizer,
+            self.optimizer_kwargs,
+            self.lr_schedule,
+            scales=self.update_scales,
+            param_groups_by_role=self.param_groups_by_role,
         )

@@ -14,8 +14,10 @@ optimizers, :func:`configure_optimizer` also fills in the horizon ``num_steps`` 
 ``trainer.estimated_stepping_batches`` when it is not given.
 
 Long runs: ``lr_schedule="warmup-cosine"`` steps a :class:`~lightning_lopt.optim.schedules.WarmupCosine`
-over the fit's optimizer steps. A learned optimizer asked to run far past the episodes its weights
-were meta-trained on gets a warning naming the settings measured to hold there (README, "Long runs").
+over the fit's optimizer steps, and ``param_groups_by_role`` gives hidden matrices and 1-D tensors
+settings of their own (:func:`~lightning_lopt.optim.param_groups_by_role`). A learned optimizer asked to
+run far past the episodes its weights were meta-trained on gets a warning naming the settings measured
+to hold there (README, "Long runs").
 
 Example::
 
@@ -26,6 +28,12 @@ Example::
     # a long run: the long-run weights, weight decay and warmup + cosine over the 10,000 steps
     trainer = llo.Trainer(optimizer="mulo", lr_schedule="warmup-cosine", max_steps=10_000,
                           optimizer_kwargs={"meta_weights": "mulo-fmnist8-16x16-mix10k-v2", "weight_decay": 1e-3})
+
+    # the setting selected for the LM (README): lr 0.5, the hidden matrices at twice that
+    trainer = llo.Trainer(optimizer="mulo", lr_schedule="warmup-cosine", max_steps=10_000,
+                          optimizer_kwargs={"lr": 0.5, "meta_weights": "mulo-fmnist8-16x16-mix10k-v2",
+                                            "weight_decay": 1e-3},
+                          param_groups_by_role={"hidden_lr_mult": 2.0})
 
     # or keep lightning.Trainer:
     llo.configure_optimizer(module, "celo")
@@ -47,10 +55,12 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
 
 from lightning_lopt.optim.learned import LearnedOptimizer
-from lightning_lopt.optim.registry import accepts, build, resolve
+from lightning_lopt.optim.param_groups import check_role_options, needs_lr, param_groups_by_role
+from lightning_lopt.optim.registry import accepts, build, default_lr, resolve
 from lightning_lopt.optim.schedules import WarmupCosine
 
 OptimizerChoice = str | Callable[..., torch.optim.Optimizer]
+Scales = Mapping[str, float] | Callable[[], Mapping[str, float]]
 #: ``"constant"``: the optimizer's ``lr`` throughout; ``"warmup-cosine"``: :class:`WarmupCosine` over the fit.
 LrSchedule = Literal["constant", "warmup-cosine"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
@@ -68,8 +78,10 @@ def configure_optimizers(module: L.LightningModule) -> OptimizerLRScheduler:
     (OptimizeeModule, or a user's) is the most robust source of μP scales; otherwise the optimizer
     reads them from the parameters themselves.
     """
-    optimizer, kwargs, lr_schedule = module._lopt_optimizer
-    return optimizers_for_fit(module, optimizer, kwargs, lr_schedule, scales=getattr(module, "update_scales", None))
+    optimizer, kwargs, lr_schedule, roles = module._lopt_optimizer
+    return optimizers_for_fit(
+        module, optimizer, kwargs, lr_schedule, scales=getattr(module, "update_scales", None), param_groups_by_role=roles
+    )
 
 
 def optimizers_for_fit(
@@ -78,22 +90,28 @@ def optimizers_for_fit(
     kwargs: Mapping[str, Any],
     lr_schedule: LrSchedule = "constant",
     *,
-    scales: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
+    scales: Scales | None = None,
+    param_groups_by_role: Mapping[str, Any] | None = None,
 ) -> OptimizerLRScheduler:
     """What a ``configure_optimizers`` returns for ``optimizer`` over ``module``'s parameters.
 
     The optimizer gets the fit's horizon where it takes one (:func:`with_horizon`); with
     ``lr_schedule="warmup-cosine"`` it comes with a :class:`WarmupCosine` over the fit's optimizer
-    steps, stepped every step. A learned optimizer asked to run far past its weights' meta-training
-    episodes is warned once (:func:`long_run_advice`).
+    steps, stepped every step. ``param_groups_by_role`` (``hidden_lr_mult``, ``vector_weight_decay``,
+    ``vector_lr_mult``) splits the parameters as :func:`~lightning_lopt.optim.param_groups_by_role`
+    does, relative to the optimizer's ``lr`` (the one in ``kwargs``, else its default). A learned
+    optimizer asked to run far past its weights' meta-training episodes is warned once
+    (:func:`long_run_advice`).
 
     Example::
 
         def configure_optimizers(self):
-            return optimizers_for_fit(self, "mulo", {"weight_decay": 1e-3}, "warmup-cosine")
+            return optimizers_for_fit(self, "mulo", {"weight_decay": 1e-3}, "warmup-cosine",
+                                      param_groups_by_role={"hidden_lr_mult": 2.0})
     """
     check_lr_schedule(lr_schedule)
-    built = build(optimizer, module.named_parameters(), scales=scales, **with_horizon(module, optimizer, dict(kwargs)))
+    params = parameters_by_role(module, optimizer, kwargs, param_groups_by_role or {}, scales)
+    built = build(optimizer, params, scales=scales, **with_horizon(module, optimizer, dict(kwargs)))
     if isinstance(built, LearnedOptimizer) and module._trainer is not None:
         horizon = module.trainer.estimated_stepping_batches
         advice = long_run_advice(built, int(horizon), lr_schedule) if math.isfinite(horizon) else None
@@ -103,6 +121,33 @@ def optimizers_for_fit(
         return built
     scheduler = WarmupCosine(built, fit_horizon(module, f"lr_schedule={lr_schedule!r}"))
     return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def parameters_by_role(
+    module: L.LightningModule,
+    optimizer: OptimizerChoice,
+    kwargs: Mapping[str, Any],
+    roles: Mapping[str, Any],
+    scales: Scales | None,
+) -> list[Any]:
+    """``module``'s named parameters, split by :func:`~lightning_lopt.optim.param_groups_by_role` with
+    ``roles`` at the ``lr`` ``optimizer`` will run with (its ``kwargs``', else its default)."""
+    check_roles_against(optimizer, kwargs, roles)
+    if not roles:
+        return list(module.named_parameters())
+    lr = kwargs.get("lr", default_lr(optimizer))
+    return param_groups_by_role(module, lr, scales=scales, **roles)
+
+
+def check_roles_against(optimizer: OptimizerChoice, kwargs: Mapping[str, Any], roles: Mapping[str, Any]) -> None:
+    """``ValueError`` for bad ``roles`` (:func:`~lightning_lopt.optim.param_groups.check_role_options`),
+    or for learning-rate multipliers on an optimizer with no ``lr``, neither given nor a default."""
+    check_role_options(roles)
+    if needs_lr(roles) and "lr" not in kwargs and default_lr(optimizer) is None:
+        raise ValueError(
+            f"param_groups_by_role {dict(roles)} multiplies the learning rate, but {optimizer!r} has no default "
+            "lr: pass one in the optimizer's kwargs"
+        )
 
 
 def check_lr_schedule(lr_schedule: str) -> None:
@@ -183,17 +228,27 @@ def with_horizon(module: L.LightningModule, optimizer: OptimizerChoice, kwargs: 
 
 
 def configure_optimizer(
-    module: L.LightningModule, optimizer: OptimizerChoice, *, lr_schedule: LrSchedule = "constant", **kwargs: Any
+    module: L.LightningModule,
+    optimizer: OptimizerChoice,
+    *,
+    lr_schedule: LrSchedule = "constant",
+    param_groups_by_role: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> L.LightningModule:
     """Make ``module.configure_optimizers`` return ``optimizer`` built over its parameters.
 
     ``optimizer`` is a registry name (``lightning_lopt.optim.available()``) or an optimizer class or
-    callable; ``kwargs`` go to it; ``lr_schedule`` as in :func:`optimizers_for_fit`. Returns the
-    module, for chaining.
+    callable; ``kwargs`` go to it; ``lr_schedule`` and ``param_groups_by_role`` as in
+    :func:`optimizers_for_fit`. Returns the module, for chaining.
+
+    Example::
+
+        configure_optimizer(module, "mulo", lr_schedule="warmup-cosine", param_groups_by_role={"hidden_lr_mult": 2.0})
     """
     resolve(optimizer)  # fail now, with the list of known names, rather than inside fit()
     check_lr_schedule(lr_schedule)
-    module._lopt_optimizer = (optimizer, dict(kwargs), lr_schedule)
+    check_roles_against(optimizer, kwargs, param_groups_by_role or {})
+    module._lopt_optimizer = (optimizer, dict(kwargs), lr_schedule, dict(param_groups_by_role or {}))
     module.configure_optimizers = MethodType(configure_optimizers, module)  # type: ignore[method-assign]
     return module
 
@@ -249,6 +304,10 @@ class Trainer(L.Trainer):
         lr_schedule: ``"warmup-cosine"`` for a linear warmup (5% of the fit) and a cosine decay to
             zero over the fit's optimizer steps, what long runs need; ``None`` (or ``"constant"``)
             keeps ``lr`` constant. Needs ``optimizer``.
+        param_groups_by_role: settings of their own for the hidden matrices and 1-D tensors,
+            ``{"hidden_lr_mult": 2.0}`` or any of ``vector_weight_decay`` and ``vector_lr_mult``
+            (:func:`lightning_lopt.optim.param_groups_by_role`); multipliers are relative to the
+            optimizer's ``lr``. Needs ``optimizer``.
         **kwargs: everything ``lightning.Trainer`` takes.
     """
 
@@ -258,14 +317,18 @@ class Trainer(L.Trainer):
         optimizer: OptimizerChoice | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
         lr_schedule: LrSchedule | None = None,
+        param_groups_by_role: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if optimizer is not None:
             resolve(optimizer)
+        for name, value in (("lr_schedule", lr_schedule), ("param_groups_by_role", param_groups_by_role)):
+            if value is not None and optimizer is None:
+                raise ValueError(f"{name} applies to the optimizer chosen here: give optimizer= too")
         if lr_schedule is not None:
             check_lr_schedule(lr_schedule)
-            if optimizer is None:
-                raise ValueError("lr_schedule schedules the optimizer chosen here: give optimizer= too")
+        if optimizer is not None:
+            check_roles_against(optimizer, optimizer_kwargs or {}, param_groups_by_role or {})
         callbacks = kwargs.get("callbacks")
         callbacks = [] if callbacks is None else [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
         if not any(isinstance(c, LossToOptimizer) for c in callbacks):
@@ -277,8 +340,15 @@ class Trainer(L.Trainer):
         self.optimizer_choice = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.lr_schedule: LrSchedule = lr_schedule or "constant"
+        self.param_groups_by_role = dict(param_groups_by_role or {})
 
     def fit(self, model: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         if self.optimizer_choice is not None:
-            configure_optimizer(model, self.optimizer_choice, lr_schedule=self.lr_schedule, **self.optimizer_kwargs)
+            configure_optimizer(
+                model,
+                self.optimizer_choice,
+                lr_schedule=self.lr_schedule,
+                param_groups_by_role=self.param_groups_by_role,
+                **self.optimizer_kwargs,
+            )
         return super().fit(model, *args, **kwargs)

@@ -64,6 +64,28 @@ def test_lightning_cli_trainer_optimizer_option(tmp_path, schedule):
         assert config.scheduler.base_lrs == [0.3]
 
 
+def test_lightning_cli_trainer_param_groups_by_role(tmp_path):
+    lcli = cli.lightning_cli(
+        [
+            "fit",
+            "--trainer.optimizer", "sgd",
+            "--trainer.optimizer_kwargs", "{lr: 0.3}",
+            "--trainer.param_groups_by_role", "{hidden_lr_mult: 2.0, vector_lr_mult: 0.5}",
+            "--trainer.max_steps", "1",
+            "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+        ]
+    )
+    (opt,) = lcli.trainer.optimizers
+    scales = lcli.model.update_scales()
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in lcli.model.named_parameters():
+        expected = 0.6 if scales[name] < 1.0 else 0.15 if p.ndim == 1 else 0.3  # hidden x2, 1-D x0.5
+        assert lr_of[id(p)] == pytest.approx(expected), name
+    assert sorted(set(lr_of.values())) == pytest.approx([0.15, 0.3, 0.6])
+
+
 def test_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit, match="unknown command 'fitt'"):
         cli.main(["fitt"])

@@ -150,3 +150,71 @@ def test_trainer_warns_a_long_mulo_fit_and_not_a_short_one(tmp_path, fit_kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*longest episode")
         llo.Trainer(optimizer="mulo", **fit_kwargs(tmp_path, 3)).fit(_module(), DigitsDataModule(batch_size=32))
+
+
+class _RecordStep(Callback):
+    """Each parameter and its gradient just before the latest optimizer step, by name."""
+
+    def __init__(self):
+        self.before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("through", ["trainer", "module"])
+def test_param_groups_by_role_move_each_role_by_its_own_lr(tmp_path, fit_kwargs, through):
+    # One SGD step: p' = p - lr_role * g, lr_role by hand from the model's update scales and tensor ranks.
+    model = MuMLP((1, 8, 8), width=64, depth=3, num_classes=10)
+    with torch.no_grad():  # μP's zero readout would leave the hidden layers' first gradients at zero
+        model.readout.weight.normal_(0.0, 0.5)
+    roles = {"hidden_lr_mult": 2.0, "vector_lr_mult": 0.5}
+    record = _RecordStep()
+    if through == "trainer":
+        module = OptimizeeModule(model)
+        trainer = llo.Trainer(
+            optimizer="sgd", optimizer_kwargs={"lr": 0.1}, param_groups_by_role=roles, callbacks=[record], **fit_kwargs(tmp_path, 1)
+        )
+    else:
+        module = OptimizeeModule(model, optimizer="sgd", optimizer_kwargs={"lr": 0.1}, param_groups_by_role=roles)
+        trainer = L.Trainer(callbacks=[record], **fit_kwargs(tmp_path, 1))
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    scales = module.update_scales()
+    seen = set()
+    for name, p in module.named_parameters():
+        before, grad = record.before[name]
+        lr = 0.2 if scales[name] < 1.0 else 0.05 if p.ndim == 1 else 0.1
+        seen.add(lr)
+        # float32: one rounding of p (2^-24 relative) plus the product's; 1e-6 absolute covers |p| < 4.
+        torch.testing.assert_close(p.detach(), before - lr * grad, rtol=0, atol=1e-6)
+        assert grad.abs().max() > 1e-4  # the step moved it by something the tolerance can see
+    assert seen == {0.2, 0.05, 0.1}  # every role is present in this model
+
+
+def test_param_groups_by_role_start_from_the_optimizers_default_lr(tmp_path, fit_kwargs):
+    trainer = llo.Trainer(optimizer="mulo", param_groups_by_role={"hidden_lr_mult": 2.0}, **fit_kwargs(tmp_path, 1))
+    trainer.fit(_module(), DigitsDataModule(batch_size=64))
+    (opt,) = trainer.optimizers
+    assert sorted(g["lr"] for g in opt.param_groups) == [1.0, 2.0]  # MuLO's default lr 1.0, hidden x2
+
+
+def test_bad_param_groups_by_role_are_refused_before_training():
+    with pytest.raises(ValueError, match="unknown param-group options \\['hidden_lr'\\]"):
+        llo.Trainer(optimizer="sgd", param_groups_by_role={"hidden_lr": 2.0}, logger=False)
+    with pytest.raises(ValueError, match="hidden_lr_mult must be a positive finite number"):
+        llo.Trainer(optimizer="sgd", param_groups_by_role={"hidden_lr_mult": -1.0}, logger=False)
+    with pytest.raises(ValueError, match="vector_weight_decay must be a non-negative number"):
+        configure_optimizer(_module(), "adamw", param_groups_by_role={"vector_weight_decay": -0.1})
+    with pytest.raises(ValueError, match="give optimizer= too"):
+        llo.Trainer(param_groups_by_role={"hidden_lr_mult": 2.0}, logger=False)
+
+    def no_default_lr(params, lr):
+        return torch.optim.SGD(params, lr=lr)
+
+    with pytest.raises(ValueError, match="has no default lr: pass one"):
+        llo.Trainer(optimizer=no_default_lr, param_groups_by_role={"vector_lr_mult": 0.5}, logger=False)
+    with pytest.raises(ValueError, match="has no default lr"):
+        OptimizeeModule(MuMLP((1, 8, 8), width=16, depth=2, num_classes=10), optimizer=no_default_lr,
+                        param_groups_by_role={"hidden_lr_mult": 2.0})
+    # a weight decay alone needs no lr
+    llo.Trainer(optimizer=no_default_lr, param_groups_by_role={"vector_weight_decay": 0.0}, logger=False)

@@ -15,7 +15,7 @@ from lightning_lopt.optim.celo2 import Celo2, Celo2Base, MuCelo2
 from lightning_lopt.optim.learned import LearnedOptimizer
 from lightning_lopt.optim.optimizers import LO, Celo, MuLO, MuVeLO, VeLO
 from lightning_lopt.optim.param_groups import param_groups_by_role
-from lightning_lopt.optim.registry import available, build, register, resolve
+from lightning_lopt.optim.registry import available, build, default_lr, register, resolve
 from lightning_lopt.optim.scaling import scaled_param_groups
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "VeLO",
     "available",
     "build",
+    "default_lr",
     "param_groups_by_role",
     "register",
     "resolve",

@@ -15,13 +15,44 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from lightning_lopt.models.base import check_positive_float
 from lightning_lopt.models.scales import update_scales_of
+
+#: The options of :func:`param_groups_by_role` besides the module, ``lr`` and ``scales``.
+ROLE_OPTIONS: tuple[str, ...] = ("hidden_lr_mult", "vector_weight_decay", "vector_lr_mult")
+
+
+def check_role_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` as a dict, after checking them as :func:`param_groups_by_role` would.
+
+    Raises:
+        ValueError: a key not in :data:`ROLE_OPTIONS`, a multiplier that is not a positive number, or a
+            negative ``vector_weight_decay``.
+
+    Example::
+
+        check_role_options({"hidden_lr_mult": 2.0})   # {"hidden_lr_mult": 2.0}
+    """
+    unknown = sorted(set(options) - set(ROLE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown param-group options {unknown}; the options are {list(ROLE_OPTIONS)}")
+    for key in ("hidden_lr_mult", "vector_lr_mult"):
+        if key in options:
+            check_positive_float(key, options[key])
+    decay = options.get("vector_weight_decay")
+    if decay is not None and not (isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 0):
+        raise ValueError(f"vector_weight_decay must be a non-negative number, got {decay!r}")
+    return dict(options)
+
+
+def needs_lr(options: Mapping[str, Any]) -> bool:
+    """Whether ``options`` multiply the learning rate, so :func:`param_groups_by_role` needs ``lr``."""
+    return any(options.get(key, 1.0) != 1.0 for key in ("hidden_lr_mult", "vector_lr_mult"))
 
 
 def param_groups_by_role(
@@ -31,7 +62,7 @@ def param_groups_by_role(
     hidden_lr_mult: float = 1.0,
     vector_weight_decay: float | None = None,
     vector_lr_mult: float = 1.0,
-    scales: Mapping[str, float] | None = None,
+    scales: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
 ) -> list[Any]:
     """``module``'s named parameters, split into param groups where some tensors get settings of their own.
 
@@ -47,9 +78,9 @@ def param_groups_by_role(
         hidden_lr_mult: multiplier on the hidden matrices' learning rate.
         vector_weight_decay: weight decay of the 1-D tensors (``None``: the optimizer's).
         vector_lr_mult: multiplier on the 1-D tensors' learning rate.
-        scales: update scales by parameter name; default ``model.update_scales()`` or mup's
-            ``infshape`` (:func:`lightning_lopt.models.scales.update_scales_of`). Read only when
-            ``hidden_lr_mult`` is not 1.
+        scales: update scales by parameter name, or a callable returning them; default
+            ``model.update_scales()`` or mup's ``infshape`` (:func:`lightning_lopt.models.scales.update_scales_of`).
+            Read (called) only when ``hidden_lr_mult`` is not 1.
 
     Raises:
         ValueError: a multiplier that is not a positive number, one without ``lr``, a negative
@@ -61,10 +92,9 @@ def param_groups_by_role(
         # [{"params": [the 1-D tensors], "weight_decay": 0.01, "lr": 0.05}, {"params": [the rest]}]
     """
     named = list(module.named_parameters())
-    check_positive_float("hidden_lr_mult", hidden_lr_mult)
-    check_positive_float("vector_lr_mult", vector_lr_mult)
-    if vector_weight_decay is not None and not (math.isfinite(vector_weight_decay) and vector_weight_decay >= 0):
-        raise ValueError(f"vector_weight_decay must be a non-negative number, got {vector_weight_decay!r}")
+    check_role_options(
+        {"hidden_lr_mult": hidden_lr_mult, "vector_weight_decay": vector_weight_decay, "vector_lr_mult": vector_lr_mult}
+    )
     vectors_apart = vector_weight_decay is not None or vector_lr_mult != 1.0
     if hidden_lr_mult == 1.0 and not vectors_apart:
         return named
@@ -73,7 +103,7 @@ def param_groups_by_role(
             raise ValueError(f"{key} needs an explicit lr to multiply")
     is_hidden: Mapping[str, bool] = {}
     if hidden_lr_mult != 1.0:
-        table = update_scales_of(module) if scales is None else scales
+        table = update_scales_of(module) if scales is None else scales() if callable(scales) else scales
         missing = [n for n, _ in named if n not in table]
         if missing:
             raise ValueError(f"scales name no update scale for {missing[:3]}; pass scales=model.update_scales()")

@@ -88,6 +88,26 @@ def accepts(factory: OptimizerFactory, argument: str) -> bool:
         return False
 
 
+def default_lr(name: str | OptimizerFactory) -> float | None:
+    """The learning rate :func:`build` gives ``name`` when none is passed: the registry's default, else
+    the ``lr`` default of its signature; ``None`` when it has none.
+
+    Example::
+
+        default_lr("sgd"), default_lr("mulo"), default_lr(torch.optim.AdamW)   # (0.1, 1.0, 0.001)
+    """
+    key = name.lower() if isinstance(name, str) else None
+    if key is not None and "lr" in _DEFAULT_KWARGS.get(key, {}):
+        return float(_DEFAULT_KWARGS[key]["lr"])
+    factory = resolve(name)
+    try:
+        parameter = inspect.signature(factory).parameters.get("lr")
+    except (TypeError, ValueError):  # builtins and C callables have no inspectable signature
+        return None
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
+
 def _call_scales(
     scales: Mapping[str, float] | Callable[[], Mapping[str, float]], *, allow_sp: bool
 ) -> Mapping[str, float] | None:

@@ -66,3 +66,14 @@ def test_every_place_reads_the_learned_optimizer_classes():
     assert mu is True and module.step_mult == 0.01
     with pytest.raises(ValueError, match="stage applies to celo only"):
         build_lopt("lo", stage=2, seed=0)
+
+
+def test_default_lr_is_what_build_would_use():
+    assert optim.default_lr("sgd") == 0.1  # the registry's default beats torch's
+    assert optim.default_lr("mulo") == 1.0 and optim.default_lr("muadam") == 1e-3
+    assert optim.default_lr(torch.optim.Adam) == 1e-3
+    assert optim.default_lr(lambda params, lr: None) is None  # no default
+    assert optim.default_lr(lambda params: None) is None  # no lr at all
+    assert optim.build("sgd", _params()).param_groups[0]["lr"] == optim.default_lr("sgd")
+    with pytest.raises(ValueError, match="unknown name 'adamx'"):
+        optim.default_lr("adamx")
