@@ -15,6 +15,9 @@ the last 10 steps, for the meta-initialisation (``MetaTrainer``'s, seed 0, which
     # MuCelo2 (configs/meta/mucelo2_cpu.yaml: μP MLP 64-w-w-10)
     python scripts/celo2_heldout.py --lopt mucelo2 --param mup --depth 2 --widths 32 128 256 \\
         --weights checkpoints/meta/celo2_cpu checkpoints/meta/mucelo2_cpu --steps 1000 --seeds 4
+    # MuCelo2 as its base-width-128 spectral recipes meta-train it (configs/meta/mucelo2_b128_spectral_mix16.yaml)
+    python scripts/celo2_heldout.py --lopt mucelo2 --param mup --depth 2 --widths 128 --base-width 128 \\
+        --hidden-norm spectral --no-init --weights checkpoints/meta/mucelo2_b128_spectral_mix16 --steps 10000 --at 1000 10000
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--base-width", type=float, default=None, help="μP scales relative to this width (MuCelo2's)")
+    parser.add_argument("--hidden-norm", choices=("rms", "spectral"), default="rms", help="MuCelo2's hidden-matrix steps")
     parser.add_argument("--init-seed", type=int, default=0, help="MetaTrainer's seed (its meta-initialisation)")
     parser.add_argument("--no-init", action="store_true", help="skip the meta-initialisation")
     parser.add_argument("--at", type=int, nargs="*", default=[], help="also report the mean loss of the 100 steps before these")
@@ -56,14 +61,15 @@ def main() -> None:
     before: dict[str, dict[str, dict[int, float]]] = {name: {} for name in candidates}
     for dataset in args.datasets:
         task = ImageMLPTask(dataset, image_size=8, widths=args.widths, depth=args.depth, param=args.param, batch_size=64)
-        for inst in task.build(lopt_is_mu=mu):
+        for inst in task.build(lopt_is_mu=mu, base_width=args.base_width, hidden_norm=args.hidden_norm):
             for name, module in candidates.items():
                 curve = inner_loss_curve(module, inst, args.steps, range(args.seeds))
                 results[name][inst.label] = float(curve[-10:].mean())
                 at = before[name][inst.label] = {t: float(curve[t - 100 : t].mean()) for t in args.at}
                 late = "".join(f"  {t}: {v:.4f}" for t, v in at.items())
                 print(f"{name:40s} {inst.label:32s} {results[name][inst.label]:.4f}{late}", flush=True)
-    settings = {k: getattr(args, k) for k in ("lopt", "param", "depth", "widths", "datasets", "steps", "seeds")}
+    keys = ("lopt", "param", "depth", "widths", "base_width", "hidden_norm", "datasets", "steps", "seeds")
+    settings = {k: getattr(args, k) for k in keys}
     late = {"mean_loss_of_100_steps_before": before} if args.at else {}
     print(json.dumps({**settings, "final_loss": results, **late}, indent=1))
 

@@ -371,15 +371,16 @@ class MetaTrainer(L.LightningModule):
         card.update(extra)
         return save_pretrained(self.lopt, directory, **card)
 
-    def save_light_checkpoint(self, directory: str | Path) -> Path:
+    def save_light_checkpoint(self, directory: str | Path, **card: Any) -> Path:
         """θ (loadable with ``from_pretrained``) plus the meta-optimizer state and step.
 
         Written atomically (:func:`~lightning_lopt.meta.checkpoint.write_light_checkpoint`);
-        ``meta_state.json`` records the step and a digest of the other files.
+        ``meta_state.json`` records the step and a digest of the other files. ``card`` adds
+        JSON-serialisable fields to the card (e.g. ``selected_by``).
         """
         return write_light_checkpoint(
             directory,
-            self.save_pretrained,
+            lambda tmp: self.save_pretrained(tmp, **card),
             self.optimizers().optimizer.state_dict(),
             meta_step=self.global_step,
             compute_seconds=self.compute_seconds,

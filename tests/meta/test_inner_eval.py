@@ -1,0 +1,116 @@
+"""InnerEvaluation: held-out losses logged per instance and as their mean; the best θ kept, across resumes."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from lightning_lopt.meta import ImageMLPTask, LogUniformLengthSchedule, MetaTrainer, PES
+from lightning_lopt.meta import inner_eval
+from lightning_lopt.meta.inner_eval import MEAN_METRIC, InnerEvaluation
+
+SMALL = {"estimator": PES(num_pairs=2, trunc_length=5), "truncation": LogUniformLengthSchedule(8, 20), "initial_offset": 3}
+
+
+def _meta(**kwargs):
+    return MetaTrainer("mulo", tasks=[ImageMLPTask("digits", widths=[8, 16], depth=2, batch_size=16)], **{**SMALL, **kwargs})
+
+
+def _theta(module):
+    return {k: v.detach().clone() for k, v in module.lopt.state_dict().items()}
+
+
+class _ThetaPerStep(Callback):
+    """θ at the start of the fit and after every meta-step, by global step."""
+
+    def __init__(self):
+        self.theta = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.theta[trainer.global_step] = _theta(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.theta[trainer.global_step] = _theta(pl_module)
+
+
+def _script(monkeypatch, values):
+    """Make each evaluation (one inner_loss_curve call per instance) report the next of ``values``."""
+    calls = []
+
+    def fake_curve(lopt, inst, steps, seeds):
+        calls.append(inst.label)
+        return torch.full((steps, len(list(seeds))), values[(len(calls) - 1) // 2])
+
+    monkeypatch.setattr(inner_eval, "inner_loss_curve", fake_curve)
+    return calls
+
+
+def test_logs_each_instance_and_their_mean(tmp_path, fit_kwargs):
+    meta = _meta()
+    trainer = L.Trainer(**fit_kwargs(tmp_path, 2, callbacks=[InnerEvaluation(every_n_steps=2, steps=20, num_seeds=2)]))
+    trainer.fit(meta)
+    per_instance = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("meta/eval/") and k != MEAN_METRIC}
+    assert sorted(per_instance) == sorted(f"meta/eval/{inst.label}" for inst in meta.instances)
+    # the logged value is the held-out runs' own: recompute one with the final θ
+    label = meta.instances[0].label
+    again = float(inner_eval.inner_loss_curve(meta.lopt, meta.instances[0], 20, range(2))[-10:].mean())
+    assert per_instance[f"meta/eval/{label}"] == pytest.approx(again, rel=1e-6)
+    assert float(trainer.callback_metrics[MEAN_METRIC]) == pytest.approx(sum(per_instance.values()) / 2, rel=1e-6)
+
+
+def test_keeps_the_best_theta_and_a_resume_only_replaces_it_with_a_better_one(tmp_path, fit_kwargs, monkeypatch):
+    best = tmp_path / "best"
+    calls = _script(monkeypatch, [0.5, 0.4, 0.6, 0.3, 0.35])  # start, then steps 1-4
+    record = _ThetaPerStep()
+    meta = _meta()
+    L.Trainer(**fit_kwargs(tmp_path / "a", 4, callbacks=[record, InnerEvaluation(1, steps=20, best_dirpath=best)])).fit(meta)
+    assert len(calls) == 2 * 5
+    card = json.loads((best / "card.json").read_text())
+    assert card["meta_training_steps"] == 3 and card["selected_by"]["value"] == pytest.approx(0.3)
+    assert card["selected_by"]["steps"] == 20 and card["selected_by"]["instances"] == [i.label for i in meta.instances]
+    saved = load_file(str(best / "model.safetensors"))
+    for name, value in record.theta[3].items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+    assert not torch.equal(record.theta[3]["mlp.0.weight"], record.theta[4]["mlp.0.weight"])  # step 4 moved θ
+    torch.testing.assert_close(_theta(_meta(resume_from=str(best))), record.theta[3])  # a light checkpoint
+
+    # A later fit measured the same way reads 0.3 from the card: no start evaluation, 0.31 is not better, 0.25 is.
+    calls = _script(monkeypatch, [0.31, 0.25])
+    record = _ThetaPerStep()
+    L.Trainer(**fit_kwargs(tmp_path / "b", 2, callbacks=[record, InnerEvaluation(1, steps=20, best_dirpath=best)])).fit(_meta())
+    assert len(calls) == 2 * 2
+    card = json.loads((best / "card.json").read_text())
+    assert card["selected_by"]["value"] == pytest.approx(0.25) and card["selected_by"]["meta_step"] == 2
+    torch.testing.assert_close(load_file(str(best / "model.safetensors")), record.theta[2], rtol=0, atol=0)
+
+    # Measured another way (other horizon): the recorded value is not comparable; warned, then replaced.
+    _script(monkeypatch, [0.9, 0.8])
+    with pytest.warns(UserWarning, match="not selected by this evaluation"):
+        L.Trainer(**fit_kwargs(tmp_path / "c", 1, callbacks=[InnerEvaluation(1, steps=30, best_dirpath=best)])).fit(_meta())
+    card = json.loads((best / "card.json").read_text())
+    assert card["selected_by"]["value"] == pytest.approx(0.8) and card["selected_by"]["steps"] == 30
+
+
+def test_the_starting_theta_is_kept_when_meta_training_only_makes_it_worse(tmp_path, fit_kwargs, monkeypatch):
+    best = tmp_path / "best"
+    _script(monkeypatch, [0.2, 0.3, 0.4, float("nan")])
+    record = _ThetaPerStep()
+    L.Trainer(**fit_kwargs(tmp_path, 3, callbacks=[record, InnerEvaluation(1, steps=20, best_dirpath=best)])).fit(_meta())
+    card = json.loads((best / "card.json").read_text())
+    assert card["meta_training_steps"] == 0 and card["selected_by"]["value"] == pytest.approx(0.2)
+    torch.testing.assert_close(load_file(str(best / "model.safetensors")), record.theta[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"), ({"steps": 5}, "steps must be an integer >= 10"),
+     ({"num_seeds": 1.5}, "num_seeds must be an integer >= 1")],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InnerEvaluation(**kwargs)
