@@ -76,8 +76,9 @@ class InnerEvaluation(L.Callback):
     worse on its own held-out tasks at 1,000 and 10,000 inner steps (docs/results.md, section 23).
     With ``best_dirpath`` the θ with the lowest :data:`MEAN_METRIC` so far is kept there as a light
     checkpoint (it loads with ``from_pretrained`` and resumes with ``resume_from``), its card's
-    ``selected_by`` recording the value and how it was measured. The θ a fit starts from is evaluated
-    first, so a continuation never leaves a worse θ there than it started with; a resumed fit reads
+    ``selected_by`` recording the value and how it was measured. The θ a fit starts from and the one
+    it ends with are candidates too, so a continuation never leaves a worse θ there than it started
+    with; a resumed fit reads
     the value already recorded in ``best_dirpath`` (when measured the same way) and only replaces
     that θ with a better one.
 
@@ -133,6 +134,10 @@ class InnerEvaluation(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._evaluate(trainer, pl_module, log=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best_dirpath is not None and trainer.global_step % self.every_n_steps:
+            self._evaluate(trainer, pl_module, log=False)  # the last θ is a candidate too
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, *, log: bool) -> None:
         instances = getattr(pl_module, "instances", [])

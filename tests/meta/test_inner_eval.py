@@ -96,6 +96,17 @@ def test_keeps_the_best_theta_and_a_resume_only_replaces_it_with_a_better_one(tm
     assert card["selected_by"]["value"] == pytest.approx(0.8) and card["selected_by"]["steps"] == 30
 
 
+def test_the_last_theta_is_a_candidate_between_evaluations(tmp_path, fit_kwargs, monkeypatch):
+    best = tmp_path / "best"
+    calls = _script(monkeypatch, [0.5, 0.4, 0.1])  # start, step 2, the end at step 3
+    record = _ThetaPerStep()
+    L.Trainer(**fit_kwargs(tmp_path, 3, callbacks=[record, InnerEvaluation(2, steps=20, best_dirpath=best)])).fit(_meta())
+    assert len(calls) == 2 * 3
+    card = json.loads((best / "card.json").read_text())
+    assert card["meta_training_steps"] == 3 and card["selected_by"]["value"] == pytest.approx(0.1)
+    torch.testing.assert_close(load_file(str(best / "model.safetensors")), record.theta[3], rtol=0, atol=0)
+
+
 def test_the_starting_theta_is_kept_when_meta_training_only_makes_it_worse(tmp_path, fit_kwargs, monkeypatch):
     best = tmp_path / "best"
     _script(monkeypatch, [0.2, 0.3, 0.4, float("nan")])
