@@ -24,14 +24,15 @@ from lightning_lopt.meta import MetaTrainer, Task
 from lightning_lopt.meta.inner_eval import inner_loss_curve
 
 
-def build_tasks(config: Path) -> tuple[str, list[Task], float | None]:
-    """The recipe's learned-optimizer name, its tasks (instantiated as ``meta-fit`` would) and its
-    base width (MuCelo2's relative μP scales; ``None`` when the recipe has none)."""
+def build_tasks(config: Path) -> tuple[str, list[Task], float | None, str]:
+    """The recipe's learned-optimizer name, its tasks (instantiated as ``meta-fit`` would), its base
+    width (MuCelo2's relative μP scales; ``None`` when the recipe has none) and its hidden-matrix
+    norm (MuCelo2's ``"spectral"`` steps; ``"rms"`` when the recipe names none)."""
     model = yaml.safe_load(config.read_text())["model"]
     parser = ArgumentParser()
     parser.add_argument("--tasks", type=list[Task])
     cfg = parser.parse_object({"tasks": model["tasks"]})
-    return model["lopt"], parser.instantiate(cfg).tasks, model.get("base_width")
+    return model["lopt"], parser.instantiate(cfg).tasks, model.get("base_width"), model.get("hidden_norm", "rms")
 
 
 def main(argv: list[str]) -> None:
@@ -43,9 +44,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--only", default="", help="evaluate only instances whose label contains this")
     ap.add_argument("--out", type=Path, help="append rows (weights, instance, loss) to this CSV")
     args = ap.parse_args(argv)
-    lopt, tasks, base_width = build_tasks(args.config)
+    lopt, tasks, base_width, hidden_norm = build_tasks(args.config)
     for weights in args.weights:
-        meta = MetaTrainer(lopt, tasks=tasks, init_from=weights, base_width=base_width)
+        meta = MetaTrainer(lopt, tasks=tasks, init_from=weights, base_width=base_width, hidden_norm=hidden_norm)
         for inst in meta.instances:
             if args.only not in inst.label:
                 continue
