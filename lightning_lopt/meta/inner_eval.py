@@ -106,6 +106,7 @@ class InnerEvaluation(L.Callback):
         self.best_dirpath = None if best_dirpath is None else Path(best_dirpath)
         #: The lowest mean held-out loss seen (or read from ``best_dirpath``); ``None`` before any.
         self.best: float | None = None
+        self._start_pending = False
 
     def measured_as(self, pl_module: L.LightningModule) -> dict[str, Any]:
         """How a value of :data:`MEAN_METRIC` was measured: only equal ones are comparable."""
@@ -128,8 +129,15 @@ class InnerEvaluation(L.Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.best_dirpath is not None and self.best is None:
-            self._evaluate(trainer, pl_module, log=False)  # the starting θ is a candidate
+        self._start_pending = self.best_dirpath is not None and self.best is None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # The starting θ is a candidate. Evaluated here, not in on_train_start: Lightning runs the
+        # callbacks' on_train_start before the module's, which restores a resumed run's step and
+        # meta-optimizer state, and a kept θ must be a checkpoint the run can continue from.
+        if self._start_pending:
+            self._start_pending = False
+            self._evaluate(trainer, pl_module, log=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:

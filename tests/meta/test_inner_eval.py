@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from lightning_lopt.meta import ImageMLPTask, LogUniformLengthSchedule, MetaTrainer, PES
+from lightning_lopt.meta import ImageMLPTask, LightCheckpoint, LogUniformLengthSchedule, MetaTrainer, PES
+from lightning_lopt.meta.checkpoint import META_STATE_JSON
 from lightning_lopt.meta import inner_eval
 from lightning_lopt.meta.inner_eval import MEAN_METRIC, InnerEvaluation
 
@@ -115,6 +116,24 @@ def test_the_starting_theta_is_kept_when_meta_training_only_makes_it_worse(tmp_p
     card = json.loads((best / "card.json").read_text())
     assert card["meta_training_steps"] == 0 and card["selected_by"]["value"] == pytest.approx(0.2)
     torch.testing.assert_close(load_file(str(best / "model.safetensors")), record.theta[0], rtol=0, atol=0)
+
+
+def test_a_resumed_runs_starting_theta_is_kept_as_a_checkpoint_it_can_continue_from(tmp_path, fit_kwargs, monkeypatch):
+    light, best = tmp_path / "light", tmp_path / "best"
+    L.Trainer(**fit_kwargs(tmp_path / "a", 2, callbacks=[LightCheckpoint(light, every_n_steps=2)])).fit(_meta())
+    _script(monkeypatch, [0.2, 0.3])  # the start (meta-step 2) is best
+    resumed = _meta(resume_from=str(light))
+    start = _theta(resumed)
+    L.Trainer(**fit_kwargs(tmp_path / "b", 3, callbacks=[InnerEvaluation(1, steps=20, best_dirpath=best)])).fit(resumed)
+    card = json.loads((best / "card.json").read_text())
+    assert card["meta_training_steps"] == 2 and card["selected_by"]["meta_step"] == 2
+    torch.testing.assert_close(load_file(str(best / "model.safetensors")), start, rtol=0, atol=0)
+    # the meta-optimizer state is the resumed run's (AdamW's step 2), not an empty one
+    assert json.loads((best / META_STATE_JSON).read_text())["meta_step"] == 2
+    again = _meta(resume_from=str(best))
+    trainer = L.Trainer(**fit_kwargs(tmp_path / "c", 3))
+    trainer.fit(again)
+    assert float(again.optimizers().optimizer.state_dict()["state"][0]["step"]) == 3  # continued from 2
 
 
 @pytest.mark.parametrize(
