@@ -78,9 +78,8 @@ class InnerEvaluation(L.Callback):
     checkpoint (it loads with ``from_pretrained`` and resumes with ``resume_from``), its card's
     ``selected_by`` recording the value and how it was measured. The θ a fit starts from and the one
     it ends with are candidates too, so a continuation never leaves a worse θ there than it started
-    with; a resumed fit reads
-    the value already recorded in ``best_dirpath`` (when measured the same way) and only replaces
-    that θ with a better one.
+    with; a resumed fit reads the value already recorded in ``best_dirpath`` (when measured the same
+    way) and only replaces that θ with a better one.
 
     Args:
         every_n_steps: evaluate every this many meta-steps.
@@ -170,4 +169,6 @@ class InnerEvaluation(L.Callback):
         return {"best": self.best}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best", self.best)
+        # A full checkpoint may be older than the θ now in best_dirpath (read in setup): keep the lower.
+        known = [v for v in (self.best, state_dict.get("best")) if v is not None]
+        self.best = min(known) if known else None

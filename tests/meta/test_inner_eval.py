@@ -136,6 +136,16 @@ def test_a_resumed_runs_starting_theta_is_kept_as_a_checkpoint_it_can_continue_f
     assert float(again.optimizers().optimizer.state_dict()["state"][0]["step"]) == 3  # continued from 2
 
 
+def test_a_full_checkpoint_older_than_the_kept_theta_does_not_lower_the_bar(tmp_path):
+    evaluation = InnerEvaluation(1, steps=20)
+    evaluation.best = 0.17  # read from best_dirpath's card in setup
+    evaluation.load_state_dict({"best": 0.18})  # the full checkpoint was written before that θ
+    assert evaluation.best == 0.17
+    fresh = InnerEvaluation(1, steps=20)
+    fresh.load_state_dict({"best": 0.18})
+    assert fresh.best == 0.18 and InnerEvaluation(1, steps=20).state_dict() == {"best": None}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"), ({"steps": 5}, "steps must be an integer >= 10"),
