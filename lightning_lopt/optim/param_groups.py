@@ -45,7 +45,8 @@ def check_role_options(options: Mapping[str, Any]) -> dict[str, Any]:
         if key in options:
             check_positive_float(key, options[key])
     decay = options.get("vector_weight_decay")
-    if decay is not None and not (isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 0):
+    is_number = isinstance(decay, (int, float)) and not isinstance(decay, bool)
+    if decay is not None and not (is_number and math.isfinite(decay) and decay >= 0):
         raise ValueError(f"vector_weight_decay must be a non-negative number, got {decay!r}")
     return dict(options)
 

@@ -80,6 +80,7 @@ def test_the_hidden_matrices_move_by_their_own_lr() -> None:
         ({"lr": 1.0, "hidden_lr_mult": 0.0}, "hidden_lr_mult must be a positive finite number"),
         ({"lr": 1.0, "vector_lr_mult": float("nan")}, "vector_lr_mult must be a positive finite number"),
         ({"vector_weight_decay": -1e-3}, "vector_weight_decay must be a non-negative number"),
+        ({"vector_weight_decay": True}, "vector_weight_decay must be a non-negative number"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict, match: str) -> None:
