@@ -44,7 +44,7 @@ from torch import nn
 from lightning_lopt import optim
 from lightning_lopt.optim import pretrained
 from lightning_lopt.optim.learned import RANDOM_META_SEED, LearnedOptimizer
-from lightning_lopt.optim.param_groups import param_groups_by_role
+from lightning_lopt.optim.param_groups import ROLE_OPTIONS, param_groups_by_role
 from lightning_lopt.optim.registry import accepts
 from lightning_lopt.optim.schedules import WarmupCosine
 
@@ -57,8 +57,8 @@ HIDDEN_LR_MULT = "hidden_lr_mult"
 VECTOR_WEIGHT_DECAY = "vector_weight_decay"
 #: Setting key of the learning-rate multiplier on the 1-D tensors (their own param group too).
 VECTOR_LR_MULT = "vector_lr_mult"
-#: Setting keys that shape the param groups rather than the optimizer's arguments.
-GROUP_KEYS = (HIDDEN_LR_MULT, VECTOR_WEIGHT_DECAY, VECTOR_LR_MULT)
+#: Setting keys that shape the param groups rather than the optimizer's arguments: ``param_groups_by_role``'s.
+GROUP_KEYS = ROLE_OPTIONS
 PARAMS = ("mup", "sp")
 #: Suffix of a hand-designed optimizer's warmup + cosine variant (``optim.schedules.WarmupCosine``).
 COSINE_SUFFIX = "-cosine"

@@ -88,6 +88,11 @@ def accepts(factory: OptimizerFactory, argument: str) -> bool:
         return False
 
 
+def _registry_defaults(name: str | OptimizerFactory) -> dict[str, Any]:
+    """The keyword arguments the registry adds for ``name`` (none for a class or callable)."""
+    return _DEFAULT_KWARGS.get(name.lower(), {}) if isinstance(name, str) else {}
+
+
 def default_lr(name: str | OptimizerFactory) -> float | None:
     """The learning rate :func:`build` gives ``name`` when none is passed: the registry's default, else
     the ``lr`` default of its signature; ``None`` when it has none.
@@ -96,9 +101,8 @@ def default_lr(name: str | OptimizerFactory) -> float | None:
 
         default_lr("sgd"), default_lr("mulo"), default_lr(torch.optim.AdamW)   # (0.1, 1.0, 0.001)
     """
-    key = name.lower() if isinstance(name, str) else None
-    if key is not None and "lr" in _DEFAULT_KWARGS.get(key, {}):
-        return float(_DEFAULT_KWARGS[key]["lr"])
+    if "lr" in _registry_defaults(name):
+        return float(_registry_defaults(name)["lr"])
     factory = resolve(name)
     try:
         parameter = inspect.signature(factory).parameters.get("lr")
@@ -136,8 +140,7 @@ def build(
     called only then, so models without μP information still train with AdamW.
     """
     factory = resolve(name)
-    key = name.lower() if isinstance(name, str) else None
-    merged = {**_DEFAULT_KWARGS.get(key, {}), **kwargs} if key else dict(kwargs)
+    merged = {**_registry_defaults(name), **kwargs}
     if scales is not None and "scales" not in merged and accepts(factory, "scales"):
         merged["scales"] = _call_scales(scales, allow_sp=bool(merged.get("allow_sp")))
     return factory(params, **merged)
