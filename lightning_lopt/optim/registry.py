@@ -101,8 +101,9 @@ def default_lr(name: str | OptimizerFactory) -> float | None:
 
         default_lr("sgd"), default_lr("mulo"), default_lr(torch.optim.AdamW)   # (0.1, 1.0, 0.001)
     """
-    if "lr" in _registry_defaults(name):
-        return float(_registry_defaults(name)["lr"])
+    defaults = _registry_defaults(name)
+    if "lr" in defaults:
+        return float(defaults["lr"])
     factory = resolve(name)
     try:
         parameter = inspect.signature(factory).parameters.get("lr")
