@@ -4,7 +4,8 @@ An evaluation's report compares only the optimizers it ran. Runs of the same tas
 initialisations and batches whichever evaluation made them, so a new optimizer run later (e.g. on
 `docs/results/width_celo2/suite.yaml`) pairs with committed baseline runs (`docs/results/width`).
 This prints, per task, each optimizer's mean ± s.e.m. and, for each optimizer, the paired
-difference against each baseline (mean ± paired s.e., and on how many seeds it is lower). Only runs
+difference against each baseline (mean ± paired s.e., and on how many seeds it is lower); with
+``--widths``, also each optimizer's change from one width to the next of the same family. Only runs
 made on the same machine pair (the ``machine`` column; a file without it counts as its own machine):
 a seed's runs on two machines do not share their rounding.
 
@@ -15,6 +16,8 @@ Example::
     # baselines re-tuned at 300 steps on family mlp_fashion_mnist_short, labelled adamw@mlp_fashion_mnist_short
     python scripts/paired_runs.py docs/results/width/runs.csv outputs/results/width_t300/runs.csv \
         --alias mlp_fashion_mnist_short=mlp_fashion_mnist --baselines adamw@mlp_fashion_mnist_short
+    # does each optimizer improve from one width to the next? (w1024 -> w2048, paired by seed)
+    python scripts/paired_runs.py outputs/results/width/runs.csv outputs/results/width2048/runs.csv --widths
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -70,7 +74,46 @@ def paired_cell(runs: dict[int, tuple[float, str]], base: dict[int, tuple[float,
     c = paired_comparison([runs[s][0] for s in same], [base[s][0] for s in same])
     left_out = len(common) - len(same)
     note = f"; {left_out} seeds from different machines left out" if left_out else ""
-    return f"{c['mean_diff']:+.4f} ± {c['paired_se']:.4f} ({c['wins']} of {c['n']}{note})"
+    spread = f" ± {c['paired_se']:.4f}" if c["n"] > 1 else " (one seed: no s.e.)"
+    return f"{c['mean_diff']:+.4f}{spread} ({c['wins']} of {c['n']}{note})"
+
+
+WIDTH = re.compile(r"-w(\d+)(?=-|$)")
+
+
+def width_groups(runs: dict[str, dict]) -> dict[str, list[tuple[int, str]]]:
+    """Tasks that differ only in their width (``-w<N>`` in the task id), as ``{id with -w*: [(width,
+    task), ...]}`` sorted by width; groups of one width are left out."""
+    groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for task in runs:
+        match = WIDTH.search(task)
+        if match:
+            groups[WIDTH.sub("-w*", task, count=1)].append((int(match.group(1)), task))
+    return {key: sorted(tasks) for key, tasks in sorted(groups.items()) if len(tasks) > 1}
+
+
+def print_width_tables(runs: dict[str, dict[str, dict[int, tuple[float, str]]]], chosen: list[str]) -> None:
+    """Per family and optimizer: the final loss at each width and its change from the width before,
+    paired by seed (a seed draws the same batches at every width; its initialisations differ)."""
+    for key, tasks in width_groups(runs).items():
+        optimizers = sorted({o for _, task in tasks for o in runs[task]})
+        print(f"\n## {key}: width by width\n")
+        print("| optimizer | width | seeds | final loss (mean ± s.e.m.) | − the width before (paired, lower on) |")
+        print("|---|---:|---:|---:|---:|")
+        for name in optimizers:
+            if chosen and name not in chosen:
+                continue
+            before: dict[int, tuple[float, str]] = {}
+            for width, task in tasks:
+                seeds = runs[task].get(name)
+                if not seeds:
+                    before = {}
+                    continue
+                values = np.array([seeds[s][0] for s in sorted(seeds)])
+                sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
+                change = paired_cell(seeds, before) if before else ""
+                print(f"| `{name}` | {width} | {values.size} | {values.mean():.4f} ± {sem:.4f} | {change} |")
+                before = seeds
 
 
 def main() -> None:
@@ -79,6 +122,7 @@ def main() -> None:
     parser.add_argument("--baselines", default="adamw,muadam", help="comma-separated optimizer labels to pair against")
     parser.add_argument("--optimizers", default="", help="labels to compare (default: every other label)")
     parser.add_argument("--alias", action="append", default=[], metavar="FAMILY=SAME_AS", help="file FAMILY's tasks under SAME_AS's")
+    parser.add_argument("--widths", action="store_true", help="also each optimizer's change from one width to the next")
     args = parser.parse_args()
     runs = read_runs(args.runs, dict(a.split("=", 1) for a in args.alias))
     baselines = [b for b in args.baselines.split(",") if b]
@@ -96,6 +140,8 @@ def main() -> None:
             sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
             cells = ["" if name == base else paired_cell(seeds, by_opt.get(base, {})) for base in baselines]
             print(f"| `{name}` | {values.size} | {values.mean():.4f} ± {sem:.4f} | " + " | ".join(cells) + " |")
+    if args.widths:
+        print_width_tables(runs, chosen)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,25 @@ def test_paired_runs_pairs_only_seeds_run_on_the_same_machine(tmp_path: Path) ->
     runs = paired_runs.read_runs([old, new], {})
     assert runs["t-w1"]["adamw"][0] == (1.0, paired_runs.UNRECORDED.format(path=old))
     assert paired_runs.paired_cell(runs["t-w1"]["mulo"], runs["t-w1"]["adamw"]).startswith("not paired")
+
+
+def test_paired_runs_compares_each_width_with_the_width_before(capsys) -> None:  # noqa: ANN001 (pytest fixture)
+    paired_runs = _paired_runs()
+    runs = {
+        "mlp-w128-d3-t300": {"celo2": {0: (0.40, "A"), 1: (0.30, "A")}},
+        "mlp-w256-d3-t300": {"celo2": {0: (0.38, "A"), 1: (0.31, "A")}, "adamw": {0: (0.5, "A")}},
+        "mlp-w1024-d3-t300": {"celo2": {0: (0.35, "A"), 1: (0.30, "B")}},
+        "lm-w64-d2-t300": {"celo2": {0: (2.0, "A")}},  # one width: no table
+    }
+    assert paired_runs.width_groups(runs) == {
+        "mlp-w*-d3-t300": [(128, "mlp-w128-d3-t300"), (256, "mlp-w256-d3-t300"), (1024, "mlp-w1024-d3-t300")]
+    }
+    paired_runs.print_width_tables(runs, ["celo2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    # 256 − 128: −0.02 and +0.01, mean −0.005, paired s.e. 0.015, lower on 1 of 2; 1024 − 256: seed 1
+    # ran on another machine, so only seed 0 pairs, and one difference has no s.e.
+    assert rows == [
+        "| `celo2` | 128 | 2 | 0.3500 ± 0.0500 |  |",
+        "| `celo2` | 256 | 2 | 0.3450 ± 0.0350 | -0.0050 ± 0.0150 (1 of 2) |",
+        "| `celo2` | 1024 | 2 | 0.3250 ± 0.0250 | -0.0300 (one seed: no s.e.) (1 of 1; 1 seeds from different machines left out) |",
+    ]
