@@ -78,6 +78,13 @@ def paired_cell(runs: dict[int, tuple[float, str]], base: dict[int, tuple[float,
     return f"{c['mean_diff']:+.4f}{spread} ({c['wins']} of {c['n']}{note})"
 
 
+def mean_sem(seeds: dict[int, tuple[float, str]]) -> str:
+    """``mean ± s.e.m.`` of a run's final losses over its seeds (s.e.m. 0 for one seed)."""
+    values = np.array([seeds[s][0] for s in sorted(seeds)])
+    sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
+    return f"{values.mean():.4f} ± {sem:.4f}"
+
+
 WIDTH = re.compile(r"-w(\d+)(?=-|$)")
 
 
@@ -109,10 +116,8 @@ def print_width_tables(runs: dict[str, dict[str, dict[int, tuple[float, str]]]],
                 if not seeds:
                     before = {}
                     continue
-                values = np.array([seeds[s][0] for s in sorted(seeds)])
-                sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
                 change = paired_cell(seeds, before) if before else ""
-                print(f"| `{name}` | {width} | {values.size} | {values.mean():.4f} ± {sem:.4f} | {change} |")
+                print(f"| `{name}` | {width} | {len(seeds)} | {mean_sem(seeds)} | {change} |")
                 before = seeds
 
 
@@ -136,10 +141,8 @@ def main() -> None:
             if chosen and name not in chosen and name not in baselines:
                 continue
             seeds = by_opt[name]
-            values = np.array([seeds[s][0] for s in sorted(seeds)])
-            sem = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
             cells = ["" if name == base else paired_cell(seeds, by_opt.get(base, {})) for base in baselines]
-            print(f"| `{name}` | {values.size} | {values.mean():.4f} ± {sem:.4f} | " + " | ".join(cells) + " |")
+            print(f"| `{name}` | {len(seeds)} | {mean_sem(seeds)} | " + " | ".join(cells) + " |")
     if args.widths:
         print_width_tables(runs, chosen)
 
