@@ -3,7 +3,7 @@
 Seeds 0-4 ran on the Xeon in section 13 (``docs/results/mucelo2_spectral/width*/runs.csv``); those files have no
 ``machine`` column, and being two files they would count as two machines, so their 1024 and 2048 runs would not
 pair. They are given the Xeon's machine string: section 16 re-ran them there bit for bit. Seeds 5-9 ran on the AMD
-EPYC (sections 25-26), each seed's widths on that one machine. A seed's change from one width to the next is then
+EPYC (the twentieth and twenty-first sessions; section 26), each seed's widths on that one machine. A seed's change from one width to the next is then
 taken within one machine, and those changes pool across seeds.
 
 Run from the repository root, with the per-seed evaluations under ``outputs/results/s2*/``::
