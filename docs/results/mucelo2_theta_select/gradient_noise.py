@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 from pathlib import Path
 
 
@@ -31,9 +32,7 @@ def squared_norms(paths: list[Path], first: int, last: int) -> list[float]:
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:
@@ -42,14 +41,15 @@ def main() -> None:
     parser.add_argument("--p32", type=Path, nargs="+", required=True, help="metrics.csv of 32-pair runs")
     parser.add_argument("--steps", type=int, nargs=2, default=(20, 150), metavar=("FIRST", "LAST"))
     args = parser.parse_args()
-    (m8, s8), (m32, s32) = (mean_sem(squared_norms(p, *args.steps)) for p in (args.p8, args.p32))
+    norms8, norms32 = (squared_norms(p, *args.steps) for p in (args.p8, args.p32))
+    (m8, s8), (m32, s32) = mean_sem(norms8), mean_sem(norms32)
     noise = (m8 - m32) * 32 / 3  # N from m8 = G + N/8 and m32 = G + N/32
     signal = m32 - noise / 32
     noise_se = math.hypot(s8, s32) * 32 / 3
     signal_se = math.hypot(4 * s32, s8) / 3  # G = (4·m32 − m8) / 3
     print(f"meta-steps {args.steps[0]}-{args.steps[1] - 1}")
-    print(f"mean |g_hat|^2, 8 pairs:  {m8:.2f} ± {s8:.2f} ({len(squared_norms(args.p8, *args.steps))} logged steps)")
-    print(f"mean |g_hat|^2, 32 pairs: {m32:.2f} ± {s32:.2f} ({len(squared_norms(args.p32, *args.steps))} logged steps)")
+    print(f"mean |g_hat|^2, 8 pairs:  {m8:.2f} ± {s8:.2f} ({len(norms8)} logged steps)")
+    print(f"mean |g_hat|^2, 32 pairs: {m32:.2f} ± {s32:.2f} ({len(norms32)} logged steps)")
     print(f"noise of one pair N = {noise:.1f} ± {noise_se:.1f}; |g|^2 = {signal:.1f} ± {signal_se:.1f}")
     # The signal is small against its error, so bound it: at most two s.e. above its estimate.
     bound = max(signal, 0.0) + 2 * signal_se
