@@ -15,6 +15,9 @@ from safetensors.torch import save_file
 
 from lightning_lopt.meta import ImageMLPTask, LogUniformLengthSchedule, MetaTrainer, PES
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _process_group
+from _process_group import tear_down  # noqa: E402
+
 
 def build() -> MetaTrainer:
     task = ImageMLPTask("digits", widths=[8, 16], depth=2, batch_size=16)
@@ -35,6 +38,7 @@ def main(out_dir: Path, devices: int) -> None:
     trainer.fit(meta)
     theta = {k: v.detach().contiguous() for k, v in meta.lopt.state_dict().items()}
     save_file(theta, str(out_dir / f"theta_devices{devices}_rank{trainer.global_rank}.safetensors"))
+    tear_down()
 
 
 if __name__ == "__main__":

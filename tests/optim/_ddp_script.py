@@ -19,7 +19,8 @@ import lightning_lopt as llo
 from lightning_lopt.datamodules import DigitsDataModule
 from lightning_lopt.models import MuMLP
 
-from _process_group import tear_down  # beside this script (its folder is on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _process_group
+from _process_group import tear_down  # noqa: E402
 
 
 class LastLoss(llo.OptimizeeModule):

@@ -31,6 +31,9 @@ from torch.distributed.fsdp import fully_shard
 
 from lightning_lopt.optim import sharding
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _process_group
+from _process_group import tear_down  # noqa: E402
+
 
 def init_rank(rank: int, world: int, port: int, backend: str = "gloo") -> None:
     """Join the ``world``-rank process group on this machine; one intra-op thread (ranks share few CPUs).
@@ -42,24 +45,10 @@ def init_rank(rank: int, world: int, port: int, backend: str = "gloo") -> None:
 
 
 def finish(out_dir: str, rank: int, result: dict[str, object]) -> None:
-    """Write this rank's ``result`` to ``OUT_DIR/rank<r>.json``, leave the process group with the
-    other ranks, and end the process at once.
-
-    Why not return: gloo's worker threads can still be releasing a finished collective's tensors when
-    the interpreter finalizes; releasing a tensor that has a Python object then takes the GIL, which
-    ends the thread mid-destructor, and the rank dies of ``terminate called without an active
-    exception`` (SIGABRT) after its work is done (pytorch/pytorch#179291: about 1 run in 10 of the
-    CPU phases script on a loaded 2-core machine, with a C++ backtrace ending in
-    ``ProcessGroupGloo::runLoop`` -> ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread``).
-    The result is on disk and every rank has passed the barrier, so nothing is lost by skipping the
-    interpreter's teardown.
-    """
+    """Write this rank's ``result`` to ``OUT_DIR/rank<r>.json`` and end the process with the other
+    ranks (``tests/_process_group.tear_down``: why it does not return)."""
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # no rank leaves (rank 0 hosts the store) while another still talks to it
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    tear_down()
 
 
 def shard(model: nn.Module, mesh, layers: tuple[type[nn.Module], ...] = (nn.Linear,)) -> nn.Module:
