@@ -24,7 +24,7 @@ def tear_down() -> None:
     FSDP2 CPU phases script on a loaded 2-core machine, with a C++ backtrace ending in
     ``ProcessGroupGloo::runLoop`` -> ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread``).
     Destroying the process group first is not enough: the Lightning model-parallel script, which did,
-    still failed one CI run this way (2026-12-06). A single-process run (no process group) returns
+    still failed one CI run this way. A single-process run (no process group) returns
     normally.
     """
     if not torch.distributed.is_initialized():
